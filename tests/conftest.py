@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny randomly initialised Llama models built in code (no downloads)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trainer.model import HAMburgerConfig, HAMburgerModel, Sample
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    cfg = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    cfg.update(overrides)
+    config = LlamaConfig(**cfg)
+    config._attn_implementation = overrides.get("attn_implementation", "sdpa")
+    return config
+
+
+def tiny_base(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def tiny_hamburger(seed: int = 0, randomize: bool = True, **hcfg) -> HAMburgerModel:
+    """A tiny model; randomize=True also perturbs zero-initialised weights so every path matters."""
+    base = tiny_base(seed)
+    model = HAMburgerModel(base, HAMburgerConfig(embedder_head_dim=16, micro_layers=2, **hcfg))
+    if randomize:
+        torch.manual_seed(seed + 1)
+        with torch.no_grad():
+            model.embedder.o_proj.weight.normal_(0, 0.05)
+            model.stop_head.net[-1].bias.normal_(0, 1.0)
+    return model.eval()
+
+
+def random_sample(rng: random.Random, vocab: int, max_steps: int, prompt_len: int, n_resp: int, sid: int = 0):
+    ids = [rng.randrange(3, vocab) for _ in range(prompt_len + n_resp)]
+    segs, left = [], n_resp
+    while left:
+        s = rng.randint(1, min(max_steps, left))
+        segs.append(s)
+        left -= s
+    return Sample(input_ids=ids, prompt_len=prompt_len, seg_lens=segs, sample_id=sid)
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(1234)

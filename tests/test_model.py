@@ -1,0 +1,225 @@
+"""HAMburgerModel: the vectorised forward against a slow per-segment reference, and its contracts."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_sample, tiny_base, tiny_hamburger
+
+from trainer.model import HAMburgerConfig, HAMburgerModel, Sample, collate, generate
+
+
+# ---------------------------------------------------------------- slow, obviously-correct reference
+def ref_smash(model: HAMburgerModel, tokens: list[int]) -> torch.Tensor:
+    """One segment's input embedding, head by head, exactly as the method describes it."""
+    emb = model.embed_tokens(torch.tensor(tokens))  # [k, D]
+    if len(tokens) == 1:
+        return emb[0]
+    e = model.embedder
+    mean = emb.mean(0)
+    kv_in = torch.cat([emb, e.slot_pos[: len(tokens)]], dim=-1)
+    q = e.q_proj(mean).view(e.num_heads, e.head_dim)
+    keys = e.k_proj(kv_in).view(len(tokens), e.num_heads, e.head_dim)
+    vals = e.v_proj(kv_in).view(len(tokens), e.num_heads, e.head_dim)
+    heads = []
+    for h in range(e.num_heads):
+        w = torch.softmax(keys[:, h] @ q[h] / math.sqrt(e.head_dim), dim=0)
+        heads.append(w @ vals[:, h])
+    return mean + e.o_proj(torch.cat(heads))
+
+
+def ref_forward(model: HAMburgerModel, samples: list[Sample]):
+    """Per sample, per segment, per token: logits [T, V] and stop logits [T] in token order."""
+    all_logits, all_stops, all_targets, all_labels = [], [], [], []
+    for s in samples:
+        p, ids = s.prompt_len, s.input_ids
+        bounds = [p]
+        for n in s.seg_lens:
+            bounds.append(bounds[-1] + n)
+        inputs = [model.embed_tokens(torch.tensor([t]))[0] for t in ids[:p]]
+        positions = list(range(p))
+        for j in range(len(s.seg_lens) - 1):
+            inputs.append(ref_smash(model, ids[bounds[j] : bounds[j + 1]]))
+            positions.append(bounds[j + 1] - 1)
+        out = model.base.model(
+            inputs_embeds=torch.stack(inputs)[None],
+            position_ids=torch.tensor([positions]),
+            output_hidden_states=True,
+        )
+        for j, n in enumerate(s.seg_lens):
+            src = p - 1 + j
+            feats = torch.stack([out.hidden_states[i][0, src] for i in model.feature_layers])  # [F, D]
+            seg = ids[bounds[j] : bounds[j + 1]]
+            outs = [feats[-1]]
+            for t in range(1, n):  # recompute the whole micro sequence for every token
+                slots = model.micro.features_in(feats[None])
+                toks = model.embed_tokens(torch.tensor([seg[:t]]))
+                y = model.micro(torch.cat([slots, toks], dim=1))
+                outs.append(y[0, -1])
+            for t, o in enumerate(outs):
+                all_logits.append(model.lm_head(o))
+                all_stops.append(model.stop_head(o))
+                all_targets.append(seg[t])
+                all_labels.append(1.0 if t == n - 1 else 0.0)
+    logits = torch.stack(all_logits).float()
+    stops = torch.stack(all_stops).float()
+    ce = F.cross_entropy(logits, torch.tensor(all_targets))
+    bce = F.binary_cross_entropy_with_logits(stops, torch.tensor(all_labels))
+    return logits, stops, ce + model.config.stop_weight * bce
+
+
+def mixed_samples(rng: random.Random, n: int = 4) -> list[Sample]:
+    shapes = [(5, 11), (2, 7), (9, 14), (1, 5), (4, 1), (6, 10)]
+    return [random_sample(rng, 96, 4, p, r, sid=i) for i, (p, r) in enumerate(shapes[:n])]
+
+
+# ---------------------------------------------------------------- tests
+@pytest.mark.parametrize("row_capacity", [None, 64])
+def test_vectorised_forward_matches_reference(rng, row_capacity):
+    model = tiny_hamburger()
+    samples = mixed_samples(rng, 6)
+    assert {n for s in samples for n in s.seg_lens} == {1, 2, 3, 4}
+    batch = collate(samples, 4, row_capacity=row_capacity)
+    if row_capacity:
+        assert batch.seq_ids.shape[0] < len(samples)  # really packed several per row
+    out = model(batch, return_logits=True)
+    grads = torch.autograd.grad(out.loss, [p for p in model.parameters()], allow_unused=True)
+
+    ref_logits, ref_stops, ref_loss = ref_forward(model, samples)
+    ref_grads = torch.autograd.grad(ref_loss, [p for p in model.parameters()], allow_unused=True)
+
+    torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.stop_logits, ref_stops, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.loss, ref_loss, atol=1e-5, rtol=1e-5)
+    names = [n for n, _ in model.named_parameters()]
+    for name, g, rg in zip(names, grads, ref_grads, strict=True):
+        if rg is None:
+            assert g is None or torch.count_nonzero(g) == 0, name
+            continue
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    assert all(g is not None for n, g in zip(names, grads, strict=True) if not n.startswith("teacher"))
+
+
+def test_no_leakage_between_packed_samples(rng):
+    model = tiny_hamburger()
+    samples = mixed_samples(rng, 3)
+    batch = collate(samples, 4, row_capacity=200)
+    assert batch.seq_ids.shape[0] == 1
+    before = model(batch, return_logits=True).logits
+    changed = [Sample(list(s.input_ids), s.prompt_len, list(s.seg_lens), s.sample_id) for s in samples]
+    changed[1].input_ids = [(t * 7 + 3) % 93 + 3 for t in changed[1].input_ids]
+    changed[1].seg_lens = [1] * (len(changed[1].input_ids) - changed[1].prompt_len)
+    after = model(collate(changed, 4, row_capacity=200), return_logits=True).logits
+    n0 = sum(samples[0].seg_lens)
+    n1_old, n1_new = sum(samples[1].seg_lens), sum(changed[1].seg_lens)
+    torch.testing.assert_close(after[:n0], before[:n0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(after[n0 + n1_new :], before[n0 + n1_old :], atol=1e-6, rtol=0)
+    assert not torch.allclose(after[n0 : n0 + n1_new], before[n0 : n0 + n1_old], atol=1e-3)
+
+
+@pytest.mark.parametrize("confidence", [0.3, 0.6])
+def test_train_decode_consistency(confidence):
+    """Decode, then feed the result teacher-forced: same tokens, same stop decisions everywhere."""
+    model = tiny_hamburger(seed=3)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        for layer in model.stop_head.net:  # a stop head whose decisions vary from token to token
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0, 0.5)
+        for p in model.base.parameters():  # a sharper random model gives varied tokens
+            p.mul_(3.0)
+    prompt = [5, 17, 33, 8, 61, 12]
+    res = generate(model, prompt, max_new_tokens=40, confidence=confidence, eos_token_ids={2})
+    assert len(set(res.seg_lens)) > 1, res.seg_lens  # the test must exercise several lengths
+    assert res.base_forwards == len(res.seg_lens)
+    sample = Sample(prompt + res.tokens, len(prompt), res.seg_lens)
+    out = model(collate([sample], 4), return_logits=True)
+    assert out.logits.argmax(-1).tolist() == res.tokens
+    cont = 1 - torch.sigmoid(out.stop_logits)
+    t = 0
+    for n, forced in zip(res.seg_lens, res.forced_stop, strict=True):
+        for j in range(n):
+            if j < n - 1:
+                assert cont[t] >= confidence, (t, res.seg_lens)
+            elif not forced:
+                assert cont[t] < confidence, (t, res.seg_lens)
+            t += 1
+
+
+def test_one_token_segments_equal_base_logits(rng):
+    model = tiny_hamburger()
+    s = random_sample(rng, 96, 1, 6, 12)
+    out = model(collate([s], 4), return_logits=True)
+    base_logits = model.base(input_ids=torch.tensor([s.input_ids])).logits[0]
+    torch.testing.assert_close(out.logits, base_logits[s.prompt_len - 1 : -1].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path, rng):
+    model = tiny_hamburger()
+    batch = collate(mixed_samples(rng, 4), 4, row_capacity=64)
+    model.save_pretrained(tmp_path / "m")
+    loaded = HAMburgerModel.from_pretrained(str(tmp_path / "m")).eval()
+    assert loaded.base_ties_embeddings()
+    a, b = model(batch, return_logits=True), loaded(batch, return_logits=True)
+    torch.testing.assert_close(b.logits, a.logits, atol=0, rtol=0)
+    torch.testing.assert_close(b.stop_logits, a.stop_logits, atol=0, rtol=0)
+    prompt = [4, 9, 22, 7]
+    assert generate(model, prompt, 16, 0.5, {2}) == generate(loaded, prompt, 16, 0.5, {2})
+
+
+def test_loss_falls_on_repeated_batch(rng):
+    torch.manual_seed(0)
+    model = tiny_hamburger(randomize=False).train()
+    batch = collate(mixed_samples(rng, 4), 4, row_capacity=64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = model(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert out.metrics["token_acc"] > 0.9
+
+
+def test_kl_term_against_frozen_teacher(rng):
+    base = tiny_base(0)
+    teacher = tiny_base(0)
+    model = HAMburgerModel(base, HAMburgerConfig(embedder_head_dim=16, micro_layers=2, kl_weight=0.3),
+                           teacher=teacher)
+    s = random_sample(rng, 96, 1, 5, 8)
+    out = model(collate([s], 4, with_plain=True), return_logits=True)
+    assert out.kl is not None and out.kl.abs() < 1e-5  # one-token segments: student == teacher
+    s2 = random_sample(rng, 96, 4, 5, 8)
+    out2 = model(collate([s2], 4, with_plain=True))
+    assert out2.kl > 0
+    torch.testing.assert_close(out2.loss, out2.ce + 0.5 * out2.stop_bce + 0.3 * out2.kl)
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+
+
+def test_feature_layers_default_and_errors():
+    assert HAMburgerConfig().resolved_feature_layers(16) == [4, 8, 12, 16]
+    assert HAMburgerConfig().resolved_feature_layers(30)[-1] == 30
+    with pytest.raises(ValueError, match="feature_layers"):
+        HAMburgerConfig(feature_layers=[2, 3]).resolved_feature_layers(4)
+    with pytest.raises(ValueError, match="max_steps"):
+        HAMburgerConfig(max_steps=0).validate()
+    with pytest.raises(ValueError, match="unknown hamburger config keys"):
+        HAMburgerConfig.from_dict({"max_step": 3})
+
+
+def test_bad_samples_are_named():
+    with pytest.raises(ValueError, match="sample 7: seg_lens sum"):
+        collate([Sample([1, 2, 3, 4], 2, [1], sample_id=7)], 4)
+    with pytest.raises(ValueError, match="sample 8: seg_lens must lie in 1..4"):
+        collate([Sample([1] * 8, 2, [5, 1], sample_id=8)], 4)
+
+
+def test_rejects_non_llama_base():
+    with pytest.raises(TypeError, match="not a Llama-family"):
+        HAMburgerModel(torch.nn.Linear(2, 2), HAMburgerConfig())

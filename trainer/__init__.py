@@ -1,0 +1,1 @@
+"""HAMburger trainer: model, training, export and evaluation."""

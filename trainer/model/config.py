@@ -1,0 +1,73 @@
+"""The HAMburger architecture settings. Every paper default is a field here, never a constant."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class HAMburgerConfig:
+    """Shape of the modules grafted onto the base LLM (defaults: arXiv 2505.20438)."""
+
+    max_steps: int = 4
+    """K: the most tokens one macro step may emit (and one KV entry may hold)."""
+    micro_layers: int = 4
+    """Decoder layers in the micro-step decoder (built from the base model's own layer class)."""
+    feature_layers: list[int] = field(default_factory=list)
+    """Indices into the base's hidden states (0 = embeddings, n = final normed output) fed to the
+    micro decoder. Empty = `num_features` evenly spaced layers, the last being the final output."""
+    num_features: int = 4
+    """How many evenly spaced base layers feed the micro decoder when feature_layers is empty."""
+    embedder_head_dim: int = 32
+    """Head width of the compositional embedder's cross-attention."""
+    stop_weight: float = 0.5
+    """Weight of the stop-head binary cross-entropy in the total loss."""
+    kl_weight: float = 0.0
+    """Weight of KL(frozen base || model) on response tokens; 0 disables the teacher entirely."""
+    kl_temperature: float = 1.0
+    """Softmax temperature for the KL term."""
+
+    def validate(self) -> None:
+        """Fail early with the field's name, before any weights are built."""
+        if self.max_steps < 1:
+            raise ValueError(f"hamburger.max_steps must be >= 1, got {self.max_steps}")
+        if self.micro_layers < 1:
+            raise ValueError(f"hamburger.micro_layers must be >= 1, got {self.micro_layers}")
+        if not self.feature_layers and self.num_features < 1:
+            raise ValueError(f"hamburger.num_features must be >= 1, got {self.num_features}")
+        if self.embedder_head_dim < 1:
+            raise ValueError(f"hamburger.embedder_head_dim must be >= 1, got {self.embedder_head_dim}")
+        for name in ("stop_weight", "kl_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"hamburger.{name} must be >= 0, got {getattr(self, name)}")
+        if self.kl_temperature <= 0:
+            raise ValueError(f"hamburger.kl_temperature must be > 0, got {self.kl_temperature}")
+
+    def resolved_feature_layers(self, num_hidden_layers: int) -> list[int]:
+        """Hidden-state indices for the micro decoder; the last one is always the final output."""
+        layers = list(self.feature_layers) or [
+            round((i + 1) * num_hidden_layers / self.num_features) for i in range(self.num_features)
+        ]
+        for idx in layers:
+            if not 1 <= idx <= num_hidden_layers:
+                raise ValueError(
+                    f"hamburger.feature_layers entry {idx} is outside 1..{num_hidden_layers} "
+                    "(the base model's layer count)"
+                )
+        if layers[-1] != num_hidden_layers:
+            raise ValueError(
+                f"hamburger.feature_layers must end with {num_hidden_layers} (the final normed output, "
+                f"which predicts each segment's first token), got {layers}"
+            )
+        return layers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HAMburgerConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown hamburger config keys: {unknown} (known: {sorted(known)})")
+        return cls(**data)

@@ -1,0 +1,303 @@
+"""HAMburgerModel: compositional embedder -> base LLM -> micro-step decoder + stop head.
+
+Read top to bottom: construction, the vectorised training forward, the pieces decoding needs,
+then save/load. The base is any Hugging Face Llama-family causal LM (Llama, SmolLM2, Qwen2,
+Mistral): anything with model.embed_tokens / model.layers / model.norm / model.rotary_emb /
+lm_head. Its weights, embedding table and LM head are shared, not copied.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .batch import PackedBatch, packed_causal_mask
+from .config import HAMburgerConfig
+from .embedder import CompositionalEmbedder
+from .micro_decoder import MicroDecoder, StopHead
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "hamburger"
+
+
+@dataclass
+class HAMburgerOutput:
+    """Loss terms and metrics of one forward. Metrics are detached means over the batch."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    stop_bce: torch.Tensor
+    kl: torch.Tensor | None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: torch.Tensor | None = None  # [T, V] per response token, when asked for
+    stop_logits: torch.Tensor | None = None  # [T]
+
+
+def _check_base(base: nn.Module) -> None:
+    inner = getattr(base, "model", None)
+    needed = ["embed_tokens", "layers", "norm", "rotary_emb"]
+    missing = [n for n in needed if inner is None or not hasattr(inner, n)]
+    if missing or not hasattr(base, "lm_head"):
+        raise TypeError(
+            f"{type(base).__name__} is not a Llama-family causal LM: HAMburger needs "
+            f"model.{{{', '.join(needed)}}} and lm_head (missing: {missing or ['lm_head']})"
+        )
+
+
+class HAMburgerModel(nn.Module):
+    def __init__(self, base: nn.Module, config: HAMburgerConfig, teacher: nn.Module | None = None):
+        super().__init__()
+        _check_base(base)
+        config.validate()
+        self.config = config
+        self.base = base
+        bcfg = base.config
+        self.feature_layers = config.resolved_feature_layers(bcfg.num_hidden_layers)
+        d = bcfg.hidden_size
+        self.embedder = CompositionalEmbedder(d, config.max_steps, config.embedder_head_dim)
+        self.micro = MicroDecoder(
+            bcfg,
+            num_layers=config.micro_layers,
+            num_features=len(self.feature_layers),
+            layer_cls=type(base.model.layers[0]),
+            norm_cls=type(base.model.norm),
+            rotary_cls=type(base.model.rotary_emb),
+        )
+        self.stop_head = StopHead(d)
+        if config.kl_weight > 0 and teacher is None:
+            raise ValueError("hamburger.kl_weight > 0 needs a frozen teacher (pass the base model again)")
+        # Kept out of state_dict/parameters() bookkeeping by freezing; never saved.
+        self.teacher = teacher.eval().requires_grad_(False) if config.kl_weight > 0 else None
+        self.init_new_modules()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(
+        cls, name_or_path: str, config: HAMburgerConfig | None = None, dtype: torch.dtype = torch.float32, **kw
+    ) -> HAMburgerModel:
+        """Wrap a pretrained base: a hub name (cluster) or a local folder (here, and in tests)."""
+        from transformers import AutoModelForCausalLM
+
+        config = config or HAMburgerConfig()
+        base = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kw)
+        teacher = None
+        if config.kl_weight > 0:
+            teacher = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kw)
+        return cls(base, config, teacher=teacher)
+
+    def new_modules(self) -> list[nn.Module]:
+        """The grafted modules (their own learning rate; everything else is the base)."""
+        return [self.embedder, self.micro, self.stop_head]
+
+    @torch.no_grad()
+    def init_new_modules(self) -> None:
+        """Initialise the grafted modules; the smashed embedding starts as mean(e) exactly.
+
+        Under ZeRO-3 the caller gathers these parameters around this call (see trainer.engine).
+        """
+        std = getattr(self.base.config, "initializer_range", 0.02)
+        for module in self.new_modules():
+            for sub in module.modules():
+                if isinstance(sub, nn.Linear):
+                    sub.weight.normal_(0.0, std)
+                    if sub.bias is not None:
+                        sub.bias.zero_()
+        self.embedder.slot_pos.normal_(0.0, std)
+        self.embedder.o_proj.weight.zero_()
+
+    # ------------------------------------------------------------------ shared pieces
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    def smash(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[G, K] token ids (+ lengths) -> [G, D] input embeddings."""
+        return self.embedder(self.embed_tokens(tokens), lengths)
+
+    def features(self, hidden_states: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """The base hidden states that feed the micro decoder; the last is the final output h_L."""
+        return [hidden_states[i] for i in self.feature_layers]
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, batch: PackedBatch, return_logits: bool = False) -> HAMburgerOutput:
+        """Losses and metrics for a packed batch, all segments at once.
+
+        1. smash every base input (prompt tokens pass through) and lay them out in rows;
+        2. one base forward, token-coordinate positions, block-diagonal causal mask;
+        3. micro-step outputs o_j for every response token: o_1 = h_L at the predicting
+           position, o_j (j>1) = micro decoder at the slot of e(t_{j-1}). The decoder runs once
+           per segment length (<= K-1 calls), so there are no padded slots and one-token
+           segments cost no decoder compute;
+        4. LM head and stop head on all o_j; CE + stop_weight * BCE (+ kl_weight * KL).
+        """
+        k = self.config.max_steps
+        rows, width = batch.seq_ids.shape
+        x = self.smash(batch.group_tokens, batch.group_lens)
+        d = x.shape[-1]
+        inputs = x.new_zeros(rows * width, d).index_copy(0, batch.group_pos, x).view(rows, width, d)
+        out = self.base.model(
+            inputs_embeds=inputs,
+            attention_mask=packed_causal_mask(batch.seq_ids, inputs.dtype),
+            position_ids=batch.position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        feats = torch.stack(
+            [h.reshape(rows * width, d)[batch.tgt_src] for h in self.features(out.hidden_states)], dim=1
+        )  # [S, F, D]
+        o = self._micro_outputs(feats, batch.tgt_tokens, batch.tgt_lens)  # [S * K, D]
+
+        valid = torch.arange(k, device=o.device)[None, :] < batch.tgt_lens[:, None]  # [S, K]
+        flat_valid = valid.reshape(-1)
+        o_tok = o[flat_valid]  # [T, D], response tokens in order
+        targets = batch.tgt_tokens[valid]
+        slots = torch.arange(k, device=o.device).expand_as(valid)[valid]
+        stop_labels = (slots == (batch.tgt_lens[:, None].expand_as(valid)[valid] - 1)).float()
+
+        logits = self.lm_head(o_tok).float()
+        stop_logits = self.stop_head(o_tok).float()
+        ce = F.cross_entropy(logits, targets)
+        bce = F.binary_cross_entropy_with_logits(stop_logits, stop_labels)
+        loss = ce + self.config.stop_weight * bce
+        kl = None
+        if self.teacher is not None:
+            kl = self._kl_to_teacher(batch, logits)
+            loss = loss + self.config.kl_weight * kl
+        metrics = self._metrics(logits, targets, slots, stop_logits, stop_labels, valid)
+        return HAMburgerOutput(
+            loss=loss,
+            ce=ce,
+            stop_bce=bce,
+            kl=kl,
+            metrics=metrics,
+            logits=logits if return_logits else None,
+            stop_logits=stop_logits if return_logits else None,
+        )
+
+    def _micro_outputs(self, feats: torch.Tensor, tgt_tokens: torch.Tensor, tgt_lens: torch.Tensor):
+        """[S, F, D] features -> [S * K, D] micro-step outputs (zeros past each segment's end)."""
+        s, f, d = feats.shape
+        k = self.config.max_steps
+        pieces = [feats[:, -1]]  # o_1 = h_L
+        index = [torch.arange(s, device=feats.device) * k]
+        tok_emb = self.embed_tokens(tgt_tokens[:, : k - 1]) if k > 1 else None
+        for length in range(2, k + 1):  # one decoder call per segment length
+            sel = (tgt_lens == length).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            seq = torch.cat([self.micro.features_in(feats[sel]), tok_emb[sel, : length - 1]], dim=1)
+            y = self.micro(seq)[:, f:]  # slots of e(t_1..t_{length-1}) -> o_2..o_length
+            pieces.append(y.reshape(-1, d))
+            index.append((sel[:, None] * k + torch.arange(1, length, device=feats.device)[None]).reshape(-1))
+        return feats.new_zeros(s * k, d).index_copy(0, torch.cat(index), torch.cat(pieces))
+
+    def _kl_to_teacher(self, batch: PackedBatch, logits: torch.Tensor) -> torch.Tensor:
+        if batch.plain_input_ids is None:
+            raise ValueError("kl_weight > 0 needs batches collated with with_plain=True")
+        with torch.no_grad():
+            # Right padding sits after each sample; under a causal mask it is never read.
+            t_logits = self.teacher(input_ids=batch.plain_input_ids, use_cache=False).logits
+            t_logits = t_logits.reshape(-1, t_logits.shape[-1])[batch.plain_resp_pos].float()
+        temp = self.config.kl_temperature
+        t_logp = F.log_softmax(t_logits / temp, dim=-1)
+        s_logp = F.log_softmax(logits / temp, dim=-1)
+        return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * temp**2
+
+    @torch.no_grad()
+    def _metrics(self, logits, targets, slots, stop_logits, stop_labels, valid) -> dict[str, torch.Tensor]:
+        """Per-slot token accuracy, stop accuracy, expected tokens per macro step.
+
+        expected_tokens_per_step: mean over segments of sum_j prod_{i<j} P(continue after i),
+        along the labelled segment (so it is capped by the labelled length): how many of the
+        segment's tokens greedy decoding with this stop head would emit in one macro step.
+        """
+        k = self.config.max_steps
+        correct = (logits.argmax(-1) == targets).float()
+        m: dict[str, torch.Tensor] = {"token_acc": correct.mean()}
+        for j in range(k):
+            at = slots == j
+            if at.any():
+                m[f"token_acc_slot{j + 1}"] = correct[at].mean()
+        m["stop_acc"] = ((stop_logits > 0).float() == stop_labels).float().mean()
+        cont = torch.zeros(valid.shape, device=logits.device)
+        cont[valid] = 1 - torch.sigmoid(stop_logits)
+        reach = torch.cumprod(torch.cat([torch.ones_like(cont[:, :1]), cont[:, :-1]], dim=1), dim=1)
+        m["expected_tokens_per_step"] = (reach * valid).sum(1).mean()
+        m["labelled_tokens_per_step"] = valid.sum(1).float().mean()
+        return m
+
+    # ------------------------------------------------------------------ decoding pieces
+    def first_token(self, h_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """o_1 = h_L: token 1 exactly as the base predicts it, and its stop logit."""
+        return self.lm_head(h_last).argmax(-1), self.stop_head(h_last)
+
+    def micro_step(self, x: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed new micro-decoder slots x [n, q, D]; read the token and stop logit at the last."""
+        o = self.micro(x, cache=cache)[:, -1]
+        return self.lm_head(o).argmax(-1), self.stop_head(o)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str, tokenizer=None) -> None:
+        """A self-contained folder: config.json (base + HAMburger), safetensors, tokenizer."""
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                 if not k.startswith("teacher.")}
+        if self.base_ties_embeddings():
+            state.pop("base.lm_head.weight", None)  # safetensors refuses shared storage
+        save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+        meta = {
+            "model_type": MODEL_TYPE,
+            "base_architecture": type(self.base).__name__,
+            "base_config": self.base.config.to_dict(),
+            "hamburger": self.config.to_dict(),
+        }
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    def base_ties_embeddings(self) -> bool:
+        return self.lm_head.weight is self.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> HAMburgerModel:
+        """Load a folder written by save_pretrained; needs no network."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg_file = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a HAMburger model folder")
+        with open(cfg_file) as f:
+            meta = json.load(f)
+        if meta.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{cfg_file}: model_type is {meta.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        base_cfg = dict(meta["base_config"])
+        base_config = AutoConfig.for_model(base_cfg.pop("model_type"), **base_cfg)
+        base = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
+        hcfg = HAMburgerConfig.from_dict({**meta["hamburger"], "kl_weight": 0.0})
+        model = cls(base, hcfg)
+        state = load_file(os.path.join(path, WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if model.base_ties_embeddings():
+            missing = [m for m in missing if m != "base.lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+        model.config.kl_weight = meta["hamburger"].get("kl_weight", 0.0)
+        return model.to(dtype)
+
+
+def clone_base(base: nn.Module) -> nn.Module:
+    """A frozen copy of the base model, for the KL teacher in tests and small runs."""
+    return copy.deepcopy(base).eval().requires_grad_(False)
