@@ -190,8 +190,9 @@ def test_loss_falls_on_repeated_batch(rng):
 def test_kl_term_against_frozen_teacher(rng):
     base = tiny_base(0)
     teacher = tiny_base(0)
-    model = HAMburgerModel(base, HAMburgerConfig(embedder_head_dim=16, micro_layers=2, kl_weight=0.3),
-                           teacher=teacher)
+    model = HAMburgerModel(
+        base, HAMburgerConfig(embedder_head_dim=16, micro_layers=2, kl_weight=0.3), teacher=teacher
+    )
     s = random_sample(rng, 96, 1, 5, 8)
     out = model(collate([s], 4, with_plain=True), return_logits=True)
     assert out.kl is not None and out.kl.abs() < 1e-5  # one-token segments: student == teacher

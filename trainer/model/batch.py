@@ -34,12 +34,16 @@ class Sample:
         if self.prompt_len < 1:
             raise ValueError(f"{where}: prompt_len must be >= 1 (the last prompt token predicts segment 1)")
         if resp < 1:
-            raise ValueError(f"{where}: no response tokens (len(input_ids)={len(self.input_ids)}, "
-                             f"prompt_len={self.prompt_len})")
+            raise ValueError(
+                f"{where}: no response tokens (len(input_ids)={len(self.input_ids)}, "
+                f"prompt_len={self.prompt_len})"
+            )
         if sum(self.seg_lens) != resp:
             raise ValueError(f"{where}: seg_lens sum to {sum(self.seg_lens)}, response has {resp} tokens")
         if min(self.seg_lens) < 1 or max(self.seg_lens) > max_steps:
-            raise ValueError(f"{where}: seg_lens must lie in 1..{max_steps}, got {sorted(set(self.seg_lens))}")
+            raise ValueError(
+                f"{where}: seg_lens must lie in 1..{max_steps}, got {sorted(set(self.seg_lens))}"
+            )
 
     @property
     def macro_len(self) -> int:

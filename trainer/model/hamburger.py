@@ -81,7 +81,11 @@ class HAMburgerModel(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_base(
-        cls, name_or_path: str, config: HAMburgerConfig | None = None, dtype: torch.dtype = torch.float32, **kw
+        cls,
+        name_or_path: str,
+        config: HAMburgerConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        **kw,
     ) -> HAMburgerModel:
         """Wrap a pretrained base: a hub name (cluster) or a local folder (here, and in tests)."""
         from transformers import AutoModelForCausalLM
@@ -252,8 +256,11 @@ class HAMburgerModel(nn.Module):
     def save_pretrained(self, path: str, tokenizer=None) -> None:
         """A self-contained folder: config.json (base + HAMburger), safetensors, tokenizer."""
         os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                 if not k.startswith("teacher.")}
+        state = {
+            k: v.detach().cpu().contiguous()
+            for k, v in self.state_dict().items()
+            if not k.startswith("teacher.")
+        }
         if self.base_ties_embeddings():
             state.pop("base.lm_head.weight", None)  # safetensors refuses shared storage
         save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
@@ -293,7 +300,9 @@ class HAMburgerModel(nn.Module):
         if model.base_ties_embeddings():
             missing = [m for m in missing if m != "base.lm_head.weight"]
         if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+            raise ValueError(
+                f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})"
+            )
         model.config.kl_weight = meta["hamburger"].get("kl_weight", 0.0)
         return model.to(dtype)
 
