@@ -1,0 +1,150 @@
+"""Typed configuration of a data-prep run (YAML + key=value overrides; see trainer.configio)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .strategies import STRATEGIES
+
+METRICS = ("entropy", "prob")
+
+
+@dataclass
+class FilterConfig:
+    """Keep a row only if its `field` passes every check given (declarative; no code strings)."""
+
+    field: str = ""
+    equals: str | None = None
+    not_equals: str | None = None
+    min_chars: int | None = None
+    max_chars: int | None = None
+
+
+@dataclass
+class SourceConfig:
+    """One corpus and how its rows become (prompt messages, response)."""
+
+    path: str = ""
+    """Local file, glob or folder (.jsonl/.json/.parquet/.csv/.arrow), or builtin:chatterbot,
+    builtin:humaneval. Leave empty and set hf_name for a Hugging Face dataset."""
+    hf_name: str = ""
+    """Hugging Face dataset name, loaded with datasets.load_dataset (needs the hub)."""
+    hf_config: str | None = None
+    split: str = "train"
+    """Split of a Hugging Face dataset."""
+    name: str = ""
+    """Id in shards and manifest; default derived from path / hf_name."""
+    format: str = "auto"
+    """auto (by file ending), jsonl, json, parquet, csv or arrow."""
+    prompt_field: str = "instruction"
+    input_field: str = ""
+    """Optional second prompt field appended after a blank line (Alpaca's 'input')."""
+    response_field: str = "output"
+    messages_field: str = ""
+    """If set, rows hold a chat list of {role, content}; the last assistant turn is the response."""
+    system: str | None = None
+    """System message put before the prompt (None: none)."""
+    weight: float = 1.0
+    """Repeat (e.g. 3.0: three copies) or subsample (0.2: a deterministic fifth) this source."""
+    filters: list[FilterConfig] = field(default_factory=list)
+
+
+@dataclass
+class LabelConfig:
+    """How the base model's uncertainty becomes segment boundaries."""
+
+    strategy: str = "decreasing_v2"
+    """decreasing_v2 (paper default), decreasing, sliding, small_group or fixed."""
+    metric: str = "entropy"
+    """entropy of the predictive distribution, or prob: surprisal -log p(actual token), in nats."""
+    max_steps: int = 4
+    """K: longest segment."""
+    min_threshold: float = 0.05
+    """decreasing_v2: a token under this value always joins."""
+    ratio: float = 0.3
+    """decreasing_v2 / decreasing: join if value < ratio * reference value of the segment."""
+    sliding_confidence: float = 0.7
+    """sliding: join while the value is under the entropy of a two-outcome distribution at this confidence."""
+    small_group_confidence: float = 0.95
+    """small_group: the same threshold at this confidence; hard tokens stand alone."""
+    fixed_k: int = 2
+    """fixed: every segment this long (the last may be shorter); a baseline."""
+    batch_tokens: int = 8192
+    """Padded tokens per scoring batch (samples are sorted by length, so padding stays small)."""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16."""
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"label.strategy {self.strategy!r} is unknown; choose one of {sorted(STRATEGIES)}"
+            )
+        if self.metric not in METRICS:
+            raise ValueError(f"label.metric {self.metric!r} is unknown; choose one of {list(METRICS)}")
+        if self.max_steps < 1:
+            raise ValueError(f"label.max_steps must be >= 1, got {self.max_steps}")
+        if self.min_threshold < 0:
+            raise ValueError(f"label.min_threshold must be >= 0, got {self.min_threshold}")
+        if not 0 <= self.ratio <= 1:
+            raise ValueError(f"label.ratio must lie in [0, 1], got {self.ratio}")
+        for name in ("sliding_confidence", "small_group_confidence"):
+            if not 0.5 <= getattr(self, name) < 1:
+                raise ValueError(f"label.{name} must lie in [0.5, 1), got {getattr(self, name)}")
+        if not 1 <= self.fixed_k <= self.max_steps:
+            raise ValueError(f"label.fixed_k must lie in 1..max_steps={self.max_steps}, got {self.fixed_k}")
+        if self.batch_tokens < 1:
+            raise ValueError(f"label.batch_tokens must be >= 1, got {self.batch_tokens}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"label.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class PrepConfig:
+    """A data-prep run: sources -> chat-templated tokens -> labelled shards + manifest."""
+
+    model: str = "builtin:smollm2"
+    """Base model that scores the data: hub name, local folder, or builtin:smollm2."""
+    tokenizer: str = ""
+    """Tokenizer (default: the model's)."""
+    chat_template: str = ""
+    """Empty: the tokenizer's own template. 'plain': a simple 'role: content' template for
+    tokenizers without one. Any other value is used as a Jinja chat template."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    max_len: int = 1024
+    """Most tokens (prompt + response) per sample."""
+    overlong: str = "skip"
+    """skip (counted) or truncate the response of samples over max_len."""
+    bad_rows: str = "error"
+    """error: stop at the first malformed row, naming file, row and field; skip: count and go on."""
+    heldout_fraction: float = 0.05
+    """Share of rows (chosen by a hash of source and row) kept for evaluation."""
+    seed: int = 0
+    shard_rows: int = 256
+    """Rows per shard: the unit of work split across ranks and of resume."""
+    keep_values: bool = False
+    """Also store every response token's metric value (float16) in the shards."""
+    output_root: str = "outputs/prep"
+    """Shards go to output_root/<cache key>; a re-run with the same key reuses them."""
+    label: LabelConfig = field(default_factory=LabelConfig)
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ValueError("sources: at least one source is needed")
+        for i, s in enumerate(self.sources):
+            if bool(s.path) == bool(s.hf_name):
+                raise ValueError(f"sources.{i}: set exactly one of path or hf_name")
+            if s.weight <= 0:
+                raise ValueError(f"sources.{i}.weight must be > 0, got {s.weight}")
+            if s.format not in ("auto", "jsonl", "json", "parquet", "csv", "arrow"):
+                raise ValueError(f"sources.{i}.format {s.format!r} is unknown")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.overlong not in ("skip", "truncate"):
+            raise ValueError(f"overlong must be skip or truncate, got {self.overlong!r}")
+        if self.bad_rows not in ("error", "skip"):
+            raise ValueError(f"bad_rows must be error or skip, got {self.bad_rows!r}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must lie in [0, 1), got {self.heldout_fraction}")
+        if self.shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}")
+        self.label.validate()

@@ -1,0 +1,380 @@
+"""`./launch.sh prep CONFIG [key=value ...]`: sources -> labelled shards + manifest, on every rank.
+
+Every rank reads the (cheap) source rows and derives the same plan; shard i is labelled by
+rank i % world_size; rank 0 writes the manifest once all ranks are done. The output folder is
+named by a hash of everything that shapes it, so a re-run reuses finished shards and a
+changed setting can never pick up stale ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trainer.assets import resolve_model
+from trainer.configio import load_config
+
+from .config import PrepConfig
+from .label import Scorer, difficulty
+from .shards import MANIFEST, SCHEMA_VERSION, atomic_write_text, finished_shard, load_manifest, write_shard
+from .sources import Conversation, SourceRows, load_source
+from .strategies import segment
+from .tokenize import ChatTokenizer, fit_length
+
+
+# ---------------------------------------------------------------- distributed helpers
+def dist_info() -> tuple[int, int, int]:
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def init_distributed(world: int) -> None:
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
+
+
+# ---------------------------------------------------------------- plan: mixture + held-out split
+@dataclass
+class PlanRow:
+    conv: Conversation
+    copies: int
+
+
+def _unit(*parts) -> float:
+    """A deterministic number in [0, 1) from the parts (row identity, seed)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def make_plan(sources: list[SourceRows], cfg: PrepConfig) -> dict[str, list[PlanRow]]:
+    """Held-out rows by hash of (seed, source, file, row); weights as repeats (train only) and
+    deterministic subsampling (both splits)."""
+    plan: dict[str, list[PlanRow]] = {"train": [], "eval": []}
+    for src, scfg in zip(sources, cfg.sources, strict=True):
+        w = scfg.weight
+        whole, frac = int(w), w - int(w)
+        for conv in src.rows:
+            ident = (cfg.seed, src.name, conv.file, conv.row)
+            held = _unit("heldout", *ident) < cfg.heldout_fraction
+            extra = 1 if _unit("weight", *ident) < frac else 0
+            if whole + extra == 0:
+                src.skipped["subsampled"] += 1
+                continue
+            plan["eval" if held else "train"].append(PlanRow(conv, 1 if held else whole + extra))
+    return plan
+
+
+# ---------------------------------------------------------------- cache key
+def fingerprint(path: str) -> str:
+    """A local model/tokenizer folder by its config files and weight sizes; a hub name by name."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    h = hashlib.sha256()
+    for f in sorted(p.iterdir()):
+        if f.suffix in (".json", ".txt", ".model", ".jinja"):
+            h.update(f.name.encode() + f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin", ".gguf"):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def cache_key(
+    cfg: PrepConfig, sources: list[SourceRows], template: str, model_path: str, tok_path: str
+) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": cfg.model,
+        "model_fingerprint": fingerprint(model_path),
+        "tokenizer": cfg.tokenizer or cfg.model,
+        "tokenizer_fingerprint": fingerprint(tok_path),
+        "chat_template": template,
+        "label": asdict(cfg.label),
+        "max_len": cfg.max_len,
+        "overlong": cfg.overlong,
+        "bad_rows": cfg.bad_rows,
+        "heldout_fraction": cfg.heldout_fraction,
+        "seed": cfg.seed,
+        "shard_rows": cfg.shard_rows,
+        "keep_values": cfg.keep_values,
+        "sources": [
+            {"config": asdict(s), "content_hash": r.content_hash}
+            for s, r in zip(cfg.sources, sources, strict=True)
+        ],
+    }
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- one shard
+def label_shard(rows: list[PlanRow], first_id: int, chat: ChatTokenizer, scorer: Scorer, cfg: PrepConfig):
+    """Tokenise, fit to max_len, score, segment. Returns (columns, stats)."""
+    k = cfg.label.max_steps
+    stats: dict = {
+        "rows_in": len(rows),
+        "skipped": Counter(),
+        "truncated": 0,
+        "effective_rows": 0,
+        "response_tokens": 0,
+        "segments": 0,
+        "histogram": Counter(),
+        "per_source": {},
+    }
+    kept: list[tuple[int, PlanRow, list[int], int]] = []
+    for i, row in enumerate(rows):
+        ids, p = chat.encode(row.conv)
+        fitted = fit_length(ids, p, cfg.max_len, cfg.overlong)
+        if isinstance(fitted, str):
+            stats["skipped"][fitted] += 1
+            continue
+        stats["truncated"] += int(fitted.truncated)
+        kept.append((first_id + i, row, fitted.input_ids, fitted.prompt_len))
+    scores = scorer.score([(ids, p) for _, _, ids, p in kept], cfg.label.batch_tokens)
+    cols: dict[str, list] = {
+        name: []
+        for name in (
+            "sample_id",
+            "source",
+            "origin",
+            "copies",
+            "input_ids",
+            "prompt_len",
+            "seg_lens",
+            "values",
+            "meta",
+        )
+    }
+    for (sid, row, ids, p), sc in zip(kept, scores, strict=True):
+        values = difficulty(sc, cfg.label.metric)
+        segs = segment(values, cfg.label)
+        assert sum(segs) == len(ids) - p and max(segs) <= k, "strategy broke its contract"
+        cols["sample_id"].append(sid)
+        cols["source"].append(row.conv.source)
+        cols["origin"].append(f"{row.conv.file}:{row.conv.row}")
+        cols["copies"].append(row.copies)
+        cols["input_ids"].append(ids)
+        cols["prompt_len"].append(p)
+        cols["seg_lens"].append(segs)
+        cols["values"].append(values.astype(np.float16).tolist() if cfg.keep_values else [])
+        cols["meta"].append(json.dumps(row.conv.meta))
+        src = stats["per_source"].setdefault(
+            row.conv.source, {"rows": 0, "response_tokens": 0, "segments": 0}
+        )
+        src["rows"] += 1
+        stats["effective_rows"] += row.copies
+        src["response_tokens"] += len(ids) - p
+        src["segments"] += len(segs)
+        stats["response_tokens"] += len(ids) - p
+        stats["segments"] += len(segs)
+        stats["histogram"].update(segs)
+    stats["skipped"] = dict(stats["skipped"])
+    stats["histogram"] = {str(n): c for n, c in sorted(stats["histogram"].items())}
+    return cols, stats
+
+
+# ---------------------------------------------------------------- the run
+def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
+    """Run (or finish, or reuse) data prep for cfg; returns the output folder on every rank."""
+    rank, world, local_rank = dist_info()
+    init_distributed(world)
+    if rank == 0:  # converts the embedded model once; the others wait and reuse it
+        resolve_model(cfg.model)
+        resolve_model(cfg.tokenizer or cfg.model)
+    barrier()
+    model_path, tok_path = resolve_model(cfg.model), resolve_model(cfg.tokenizer or cfg.model)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    chat = ChatTokenizer(tokenizer, cfg.chat_template, name=tok_path)
+    sources = [load_source(s, cfg.bad_rows) for s in cfg.sources]
+    key = cache_key(cfg, sources, chat.template, model_path, tok_path)
+    digest = key_hash(key)
+    folder = Path(cfg.output_root) / digest[:16]
+    if (folder / MANIFEST).is_file():
+        manifest = load_manifest(folder)
+        if manifest.get("key_hash") == digest:
+            _log(rank, f"[prep] reusing {folder} (same cache key)")
+            return folder
+    folder.mkdir(parents=True, exist_ok=True)
+
+    plan = make_plan(sources, cfg)
+    work = [
+        (split, j, rows[j : j + cfg.shard_rows])
+        for split, rows in plan.items()
+        for j in range(0, len(rows), cfg.shard_rows)
+    ]
+    mine = [w for i, w in enumerate(work) if i % world == rank]
+    todo = [w for w in mine if finished_shard(folder, _shard_name(w[0], w[1], cfg)) is None]
+    _log(rank, f"[prep] {folder}: {len(work)} shards, {len(mine)} on rank {rank}, {len(todo)} to do")
+    if todo:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        dtype = _dtype(cfg.label.dtype, device)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        scorer = Scorer(model, device, pad_id=pad)
+        t0 = time.perf_counter()
+        for split, start, rows in tqdm(
+            todo, desc=f"labelling (rank {rank})", disable=rank != 0, unit="shard"
+        ):
+            cols, stats = label_shard(rows, start, chat, scorer, cfg)
+            stats["scored_tokens"] = scorer.stats.real_tokens
+            write_shard(folder, _shard_name(split, start, cfg), cols, stats)
+            if on_shard_done is not None:
+                on_shard_done(split, start)
+        pad_share = 1 - scorer.stats.real_tokens / max(scorer.stats.padded_tokens, 1)
+        _log(
+            rank,
+            f"[prep] rank {rank}: {scorer.stats.real_tokens} tokens scored in "
+            f"{time.perf_counter() - t0:.1f}s, padding {pad_share:.1%}",
+        )
+    barrier()
+    if rank == 0:
+        manifest = build_manifest(folder, work, sources, key, digest, cfg)
+        atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
+        print_summary(folder, manifest)
+    barrier()
+    return folder
+
+
+def _shard_name(split: str, start: int, cfg: PrepConfig) -> str:
+    return f"{split}-{start // cfg.shard_rows:05d}"
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def build_manifest(
+    folder: Path, work, sources: list[SourceRows], key: dict, digest: str, cfg: PrepConfig
+) -> dict:
+    k = cfg.label.max_steps
+    splits: dict = {}
+    per_source: dict = {
+        s.name: {
+            "rows_read": len(s.rows) + sum(s.skipped.values()),
+            "skipped": dict(s.skipped),
+            "skip_examples": s.skip_examples,
+            "content_hash": s.content_hash,
+            "rows_out": 0,
+            "response_tokens": 0,
+            "segments": 0,
+        }
+        for s in sources
+    }
+    hist: Counter = Counter()
+    skipped: Counter = Counter()
+    for s in sources:
+        skipped.update(s.skipped)
+    for split, start, _rows in work:
+        info = finished_shard(folder, _shard_name(split, start, cfg))
+        if info is None:
+            raise RuntimeError(
+                f"{folder}: shard {_shard_name(split, start, cfg)} missing after all ranks finished"
+            )
+        entry = splits.setdefault(
+            split,
+            {
+                "rows": 0,
+                "effective_rows": 0,
+                "response_tokens": 0,
+                "segments": 0,
+                "truncated": 0,
+                "shards": [],
+            },
+        )
+        st = info.stats
+        entry["rows"] += info.rows
+        entry["response_tokens"] += st["response_tokens"]
+        entry["segments"] += st["segments"]
+        entry["truncated"] += st["truncated"]
+        entry["effective_rows"] += st["effective_rows"]
+        entry["shards"].append({"file": info.file, "rows": info.rows, "sha256": info.sha256})
+        skipped.update(st["skipped"])
+        hist.update({int(n): c for n, c in st["histogram"].items()})
+        for name, ps in st["per_source"].items():
+            for f in ("response_tokens", "segments"):
+                per_source[name][f] += ps[f]
+            per_source[name]["rows_out"] += ps["rows"]
+    for entry in splits.values():
+        entry["compression"] = entry["response_tokens"] / max(entry["segments"], 1)
+    for ps in per_source.values():
+        ps["compression"] = ps["response_tokens"] / max(ps["segments"], 1)
+    total_tokens = sum(e["response_tokens"] for e in splits.values())
+    total_segments = sum(e["segments"] for e in splits.values())
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "key_hash": digest,
+        "key": key,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "rows_in": sum(ps["rows_read"] for ps in per_source.values()),
+        "rows_out": sum(e["rows"] for e in splits.values()),
+        "skipped": dict(skipped),
+        "response_tokens": total_tokens,
+        "segments": total_segments,
+        "compression": total_tokens / max(total_segments, 1),
+        "compression_definition": "response tokens / segments: the best-case tokens per macro step",
+        "segment_histogram": {str(n): hist.get(n, 0) for n in range(1, k + 1)},
+        "sources": per_source,
+        "splits": splits,
+    }
+
+
+def print_summary(folder: Path, m: dict) -> None:
+    print(f"[prep] wrote {folder}")
+    print(f"[prep] rows in {m['rows_in']}, out {m['rows_out']}, skipped {m['skipped'] or 0}")
+    for split, e in m["splits"].items():
+        print(
+            f"[prep]   {split}: {e['rows']} rows, {e['response_tokens']} response tokens, "
+            f"compression {e['compression']:.3f} tokens/segment"
+        )
+    for name, s in m["sources"].items():
+        print(f"[prep]   source {name}: {s['rows_out']} rows, compression {s['compression']:.3f}")
+    print(
+        f"[prep] segment lengths: {m['segment_histogram']}; compression {m['compression']:.3f} "
+        f"({m['compression_definition']})"
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    if not args or "=" in args[0]:
+        raise SystemExit("usage: ./launch.sh prep CONFIG.yaml [key=value ...]")
+    cfg = load_config(PrepConfig, args[0], args[1:])
+    folder = prepare(cfg)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return folder
+
+
+if __name__ == "__main__":
+    main()

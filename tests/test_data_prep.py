@@ -1,0 +1,283 @@
+"""data_prep end to end on a tiny random Llama with SmolLM2's real tokenizer and local files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import tiny_model_dir, write_jsonl
+from transformers import AutoTokenizer
+
+from data_prep.config import PrepConfig, SourceConfig
+from data_prep.run import prepare
+from data_prep.shards import ShardError, load_manifest, read_split
+from data_prep.sources import DataError, load_source
+from data_prep.tokenize import ChatTokenizer
+from data_prep.view import main as view_main
+from trainer.configio import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    rows = [
+        {"instruction": f"What is {i} plus {i}?", "output": f"{i} plus {i} is {2 * i}." + " Yes." * (i % 4)}
+        for i in range(30)
+    ]
+    return write_jsonl(tmp_path / "qa.jsonl", rows)
+
+
+def make_cfg(model: Path, out: Path, *sources: SourceConfig, **kw) -> PrepConfig:
+    settings = {"shard_rows": 8, "heldout_fraction": 0.2, "max_len": 256, **kw}
+    cfg = PrepConfig(model=str(model), sources=list(sources), output_root=str(out), **settings)
+    cfg.validate()
+    return cfg
+
+
+def all_rows(folder: Path) -> dict[str, list[dict]]:
+    return {s: read_split(folder, s).to_pylist() for s in load_manifest(folder)["splits"]}
+
+
+def test_end_to_end_shards_and_manifest(tiny_dir, corpus, tmp_path):
+    cfg = make_cfg(tiny_dir, tmp_path / "out", SourceConfig(path=str(corpus), weight=2.0), keep_values=True)
+    folder = prepare(cfg)
+    m = load_manifest(folder)
+    assert m["rows_in"] == 30 and m["rows_out"] == 30 and m["skipped"] == {}
+    assert m["splits"]["train"]["effective_rows"] == 2 * m["splits"]["train"]["rows"]
+    assert 0 < m["splits"]["eval"]["rows"] < 15
+    assert m["compression"] == pytest.approx(m["response_tokens"] / m["segments"])
+    assert sum(m["segment_histogram"].values()) == m["segments"]
+    assert m["key"]["label"]["strategy"] == "decreasing_v2" and m["key"]["max_len"] == 256
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    chat = ChatTokenizer(tok)
+    by_row = {r["origin"]: r for split in all_rows(folder).values() for r in split}
+    src = load_source(cfg.sources[0])
+    for conv in src.rows:
+        r = by_row[f"{conv.file}:{conv.row}"]
+        prompt = tok.apply_chat_template(
+            conv.messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        response = tok(conv.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert r["input_ids"] == list(prompt) + response == chat.encode(conv)[0]
+        assert r["prompt_len"] == len(prompt)
+        assert sum(r["seg_lens"]) == len(response) and len(r["values"]) == len(response)
+
+
+def test_two_ranks_equal_one_rank(tiny_dir, corpus, tmp_path):
+    one = prepare(make_cfg(tiny_dir, tmp_path / "one", SourceConfig(path=str(corpus))))
+    cfg_file = tmp_path / "prep.yaml"
+    cfg_file.write_text(
+        f"model: {tiny_dir}\nsources:\n  - path: {corpus}\noutput_root: {tmp_path / 'two'}\n"
+        "shard_rows: 8\nheldout_fraction: 0.2\nmax_len: 256\n"
+    )
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [
+            str(deepspeed),
+            "--num_accelerators",
+            "2",
+            "--master_port",
+            "29611",
+            "--module",
+            "data_prep.run",
+            str(cfg_file),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "on rank 0" in proc.stdout
+    two = tmp_path / "two" / one.name  # same cache key, other root
+    rows1, rows2 = all_rows(one), all_rows(two)
+    for split in rows1:
+        key = [(r["sample_id"], r["origin"], r["input_ids"], r["seg_lens"]) for r in rows1[split]]
+        assert key == [(r["sample_id"], r["origin"], r["input_ids"], r["seg_lens"]) for r in rows2[split]]
+        assert len({r["sample_id"] for r in rows2[split]}) == len(rows2[split])  # no overlap
+    # each rank really wrote its own shards
+    shards = load_manifest(two)["splits"]["train"]["shards"]
+    assert len(shards) >= 2
+
+
+def test_kill_and_rerun_finishes_without_duplicates(tiny_dir, corpus, tmp_path):
+    cfg = make_cfg(tiny_dir, tmp_path / "out", SourceConfig(path=str(corpus)))
+    clean = prepare(make_cfg(tiny_dir, tmp_path / "clean", SourceConfig(path=str(corpus))))
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first(split, start):
+        raise Killed
+
+    with pytest.raises(Killed):
+        prepare(cfg, on_shard_done=die_after_first)
+    folder = tmp_path / "out" / clean.name
+    assert not (folder / "manifest.json").exists()
+    done = sorted(p.name for p in folder.glob("*.done.json"))
+    assert len(done) == 1
+    # what a SIGKILL mid-write leaves: a temporary file, and a shard without its marker
+    (folder / "train-00001.parquet.tmp999").write_bytes(b"half a file")
+    (folder / "train-00002.parquet").write_bytes(b"PAR1 truncated")
+    first_bytes = (folder / done[0].replace(".done.json", ".parquet")).read_bytes()
+    assert prepare(cfg) == folder
+    assert (folder / done[0].replace(".done.json", ".parquet")).read_bytes() == first_bytes  # reused
+    assert all_rows(folder) == all_rows(clean)
+
+
+def test_same_key_reuses_changed_key_does_not(tiny_dir, corpus, tmp_path):
+    cfg = make_cfg(tiny_dir, tmp_path / "out", SourceConfig(path=str(corpus)))
+    a = prepare(cfg)
+    stamp = (a / "manifest.json").stat().st_mtime_ns
+    assert prepare(cfg) == a and (a / "manifest.json").stat().st_mtime_ns == stamp
+    cfg.label.ratio = 0.5
+    b = prepare(cfg)
+    assert b != a
+    cfg.label.ratio = 0.3
+    corpus.write_text(corpus.read_text() + json.dumps({"instruction": "new", "output": "row"}) + "\n")
+    c = prepare(cfg)
+    assert c not in (a, b) and load_manifest(c)["rows_in"] == 31
+
+
+def test_overlong_skip_and_truncate(tiny_dir, tmp_path):
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"instruction": "short", "output": "fine"},
+            {"instruction": "long answer", "output": "word " * 300},
+            {"instruction": "x " * 400, "output": "prompt alone too long"},
+        ],
+    )
+    m = load_manifest(
+        prepare(make_cfg(tiny_dir, tmp_path / "a", SourceConfig(path=str(data)), heldout_fraction=0))
+    )
+    assert m["rows_out"] == 1 and m["skipped"] == {"too_long": 1, "prompt_too_long": 1}
+    cfg = make_cfg(
+        tiny_dir, tmp_path / "b", SourceConfig(path=str(data)), heldout_fraction=0, overlong="truncate"
+    )
+    folder = prepare(cfg)
+    m = load_manifest(folder)
+    assert m["rows_out"] == 2 and m["skipped"] == {"prompt_too_long": 1}
+    assert m["splits"]["train"]["truncated"] == 1
+    assert max(len(r["input_ids"]) for r in read_split(folder, "train").to_pylist()) == 256
+
+
+def test_formats_filters_messages_and_weights(tmp_path):
+    rows = [{"q": f"q{i}", "a": f"a{i}", "lang": "en" if i % 2 else "fr"} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.csv").write_text("q,a,lang\n" + "".join(f"q{i},a{i},en\n" for i in range(3)))
+    (tmp_path / "d.json").write_text(json.dumps(rows[:4]))
+    for name in ("d.parquet", "d.csv", "d.json"):
+        src = load_source(SourceConfig(path=str(tmp_path / name), prompt_field="q", response_field="a"))
+        assert src.rows[0].messages[-1]["content"] == "q0" and src.rows[0].response == "a0"
+    cfg = load_config(
+        PrepConfig,
+        None,
+        [
+            f"sources=[{{path: '{tmp_path / 'd.parquet'}', prompt_field: q, "
+            "response_field: a, system: Be brief., "
+            "filters: [{field: lang, equals: en}]}]"
+        ],
+    )
+    src = load_source(cfg.sources[0])
+    assert len(src.rows) == 5 and src.skipped["filtered"] == 5
+    assert src.rows[0].messages[0] == {"role": "system", "content": "Be brief."}
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    src = load_source(
+        SourceConfig(path=str(write_jsonl(tmp_path / "c.jsonl", chat)), messages_field="messages")
+    )
+    assert src.rows[0].messages == [{"role": "user", "content": "hi"}] and src.rows[0].response == "hello"
+
+
+def test_bad_input_is_named(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
+    with pytest.raises(DataError, match=r"bad.jsonl: row 2: missing field 'output'"):
+        load_source(SourceConfig(path=str(bad)))
+    src = load_source(SourceConfig(path=str(bad)), bad_rows="skip")
+    assert len(src.rows) == 1 and src.skipped["bad_row"] == 1 and "row 2" in src.skip_examples[0]
+    for rec, msg in [
+        ({"instruction": "a", "output": 3}, "must be a string"),
+        ({"instruction": "a", "output": "  "}, "is empty"),
+    ]:
+        f = write_jsonl(tmp_path / "x.jsonl", [rec])
+        with pytest.raises(DataError, match=rf"x.jsonl: row 1: field 'output' {msg}"):
+            load_source(SourceConfig(path=str(f)))
+    (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    with pytest.raises(DataError, match="broken.jsonl: line 2: invalid JSON"):
+        load_source(SourceConfig(path=str(tmp_path / "broken.jsonl")))
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="corrupt.parquet: unreadable or corrupt"):
+        load_source(SourceConfig(path=str(tmp_path / "corrupt.parquet")))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_source(SourceConfig(path=str(tmp_path / "nope.jsonl")))
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="label.stratgy"):
+        load_config(PrepConfig, None, ["label.stratgy=fixed"])
+    with pytest.raises(ConfigError, match="max_len"):
+        load_config(PrepConfig, None, ["max_len=1.5"])
+    with pytest.raises(ValueError, match="label.strategy 'nope'"):
+        load_config(PrepConfig, None, ["sources=[{path: x.jsonl}]", "label.strategy=nope"])
+    with pytest.raises(ValueError, match="label.min_threshold"):
+        load_config(PrepConfig, None, ["sources=[{path: x.jsonl}]", "label.min_threshold=-1"])
+
+
+def test_tokenizer_without_chat_template(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template: set chat_template=plain"):
+        ChatTokenizer(tok, name="tiny")
+    from data_prep.sources import Conversation
+
+    ids, p = ChatTokenizer(tok, "plain").encode(
+        Conversation([{"role": "user", "content": "hi"}], "yo", "s", "f", 1)
+    )
+    assert tok.decode(ids[:p]) == "user: hi\nassistant: " and ids[-1] == tok.eos_token_id
+
+
+def test_corrupted_shard_detected_on_read(tiny_dir, corpus, tmp_path):
+    folder = prepare(make_cfg(tiny_dir, tmp_path / "out", SourceConfig(path=str(corpus))))
+    shard = folder / load_manifest(folder)["splits"]["train"]["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"{shard.name}: corrupt shard"):
+        read_split(folder, "train")
+
+
+def test_builtin_corpora_and_label_view(tiny_dir, tmp_path, capsys):
+    chat = load_source(SourceConfig(path="builtin:chatterbot"))
+    code = load_source(SourceConfig(path="builtin:humaneval"))
+    assert len(chat.rows) > 1500 and len(code.rows) == 164
+    assert code.rows[0].meta["task_id"] == "HumanEval/0" and "def check" in code.rows[0].meta["test"]
+    cfg = make_cfg(
+        tiny_dir,
+        tmp_path / "out",
+        SourceConfig(path="builtin:humaneval", weight=0.05),
+        keep_values=True,
+        max_len=1024,
+    )
+    folder = prepare(cfg)
+    html = tmp_path / "view.html"
+    view_main([str(folder), "--n", "2", "--html", str(html)])
+    out = capsys.readouterr().out
+    assert "\x1b[4" in out and "segments" in out
+    page = html.read_text()
+    assert page.count("class='s'") == sum(
+        len(r["seg_lens"]) for r in read_split(folder, "train").to_pylist()[:2]
+    )

@@ -1,0 +1,76 @@
+"""Typed configs: dataclasses + YAML + `key=value` overrides, via omegaconf structured configs.
+
+Unknown keys and wrong types fail with the key's dotted name. The resolved config is what a
+run saves beside its outputs, so a run can always be repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import is_dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults of `cls` <- YAML file <- dotted `key=value` overrides, type-checked at each step."""
+    if not is_dataclass(cls):
+        raise TypeError(f"{cls} is not a dataclass")
+    merged = OmegaConf.structured(cls)
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key = item.split("=", 1)[0]
+            _check_plain_value(key, item.split("=", 1)[1])
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        where = f" (in {path})" if path else ""
+        raise ConfigError(f"config key {key!r}: {e.msg if hasattr(e, 'msg') else e}{where}") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def _check_plain_value(key: str, value: str) -> None:
+    """Interpolations (${...}) and resolvers are code paths we do not offer on the command line."""
+    if "${" in value:
+        raise ConfigError(f"override {key}: interpolations are not allowed in overrides ({value!r})")
+
+
+def to_yaml(obj) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
+def to_flat_dict(obj) -> dict[str, object]:
+    """{'a.b.c': value} for logging (MLflow params) and cache keys."""
+    container = OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, list) and any(isinstance(x, dict | list) for x in node):
+            for i, v in enumerate(node):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = node
+
+    walk("", container)
+    return flat
