@@ -167,7 +167,7 @@ def main() -> None:
     lines = [
         f"Batch: 8 samples x (64 prompt + 192 response) tokens, {args.layers} layers, hidden 576, "
         f"vocab 49152; {resp_tokens / segs:.2f} tokens per segment; median of {args.reps} interleaved runs.",
-        "Throughput = response tokens per second of forward+backward; ratio against plain SFT in the same run.",
+        "Throughput = response tokens per second of forward+backward; ratios from the same run.",
         "",
         "| variant | s / batch | response tok/s | vs plain SFT | vs reference-style |",
         "|---|---|---|---|---|",

@@ -12,13 +12,17 @@ from pathlib import Path
 import torch
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
-HEADER = "# Benchmarks\n\nEach section is rewritten by the command named in it. Ratios come from one run, side by side.\n"
+HEADER = (
+    "# Benchmarks\n\nEach section is rewritten by the command named in it. "
+    "Ratios come from one run, side by side.\n"
+)
 
 
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}"
 
 
 def write_section(name: str, body: str) -> None:
