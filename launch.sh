@@ -3,6 +3,7 @@
 #
 #   ./launch.sh test  [pytest args]                 run the test suite
 #   ./launch.sh prep  CONFIG [key=value ...] [--hostfile F] [--nprocs N] [launcher args]
+#   ./launch.sh train CONFIG [key=value ...] [--hostfile F] [--nprocs N] [launcher args]
 #   ./launch.sh label-view SHARDS_DIR [--n 5] [--html out.html]
 #   ./launch.sh setup                               only create/refresh the environment
 #
@@ -87,11 +88,14 @@ case "$cmd" in
   prep)
     ensure_env
     run_distributed data_prep.run "$@" ;;
+  train)
+    ensure_env
+    run_distributed trainer.train "$@" ;;
   label-view)
     ensure_env
     exec "$PY" -m data_prep.view "$@" ;;
   help|-h|--help)
-    sed -n '2,13p' "$0" ;;
+    sed -n '2,14p' "$0" ;;
   *)
-    log "unknown command '$cmd'"; sed -n '2,13p' "$0"; exit 2 ;;
+    log "unknown command '$cmd'"; sed -n '2,14p' "$0"; exit 2 ;;
 esac

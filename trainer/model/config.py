@@ -45,9 +45,10 @@ class HAMburgerConfig:
 
     def resolved_feature_layers(self, num_hidden_layers: int) -> list[int]:
         """Hidden-state indices for the micro decoder; the last one is always the final output."""
-        layers = list(self.feature_layers) or [
-            round((i + 1) * num_hidden_layers / self.num_features) for i in range(self.num_features)
-        ]
+        # Evenly spaced; a base shallower than num_features gets each of its layers once.
+        layers = list(self.feature_layers) or sorted(
+            {max(1, round((i + 1) * num_hidden_layers / self.num_features)) for i in range(self.num_features)}
+        )
         for idx in layers:
             if not 1 <= idx <= num_hidden_layers:
                 raise ValueError(

@@ -35,20 +35,26 @@ class CompositionalEmbedder(nn.Module):
 
     def forward(self, tok_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tok_emb [G, K, D] (slots past a group's length are ignored), lengths [G] -> [G, D]."""
-        g, k, d = tok_emb.shape
+        k = tok_emb.shape[1]
         valid = torch.arange(k, device=tok_emb.device)[None, :] < lengths[:, None]  # [G, K]
         summed = (tok_emb * valid[..., None].to(tok_emb.dtype)).sum(1)
         mean = summed / lengths[:, None].to(tok_emb.dtype)
         multi = (lengths > 1).nonzero().squeeze(1)
         if multi.numel() == 0:
-            return mean  # exactly e_1 for every one-token group
-        e, m, v = tok_emb[multi], mean[multi], valid[multi]
-        n = e.shape[0]
+            # Every rank must run the same modules under ZeRO-3 (each call gathers parameters
+            # collectively), so run the read on one dummy group and add it with weight 0.
+            dummy = self._read(tok_emb[:1], mean[:1], torch.ones_like(valid[:1]))
+            return mean + 0.0 * dummy.sum()
+        read = self._read(tok_emb[multi], mean[multi], valid[multi])
+        delta = torch.zeros_like(mean).index_copy(0, multi, read)
+        return mean + delta
+
+    def _read(self, e: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Cross-attention read for n groups: e [n, K, D], mean m [n, D], valid mask v [n, K]."""
+        n, k, d = e.shape
         kv_in = torch.cat([e, self.slot_pos[:k].to(e.dtype).expand(n, k, -1)], dim=-1)
         q = self.q_proj(m).view(n, self.num_heads, 1, self.head_dim)
         keys = self.k_proj(kv_in).view(n, k, self.num_heads, self.head_dim).transpose(1, 2)
         vals = self.v_proj(kv_in).view(n, k, self.num_heads, self.head_dim).transpose(1, 2)
         attn = F.scaled_dot_product_attention(q, keys, vals, attn_mask=v[:, None, None, :])
-        read = self.o_proj(attn.reshape(n, d))
-        delta = torch.zeros_like(mean).index_copy(0, multi, read)
-        return mean + delta
+        return self.o_proj(attn.reshape(n, d))

@@ -11,12 +11,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .batch import PackedBatch, packed_causal_mask
 from .config import HAMburgerConfig
@@ -29,14 +30,17 @@ MODEL_TYPE = "hamburger"
 
 
 @dataclass
-class HAMburgerOutput:
-    """Loss terms and metrics of one forward. Metrics are detached means over the batch."""
+class HAMburgerOutput(ModelOutput):
+    """Loss terms and metrics of one forward. Metrics are detached means over the batch.
 
-    loss: torch.Tensor
-    ce: torch.Tensor
-    stop_bce: torch.Tensor
-    kl: torch.Tensor | None
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    A ModelOutput (a dict underneath) so that ZeRO-3's hooks can see the tensors in it.
+    """
+
+    loss: torch.Tensor | None = None
+    ce: torch.Tensor | None = None
+    stop_bce: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] | None = None
     logits: torch.Tensor | None = None  # [T, V] per response token, when asked for
     stop_logits: torch.Tensor | None = None  # [T]
 
@@ -191,21 +195,31 @@ class HAMburgerModel(nn.Module):
         )
 
     def _micro_outputs(self, feats: torch.Tensor, tgt_tokens: torch.Tensor, tgt_lens: torch.Tensor):
-        """[S, F, D] features -> [S * K, D] micro-step outputs (zeros past each segment's end)."""
+        """[S, F, D] features -> [S * K, D] micro-step outputs (zeros past each segment's end).
+
+        The micro decoder runs once per segment length present (no padded slots, nothing for
+        one-token segments); a length absent from the batch costs one dummy sequence.
+        """
         s, f, d = feats.shape
         k = self.config.max_steps
         pieces = [feats[:, -1]]  # o_1 = h_L
         index = [torch.arange(s, device=feats.device) * k]
         tok_emb = self.embed_tokens(tgt_tokens[:, : k - 1]) if k > 1 else None
+        zero = feats.new_zeros(())
         for length in range(2, k + 1):  # one decoder call per segment length
             sel = (tgt_lens == length).nonzero().squeeze(1)
             if sel.numel() == 0:
+                # Same module calls on every rank (ZeRO-3 gathers are collective): run one dummy
+                # sequence and keep it in the graph with weight 0, so backward matches too.
+                seq = torch.cat([self.micro.features_in(feats[:1]), tok_emb[:1, : length - 1]], dim=1)
+                zero = zero + 0.0 * self.micro(seq).sum()
                 continue
             seq = torch.cat([self.micro.features_in(feats[sel]), tok_emb[sel, : length - 1]], dim=1)
             y = self.micro(seq)[:, f:]  # slots of e(t_1..t_{length-1}) -> o_2..o_length
             pieces.append(y.reshape(-1, d))
             index.append((sel[:, None] * k + torch.arange(1, length, device=feats.device)[None]).reshape(-1))
-        return feats.new_zeros(s * k, d).index_copy(0, torch.cat(index), torch.cat(pieces))
+        out = feats.new_zeros(s * k, d).index_copy(0, torch.cat(index), torch.cat(pieces))
+        return out + zero
 
     def _kl_to_teacher(self, batch: PackedBatch, logits: torch.Tensor) -> torch.Tensor:
         if batch.plain_input_ids is None:

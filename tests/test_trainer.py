@@ -1,0 +1,207 @@
+"""The trainer through the real deepspeed launcher on CPU: 2 ranks, ZeRO-3, tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import tiny_model_dir, write_jsonl
+
+from data_prep.config import LabelConfig, PrepConfig, SourceConfig
+from data_prep.run import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+pytestmark = pytest.mark.distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+            "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("train")
+    model = tiny_model_dir(base / "model")
+    rows = [{"instruction": f"Count from {i} to {i + 5}.", "output": " ".join(str(j) for j in range(i, i + 6 + i % 5))}
+            for i in range(48)]
+    data = write_jsonl(base / "count.jsonl", rows)
+    prep = PrepConfig(model=str(model), sources=[SourceConfig(path=str(data))], output_root=str(base / "prep"),
+                      heldout_fraction=0.15, shard_rows=16, max_len=256,
+                      label=LabelConfig(strategy="fixed", fixed_k=3))
+    folder = prepare(prep)
+    ds = json.loads((ROOT / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition every tensor
+    (base / "ds.json").write_text(json.dumps(ds))
+    cfg = base / "train.yaml"
+    cfg.write_text(
+        f"model:\n  base: {model}\n  hamburger:\n    micro_layers: 1\n    embedder_head_dim: 16\n"
+        f"data:\n  path: {folder}\n  tokens_per_batch: 160\n  row_capacity: 160\n"
+        f"optim:\n  warmup_steps: 1\n  lr_base: 3e-3\n  lr_new: 3e-3\n  min_lr: 1e-3\n"
+        f"ds_config: {base / 'ds.json'}\nepochs: 3\nmax_steps: 8\neval_every: 4\nsave_every: 2\nkeep_last: 2\ndist_timeout_s: 240\n"
+    )
+    return {"base": base, "cfg": cfg, "data": folder}
+
+
+def launch(cfg: Path, *overrides: str, nprocs: int = 2, launcher: list[str] | None = None, wait: bool = True):
+    cmd = [DEEPSPEED, *(launcher or ["--num_accelerators", str(nprocs), "--master_port", str(free_port())]),
+           "--module", "trainer.train", str(cfg), *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """Per-step training loss; the last record of a step wins (a resumed run re-logs nothing twice)."""
+    out = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec["metrics"]:
+            out[rec["step"]] = rec["metrics"]["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(setup) -> Path:
+    out = setup["base"] / "run_a"
+    proc = launch(setup["cfg"], f"output_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out
+
+
+def test_two_ranks_zero3_trains_and_tracks(baseline):
+    ls = losses(baseline)
+    assert sorted(ls) == list(range(1, 9))
+    assert (ls[7] + ls[8]) / 2 < (ls[1] + ls[2]) / 2 - 0.5, ls
+    final = json.loads((baseline / "final_metrics.json").read_text())
+    for key in ("eval/loss", "eval/perplexity", "eval/token_acc_slot1", "eval/token_acc_slot3", "eval/stop_acc",
+                "eval/expected_tokens_per_step"):
+        assert key in final
+    ckpts = sorted(p.name for p in (baseline / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step_000006", "step_000008"]  # keep_last=2
+    assert all((baseline / "checkpoints" / c / "COMPLETE").is_file() for c in ckpts)
+    run_id = json.loads((baseline / "run_info.json").read_text())["run_id"]
+    db = sqlite3.connect(baseline / "mlflow.db")
+    assert db.execute("select count(*) from runs").fetchone()[0] == 1  # one run, not one per rank
+    assert db.execute("select status from runs where run_uuid=?", (run_id,)).fetchone()[0] == "FINISHED"
+    params = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
+    assert params["optim.lr_base"] == "0.003" and params["world_size"] == "2"
+    assert params["ds.zero_optimization.stage"] == "3" and params["data_manifest.strategy"] == "fixed"
+    steps = [r[0] for r in db.execute("select step from metrics where run_uuid=? and key='loss'", (run_id,))]
+    assert sorted(steps) == list(range(1, 9))
+    assert db.execute("select count(*) from metrics where key='eval/expected_tokens_per_step'").fetchone()[0] >= 2
+    artifacts = db.execute("select artifact_uri from runs where run_uuid=?", (run_id,)).fetchone()[0]
+    art_dir = Path(artifacts.replace("file://", ""))
+    assert {"config.yaml", "ds_config.json", "manifest.json"} <= {p.name for p in art_dir.iterdir()}
+
+
+def test_resume_after_sigkill_gives_the_same_losses(setup, baseline):
+    out = setup["base"] / "run_killed"
+    proc = launch(setup["cfg"], f"output_dir={out}", wait=False)
+    marker = out / "checkpoints" / "step_000004" / "COMPLETE"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), proc.stdout.read()[-3000:]
+    assert not (out / "final_metrics.json").exists()  # it really died before the end
+    resumed = launch(setup["cfg"], f"output_dir={out}")
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stdout
+    a, b = losses(baseline), losses(out)
+    assert sorted(b) == list(range(1, 9))
+    for step in range(1, 9):  # bit-exact on CPU: same data order, same reductions, restored state
+        assert b[step] == a[step], (step, a, b)
+    info = json.loads((out / "run_info.json").read_text())
+    db = sqlite3.connect(out / "mlflow.db")
+    assert db.execute("select count(*) from runs").fetchone()[0] == 1 and info["run_id"]
+
+
+def test_resume_on_other_world_size_is_refused(setup, baseline, tmp_path):
+    proc = launch(setup["cfg"], f"output_dir={tmp_path}", f"resume={baseline / 'checkpoints' / 'step_000008'}",
+                  nprocs=1)
+    assert proc.returncode != 0
+    assert "was written by 2 ranks; this job has 1" in proc.stderr + proc.stdout
+
+
+def test_two_nodes_on_loopback_agree_with_one_node(setup, baseline):
+    out = setup["base"] / "run_2node"
+    hostfile = setup["base"] / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(free_port())
+    procs = [
+        launch(setup["cfg"], f"output_dir={out}", wait=False,
+               launcher=["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r), "--master_addr",
+                         "127.0.0.1", "--master_port", port])
+        for r in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    a, b = losses(baseline), losses(out)
+    assert sorted(b) == sorted(a)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a, b)
+
+
+def test_nan_loss_stops_with_a_clear_message(setup, tmp_path):
+    proc = launch(setup["cfg"], f"output_dir={tmp_path}", "optim.lr_base=1e30", "optim.lr_new=1e30",
+                  "optim.grad_clip=0", "optim.warmup_steps=0", "save_every=0")
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "non-finite loss at step" in text and "samples [" in text, text[-3000:]
+
+
+def test_mlflow_server_going_away_does_not_stop_training(setup, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+         f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        import urllib.request
+
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow server did not start")
+        out = tmp_path / "run"
+        proc = launch(setup["cfg"], f"output_dir={out}", f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+                      "max_steps=40", "save_every=0", "eval_every=0", wait=False)
+        metrics = out / "metrics.jsonl"
+        while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.1)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        text = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, text[-4000:]
+        assert "MLflow unreachable" in text and "training goes on" in text
+        assert sorted(losses(out)) == list(range(1, 41))  # nothing lost locally
+        pending = [json.loads(line) for line in (out / "mlflow_pending.jsonl").read_text().splitlines()]
+        assert pending and pending[-1]["step"] == 40  # the undelivered tail waits for replay
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)

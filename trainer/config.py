@@ -1,0 +1,114 @@
+"""The training configuration: one typed tree, YAML + `key=value` overrides (trainer.configio)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .model.config import HAMburgerConfig
+
+
+@dataclass
+class ModelConfig:
+    base: str = "builtin:smollm2"
+    """Base LLM: hub name (e.g. meta-llama/Llama-3.2-1B-Instruct), local folder, or builtin:smollm2."""
+    hamburger: HAMburgerConfig = field(default_factory=HAMburgerConfig)
+    gradient_checkpointing: bool = False
+    """Recompute the base's activations in backward (less memory, ~30% more compute)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel for the base and micro decoder (sdpa handles the packed block mask)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """A data-prep output folder (holding manifest.json)."""
+    prep_config: str = ""
+    """Or a data-prep YAML: prep runs first (every rank joins; finished shards are reused)."""
+    prep_overrides: list[str] = field(default_factory=list)
+    """key=value overrides for prep_config."""
+    tokens_per_batch: int = 4096
+    """Micro-batch budget per rank, in base (macro) positions after packing."""
+    row_capacity: int = 1024
+    """Macro positions per packed row (samples never attend to each other within a row)."""
+    eval_split: str = "eval"
+    shuffle: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr_base: float = 5e-5
+    """Learning rate of the base model (embeddings included)."""
+    lr_new: float = 1e-4
+    """Learning rate of the grafted modules (embedder, micro decoder, stop head)."""
+    min_lr: float = 1e-5
+    """Floor of the cosine decay (for both groups, scaled by their ratio to lr_base)."""
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    """Micro-batches per rank per optimiser step."""
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: str = ""
+    """Empty: $MLFLOW_TRACKING_URI, else a sqlite store inside output_dir."""
+    experiment: str = "hamburger"
+    run_name: str = ""
+    enabled: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    output_dir: str = "outputs/run"
+    ds_config: str = "auto"
+    """DeepSpeed config file; auto: ds_configs/zero3_bf16.json on GPU, ds_configs/zero3_cpu.json on CPU."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32. Overrides the DeepSpeed file's precision."""
+    epochs: int = 1
+    max_steps: int = -1
+    """Stop after this many optimiser steps (-1: run the epochs)."""
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 50
+    """Held-out evaluation every N steps (0: only at the end)."""
+    eval_max_batches: int = 0
+    """Cap on eval micro-batches per rank (0: the whole held-out split)."""
+    save_every: int = 100
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir; none; or a checkpoint path."""
+    dist_timeout_s: int = 1800
+    """Collective timeout: a rank that stops answering fails the job after this, naming itself."""
+
+    def validate(self) -> None:
+        self.model.hamburger.validate()
+        if not (self.data.path or self.data.prep_config):
+            raise ValueError("data: set data.path (a prep folder) or data.prep_config (a prep YAML)")
+        if self.data.tokens_per_batch < 1 or self.data.row_capacity < 1:
+            raise ValueError("data.tokens_per_batch and data.row_capacity must be >= 1")
+        if self.data.row_capacity > self.data.tokens_per_batch:
+            raise ValueError(
+                f"data.row_capacity ({self.data.row_capacity}) must not exceed data.tokens_per_batch "
+                f"({self.data.tokens_per_batch})"
+            )
+        if self.optim.grad_accum < 1:
+            raise ValueError(f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}")
+        for name in ("lr_base", "lr_new", "min_lr"):
+            if getattr(self.optim, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0")
+        if len(self.optim.betas) != 2:
+            raise ValueError(f"optim.betas must have two values, got {self.optim.betas}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.resume not in ("auto", "none") and not self.resume:
+            raise ValueError("resume must be auto, none or a checkpoint path")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")

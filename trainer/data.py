@@ -1,0 +1,100 @@
+"""Training data: prep shards -> samples -> packed micro-batches, split over ranks.
+
+The batch plan of an epoch is a pure function of (samples, seed, epoch, world size): every rank
+computes the same global list of micro-batches and takes every world_size-th one. Resuming at
+micro-batch i therefore needs no data to be read or skipped.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.shards import load_manifest, read_split
+
+from .model import Sample
+
+
+def load_samples(folder: str | Path, split: str, expand_copies: bool = True) -> list[Sample]:
+    """Rows of a split (each shard checked against the manifest), repeated by their source weight."""
+    table = read_split(folder, split)
+    cols = {
+        name: table.column(name).to_pylist()
+        for name in ("sample_id", "input_ids", "prompt_len", "seg_lens", "copies")
+    }
+    samples = []
+    for sid, ids, p, segs, copies in zip(*cols.values(), strict=True):
+        for _ in range(copies if expand_copies else 1):
+            samples.append(Sample(input_ids=ids, prompt_len=p, seg_lens=segs, sample_id=sid))
+    return samples
+
+
+def manifest_summary(folder: str | Path) -> dict:
+    """The manifest's headline numbers, for logging."""
+    m = load_manifest(folder)
+    return {
+        "key_hash": m["key_hash"],
+        "model": m["key"]["model"],
+        "strategy": m["key"]["label"]["strategy"],
+        "max_steps": m["key"]["label"]["max_steps"],
+        "rows_out": m["rows_out"],
+        "response_tokens": m["response_tokens"],
+        "compression": round(m["compression"], 4),
+        "segment_histogram": m["segment_histogram"],
+    }
+
+
+@dataclass
+class BatchPlan:
+    samples: list[Sample]
+    tokens_per_batch: int
+    world_size: int
+    grad_accum: int
+    seed: int
+    shuffle: bool = True
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """Micro-batches (sample indices) of an epoch, a multiple of world_size * grad_accum long.
+
+        Greedy in a seeded order: a batch takes samples while their macro positions fit the
+        budget. The tail that cannot fill a whole optimiser step is dropped (at most
+        world_size * grad_accum - 1 micro-batches), as every rank must step together.
+        """
+        order = list(range(len(self.samples)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        batches: list[list[int]] = []
+        current: list[int] = []
+        used = 0
+        for i in order:
+            n = self.samples[i].macro_len
+            if current and used + n > self.tokens_per_batch:
+                batches.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += n
+        if current:
+            batches.append(current)
+        per_step = self.world_size * self.grad_accum
+        return batches[: len(batches) - len(batches) % per_step]
+
+    def rank_batches(self, epoch: int, rank: int) -> list[list[int]]:
+        return self.global_batches(epoch)[rank :: self.world_size]
+
+    def steps_per_epoch(self) -> int:
+        return len(self.global_batches(0)) // (self.world_size * self.grad_accum)
+
+
+def eval_batches(samples: list[Sample], tokens_per_batch: int, world_size: int, rank: int, limit: int = 0):
+    """This rank's held-out micro-batches as (indices, weight). Ranks must run the same number of
+    forwards (ZeRO-3 gathers are collective), so short ranks repeat a batch with weight 0."""
+    plan = BatchPlan(samples, tokens_per_batch, 1, 1, seed=0, shuffle=False).global_batches(0)
+    if limit:
+        plan = plan[: limit * world_size]
+    per_rank = -(-len(plan) // world_size) if plan else 0
+    mine = plan[rank::world_size]
+    out = [(b, 1.0) for b in mine]
+    while len(out) < per_rank:
+        out.append((plan[0], 0.0))
+    return out

@@ -1,0 +1,235 @@
+"""The one module that touches DeepSpeed: distributed init, ZeRO-3 model construction, the
+engine, backward/step, checkpoints, and gathers. The rest of the trainer never imports it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .model import HAMburgerModel
+
+ROOT = Path(__file__).resolve().parents[1]
+OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    """Load the DeepSpeed file and fill what the training config owns; a conflict is an error."""
+    path = cfg.ds_config
+    if path == "auto":
+        path = str(ROOT / "ds_configs" / ("zero3_bf16.json" if use_cuda() else "zero3_cpu.json"))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ds_config: {path} not found")
+    ds = json.loads(Path(path).read_text())
+    owned = {
+        "train_micro_batch_size_per_gpu": 1,  # one packed micro-batch (token budget) per rank
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in owned.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ValueError(
+                f'{path}: {key}={ds[key]} disagrees with the training config ({value}); set it to "auto"'
+            )
+        ds[key] = value
+    ds["train_batch_size"] = world_size * cfg.optim.grad_accum
+    bf16 = precision_is_bf16(cfg)
+    bf16_block = ds.setdefault("bf16", {})
+    if bf16_block.get("enabled", "auto") not in ("auto", bf16):
+        raise ValueError(
+            f"{path}: bf16.enabled={bf16_block['enabled']} disagrees with precision={cfg.precision}"
+        )
+    bf16_block["enabled"] = bf16
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise ValueError(f"{path}: fp16 is not supported (use bf16)")
+    ds.setdefault("zero_optimization", {}).setdefault("stage", 3)
+    return ds
+
+
+def precision_is_bf16(cfg: TrainConfig) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda())
+
+
+def lr_lambda(step: int, warmup: int, total: int, floor_ratio: float) -> float:
+    """Linear warm-up, then cosine from 1 down to floor_ratio at the last step."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Strategy:
+    """DeepSpeed, behind a small surface: setup -> build_model -> prepare -> step/save/load."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.engine = None
+        self._hf_ds_config = None  # must stay alive while ZeRO-3 models are built
+
+    # ---------------------------------------------------------------- distributed
+    def setup_distributed(self) -> None:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if os.environ["WORLD_SIZE"] == "1":
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
+        warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
+        import deepspeed
+
+        if not use_cuda():
+            # The shared-memory comm op costs minutes of JIT compile on CPU; gloo needs none of it.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(
+            dist_backend="nccl" if use_cuda() else "gloo",
+            timeout=datetime.timedelta(seconds=self.cfg.dist_timeout_s),
+        )
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        if use_cuda():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        self.ds_config = build_ds_config(self.cfg, self.world_size)
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def shutdown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    # ---------------------------------------------------------------- model
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if precision_is_bf16(self.cfg) else torch.float32
+
+    def build_model(self, base_path: str) -> HAMburgerModel:
+        """Base loaded partitioned (ZeRO-3 via HfDeepSpeedConfig, HF initialisation kept); the new
+        modules are built whole from the same seed on every rank and partitioned by
+        deepspeed.initialize, which broadcasts rank 0's values: they never read a size-0 shard."""
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        mcfg = self.cfg.model
+        if self.ds_config["zero_optimization"]["stage"] == 3:
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        kw = dict(dtype=self.dtype(), attn_implementation=mcfg.attn_implementation)
+        base = AutoModelForCausalLM.from_pretrained(base_path, **kw)
+        teacher = (
+            AutoModelForCausalLM.from_pretrained(base_path, **kw) if mcfg.hamburger.kl_weight > 0 else None
+        )
+        torch.manual_seed(self.cfg.seed)
+        model = HAMburgerModel(base, mcfg.hamburger, teacher=teacher)
+        for module in model.new_modules():  # the base is already in dtype (and maybe partitioned)
+            module.to(self.dtype())
+        if mcfg.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+        return model
+
+    def prepare(self, model: HAMburgerModel, total_steps: int) -> None:
+        import deepspeed
+
+        o = self.cfg.optim
+        new_ids = {id(p) for m in model.new_modules() for p in m.parameters()}
+        base_params = [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in new_ids]
+        new_params = [p for m in model.new_modules() for p in m.parameters()]
+        groups = [
+            {"params": base_params, "lr": o.lr_base, "name": "base"},
+            {"params": new_params, "lr": o.lr_new, "name": "new"},
+        ]
+        optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        floor = o.min_lr / o.lr_base if o.lr_base > 0 else 0.0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, o.warmup_steps, total_steps, floor)
+        )
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+
+    @property
+    def model(self) -> HAMburgerModel:
+        return self.engine.module
+
+    # ---------------------------------------------------------------- step
+    def forward(self, batch):
+        return self.engine(batch.to(self.device))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lrs(self) -> dict[str, float]:
+        return {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, folder: str, tag: str, client_state: dict) -> None:
+        """Every rank writes its partition; DeepSpeed writes `latest` last."""
+        self.engine.save_checkpoint(folder, tag=tag, client_state=client_state)
+
+    def load_checkpoint(self, folder: str, tag: str) -> dict:
+        path, client_state = self.engine.load_checkpoint(folder, tag=tag)
+        if path is None:
+            raise RuntimeError(f"could not load checkpoint {folder}/{tag}")
+        return client_state
+
+    # ---------------------------------------------------------------- gathers (every rank joins)
+    def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full model state on rank 0 (None elsewhere); every rank must call this."""
+        import deepspeed
+
+        model = self.engine.module
+        params = list(model.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if self.is_rank0:
+                return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return None

@@ -1,0 +1,303 @@
+"""`./launch.sh train CONFIG [key=value ...]`: fine-tune base + grafted modules under ZeRO-3.
+
+config -> data -> strategy (DeepSpeed) -> loop: forward, finite check, backward, step, log,
+eval, checkpoint. Every rank runs this file; rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .assets import resolve_model
+from .checkpoint import (
+    check_world_size,
+    checkpoint_root,
+    latest_checkpoint,
+    mark_complete,
+    prune,
+    read_info,
+    rng_state,
+    set_rng_state,
+    tag_for,
+)
+from .config import TrainConfig
+from .configio import load_config, to_flat_dict, to_yaml
+from .data import BatchPlan, eval_batches, load_samples, manifest_summary
+from .engine import Strategy
+from .model import collate
+from .tracking import Tracker, flatten_params
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Position:
+    """Where training stands: enough to continue exactly (with the engine's own state)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # index of the next micro-batch of this rank within the epoch
+    samples_seen: int = 0
+
+
+METRIC_KEYS = ("loss", "ce", "stop_bce", "kl")
+
+
+def reduce_outputs(strategy: Strategy, records: list[tuple[dict, int, float]]) -> dict[str, float]:
+    """Token-weighted means over micro-batches and ranks. records: (values, tokens, weight)."""
+    keys = sorted({k for values, _, _ in records for k in values})
+    sums = [sum(v.get(k, 0.0) * n * w for v, n, w in records) for k in keys]
+    counts = [sum(n * w for v, n, w in records if k in v) for k in keys]
+    totals = strategy.all_reduce_sum(sums + counts)
+    return {k: totals[i] / max(totals[len(keys) + i], 1e-9) for i, k in enumerate(keys)}
+
+
+def output_values(out) -> dict[str, float]:
+    values = {k: getattr(out, k).detach().item() for k in METRIC_KEYS if getattr(out, k) is not None}
+    values.update({k: v.item() for k, v in out.metrics.items()})
+    return values
+
+
+def check_finite(strategy: Strategy, loss: torch.Tensor, step: int, sample_ids: list[int]) -> None:
+    """All ranks agree whether any loss is NaN/inf; if so, all stop, naming rank, step and samples."""
+    bad = 0.0 if torch.isfinite(loss).item() else 1.0
+    if strategy.all_reduce_sum([bad])[0] == 0:
+        return
+    reports = strategy.all_gather_object((strategy.rank, bad, sample_ids))
+    where = "; ".join(f"rank {r}: samples {ids}" for r, b, ids in reports if b)
+    raise NonFiniteLoss(
+        f"non-finite loss at step {step + 1} ({where}). Lower the learning rate, check these "
+        "samples, or resume from the last checkpoint."
+    )
+
+
+def evaluate(strategy: Strategy, samples, cfg: TrainConfig) -> dict[str, float]:
+    strategy.train(False)
+    k = cfg.model.hamburger.max_steps
+    records = []
+    with torch.no_grad():
+        for idx, weight in eval_batches(
+            samples, cfg.data.tokens_per_batch, strategy.world_size, strategy.rank, cfg.eval_max_batches
+        ):
+            batch = collate([samples[i] for i in idx], k, cfg.data.row_capacity)
+            out = strategy.forward(batch)
+            records.append((output_values(out), batch.num_response_tokens, weight))
+    strategy.train(True)
+    if not records:
+        return {}
+    result = reduce_outputs(strategy, records)
+    result["perplexity"] = math.exp(min(result["ce"], 50.0))
+    return {f"eval/{k}": v for k, v in result.items()}
+
+
+def save(strategy: Strategy, cfg: TrainConfig, pos: Position, run_id: str | None) -> None:
+    root = checkpoint_root(cfg.output_dir)
+    tag = tag_for(pos.step)
+    client = {"position": pos.__dict__, "rng": rng_state(), "run_id": run_id}
+    strategy.save_checkpoint(str(root), tag, client)
+    strategy.barrier()  # every rank's files are on disk before the marker
+    if strategy.is_rank0:
+        mark_complete(root / tag, {"step": pos.step, "world_size": strategy.world_size, "run_id": run_id})
+        prune(root, cfg.keep_last)
+    strategy.barrier()
+
+
+def resolve_data(cfg: TrainConfig) -> Path:
+    if cfg.data.path:
+        return Path(cfg.data.path)
+    from data_prep.config import PrepConfig
+    from data_prep.run import prepare
+
+    return prepare(load_config(PrepConfig, cfg.data.prep_config, cfg.data.prep_overrides))
+
+
+def train(cfg: TrainConfig) -> dict:
+    strategy = Strategy(cfg)
+    strategy.setup_distributed()
+    rank0 = strategy.is_rank0
+    out_dir = Path(cfg.output_dir)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        (out_dir / "ds_config.json").write_text(json.dumps(strategy.ds_config, indent=1))
+
+    data_dir = resolve_data(cfg)
+    train_samples = load_samples(data_dir, "train")
+    eval_samples = load_samples(data_dir, cfg.data.eval_split, expand_copies=False)
+    plan = BatchPlan(
+        train_samples,
+        cfg.data.tokens_per_batch,
+        strategy.world_size,
+        cfg.optim.grad_accum,
+        cfg.seed,
+        cfg.data.shuffle,
+    )
+    steps_per_epoch = plan.steps_per_epoch()
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{data_dir}: too little training data for one optimiser step of "
+            f"{strategy.world_size} ranks x {cfg.optim.grad_accum} micro-batches"
+        )
+    total = steps_per_epoch * cfg.epochs
+    total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+
+    if rank0:
+        resolve_model(cfg.model.base)  # converts the embedded model once
+    strategy.barrier()
+    model = strategy.build_model(resolve_model(cfg.model.base))
+    strategy.prepare(model, total)
+
+    pos, run_id = Position(), None
+    ckpt = None
+    if cfg.resume == "auto":
+        ckpt = latest_checkpoint(checkpoint_root(cfg.output_dir))
+    elif cfg.resume != "none":
+        ckpt = Path(cfg.resume)
+        if not ckpt.is_dir() or not (ckpt / "COMPLETE").is_file():
+            raise FileNotFoundError(f"resume={cfg.resume}: not a complete checkpoint folder")
+    if ckpt is not None:
+        check_world_size(ckpt, strategy.world_size)
+        client = strategy.load_checkpoint(str(ckpt.parent), ckpt.name)
+        pos = Position(**client["position"])
+        set_rng_state(client["rng"])
+        run_id = read_info(ckpt).get("run_id")
+        if rank0:
+            print(f"[train] resumed from {ckpt} at step {pos.step}", flush=True)
+
+    tracker = Tracker(
+        cfg.output_dir,
+        cfg.mlflow.enabled,
+        cfg.mlflow.tracking_uri,
+        cfg.mlflow.experiment,
+        cfg.mlflow.run_name,
+        run_id=run_id,
+        writer=rank0,
+    )
+    run_id = strategy.broadcast_object(tracker.run_id)
+    if rank0:
+        (out_dir / "run_info.json").write_text(
+            json.dumps({"run_id": run_id, "tracking_uri": tracker.uri, "data": str(data_dir)}, indent=1)
+        )
+        summary = manifest_summary(data_dir)
+        tracker.log_params(
+            {
+                **flatten_params("", {k: v for k, v in to_flat_dict(cfg).items()}),
+                **flatten_params("ds", strategy.ds_config),
+                **flatten_params("data_manifest", summary),
+                "world_size": str(strategy.world_size),
+                "steps_total": str(total),
+            }
+        )
+        tracker.set_tags({"data_manifest_hash": summary["key_hash"], "base_model": cfg.model.base})
+        for f in ("config.yaml", "ds_config.json"):
+            tracker.log_artifact(out_dir / f)
+        tracker.log_artifact(Path(data_dir) / "manifest.json")
+
+    final = run_loop(strategy, cfg, plan, train_samples, eval_samples, pos, total, tracker, run_id)
+    tracker.close()
+    strategy.shutdown()
+    return final
+
+
+def run_loop(strategy, cfg, plan, train_samples, eval_samples, pos, total, tracker, run_id) -> dict:
+    rank0 = strategy.is_rank0
+    k = cfg.model.hamburger.max_steps
+    accum = cfg.optim.grad_accum
+    bar = tqdm(
+        total=total, initial=pos.step, disable=not rank0, desc="train", unit="step", dynamic_ncols=True
+    )
+    last: dict[str, float] = {}
+    strategy.train(True)
+    while pos.step < total:
+        batches = plan.rank_batches(pos.epoch, strategy.rank)
+        if pos.batch >= len(batches):
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+            continue
+        t0 = time.perf_counter()
+        records, tokens = [], 0
+        for micro in range(accum):
+            idx = batches[pos.batch + micro]
+            samples = [train_samples[i] for i in idx]
+            batch = collate(samples, k, cfg.data.row_capacity)
+            out = strategy.forward(batch)
+            check_finite(strategy, out.loss, pos.step, [s.sample_id for s in samples])
+            strategy.backward(out.loss)
+            strategy.step()
+            records.append((output_values(out), batch.num_response_tokens, 1.0))
+            tokens += sum(len(s.input_ids) for s in samples)
+        pos.batch += accum
+        pos.step += 1
+        pos.samples_seen += (
+            sum(len(batches[pos.batch - accum + m]) for m in range(accum)) * strategy.world_size
+        )
+        metrics = reduce_outputs(strategy, records)
+        total_tokens = strategy.all_reduce_sum([tokens])[0]
+        metrics.update(strategy.lrs())
+        metrics["grad_norm"] = strategy.grad_norm()
+        metrics["tokens_per_s"] = total_tokens / (time.perf_counter() - t0)
+        metrics["epoch"] = pos.epoch
+        if pos.step % cfg.log_every == 0 or pos.step == total:
+            tracker.log_metrics(metrics, pos.step)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}",
+            tok_s=f"{metrics['tokens_per_s']:.0f}",
+            tps=f"{metrics['expected_tokens_per_step']:.2f}",
+        )
+        bar.update(1)
+        last = metrics
+        if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < total and eval_samples:
+            tracker.log_metrics(evaluate(strategy, eval_samples, cfg), pos.step)
+        if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < total:
+            save(strategy, cfg, pos, run_id)
+    bar.close()
+    final = dict(last)
+    if eval_samples:
+        ev = evaluate(strategy, eval_samples, cfg)
+        tracker.log_metrics(ev, pos.step)
+        final.update(ev)
+    save(strategy, cfg, pos, run_id)
+    if rank0:
+        summary = {k: v for k, v in final.items() if isinstance(v, float)}
+        (Path(cfg.output_dir) / "final_metrics.json").write_text(json.dumps(summary, indent=1))
+        print(
+            f"[train] done: step {pos.step}, loss {final.get('loss', float('nan')):.4f}, "
+            f"eval loss {final.get('eval/loss', float('nan')):.4f}, "
+            f"expected tokens/step {final.get('eval/expected_tokens_per_step', float('nan')):.3f}",
+            flush=True,
+        )
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    if not args or "=" in args[0]:
+        raise SystemExit("usage: ./launch.sh train CONFIG.yaml [key=value ...]")
+    cfg = load_config(TrainConfig, args[0], args[1:])
+    try:
+        train(cfg)
+    except Exception as e:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if isinstance(e, NonFiniteLoss):
+            print(f"[train] rank {rank}: stopped: {e}", file=sys.stderr, flush=True)
+        else:
+            print(
+                f"[train] rank {rank} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}",
+                file=sys.stderr,
+                flush=True,
+            )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
