@@ -190,7 +190,7 @@ def test_mlflow_server_going_away_does_not_stop_training(setup, tmp_path):
             pytest.fail("mlflow server did not start")
         out = tmp_path / "run"
         proc = launch(setup["cfg"], f"output_dir={out}", f"mlflow.tracking_uri=http://127.0.0.1:{port}",
-                      "max_steps=40", "save_every=0", "eval_every=0", wait=False)
+                      "max_steps=20", "save_every=0", "eval_every=0", wait=False)
         metrics = out / "metrics.jsonl"
         while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
             time.sleep(0.1)
@@ -199,9 +199,9 @@ def test_mlflow_server_going_away_does_not_stop_training(setup, tmp_path):
         text = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, text[-4000:]
         assert "MLflow unreachable" in text and "training goes on" in text
-        assert sorted(losses(out)) == list(range(1, 41))  # nothing lost locally
+        assert sorted(losses(out)) == list(range(1, 21))  # nothing lost locally
         pending = [json.loads(line) for line in (out / "mlflow_pending.jsonl").read_text().splitlines()]
-        assert pending and pending[-1]["step"] == 40  # the undelivered tail waits for replay
+        assert pending and pending[-1]["step"] == 20  # the undelivered tail waits for replay
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
