@@ -4,6 +4,7 @@
 #   ./launch.sh test  [pytest args]                 run the test suite
 #   ./launch.sh prep  CONFIG [key=value ...] [--hostfile F] [--nprocs N] [launcher args]
 #   ./launch.sh train CONFIG [key=value ...] [--hostfile F] [--nprocs N] [launcher args]
+#   ./launch.sh export RUN_OR_CHECKPOINT --out DIR [--base-only] [--register NAME] [--overwrite]
 #   ./launch.sh label-view SHARDS_DIR [--n 5] [--html out.html]
 #   ./launch.sh setup                               only create/refresh the environment
 #
@@ -51,6 +52,7 @@ ensure_env() {
 
 # Settings every command wants on CPU-only machines and offline clusters.
 export DS_ACCELERATOR="${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)}"
+export PATH="$VENV/bin:$PATH"   # deepspeed, mlflow and uvicorn from the environment
 export MLFLOW_DISABLE_TELEMETRY=true
 export TOKENIZERS_PARALLELISM=false
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::FutureWarning}"
@@ -91,11 +93,14 @@ case "$cmd" in
   train)
     ensure_env
     run_distributed trainer.train "$@" ;;
+  export)
+    ensure_env
+    exec "$PY" -m trainer.export "$@" ;;
   label-view)
     ensure_env
     exec "$PY" -m data_prep.view "$@" ;;
   help|-h|--help)
-    sed -n '2,14p' "$0" ;;
+    sed -n '2,15p' "$0" ;;
   *)
-    log "unknown command '$cmd'"; sed -n '2,14p' "$0"; exit 2 ;;
+    log "unknown command '$cmd'"; sed -n '2,15p' "$0"; exit 2 ;;
 esac

@@ -61,3 +61,7 @@ def random_sample(rng: random.Random, vocab: int, max_steps: int, prompt_len: in
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(1234)
+
+
+# Session fixtures of the launcher-based tests (one trained tiny model shared by several files).
+from launcher import baseline, setup  # noqa: E402, F401

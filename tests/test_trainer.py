@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,76 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import tiny_model_dir, write_jsonl
+from launcher import env, free_port, launch, losses
 
-from data_prep.config import LabelConfig, PrepConfig, SourceConfig
-from data_prep.run import prepare
-
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-            "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONWARNINGS": "ignore"}
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    base = tmp_path_factory.mktemp("train")
-    model = tiny_model_dir(base / "model")
-    rows = [{"instruction": f"Count from {i} to {i + 5}.", "output": " ".join(str(j) for j in range(i, i + 6 + i % 5))}
-            for i in range(48)]
-    data = write_jsonl(base / "count.jsonl", rows)
-    prep = PrepConfig(model=str(model), sources=[SourceConfig(path=str(data))], output_root=str(base / "prep"),
-                      heldout_fraction=0.15, shard_rows=16, max_len=256,
-                      label=LabelConfig(strategy="fixed", fixed_k=3))
-    folder = prepare(prep)
-    ds = json.loads((ROOT / "ds_configs" / "zero3_cpu.json").read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition every tensor
-    (base / "ds.json").write_text(json.dumps(ds))
-    cfg = base / "train.yaml"
-    cfg.write_text(
-        f"model:\n  base: {model}\n  hamburger:\n    micro_layers: 1\n    embedder_head_dim: 16\n"
-        f"data:\n  path: {folder}\n  tokens_per_batch: 160\n  row_capacity: 160\n"
-        f"optim:\n  warmup_steps: 1\n  lr_base: 3e-3\n  lr_new: 3e-3\n  min_lr: 1e-3\n"
-        f"ds_config: {base / 'ds.json'}\nepochs: 3\nmax_steps: 8\neval_every: 4\nsave_every: 2\nkeep_last: 2\ndist_timeout_s: 240\n"
-    )
-    return {"base": base, "cfg": cfg, "data": folder}
-
-
-def launch(cfg: Path, *overrides: str, nprocs: int = 2, launcher: list[str] | None = None, wait: bool = True):
-    cmd = [DEEPSPEED, *(launcher or ["--num_accelerators", str(nprocs), "--master_port", str(free_port())]),
-           "--module", "trainer.train", str(cfg), *overrides]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    """Per-step training loss; the last record of a step wins (a resumed run re-logs nothing twice)."""
-    out = {}
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec["metrics"]:
-            out[rec["step"]] = rec["metrics"]["loss"]
-    return out
-
-
-@pytest.fixture(scope="module")
-def baseline(setup) -> Path:
-    out = setup["base"] / "run_a"
-    proc = launch(setup["cfg"], f"output_dir={out}")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out
 
 
 def test_two_ranks_zero3_trains_and_tracks(baseline):
@@ -90,8 +22,14 @@ def test_two_ranks_zero3_trains_and_tracks(baseline):
     assert sorted(ls) == list(range(1, 9))
     assert (ls[7] + ls[8]) / 2 < (ls[1] + ls[2]) / 2 - 0.5, ls
     final = json.loads((baseline / "final_metrics.json").read_text())
-    for key in ("eval/loss", "eval/perplexity", "eval/token_acc_slot1", "eval/token_acc_slot3", "eval/stop_acc",
-                "eval/expected_tokens_per_step"):
+    for key in (
+        "eval/loss",
+        "eval/perplexity",
+        "eval/token_acc_slot1",
+        "eval/token_acc_slot3",
+        "eval/stop_acc",
+        "eval/expected_tokens_per_step",
+    ):
         assert key in final
     ckpts = sorted(p.name for p in (baseline / "checkpoints").iterdir() if p.is_dir())
     assert ckpts == ["step_000006", "step_000008"]  # keep_last=2
@@ -105,7 +43,10 @@ def test_two_ranks_zero3_trains_and_tracks(baseline):
     assert params["ds.zero_optimization.stage"] == "3" and params["data_manifest.strategy"] == "fixed"
     steps = [r[0] for r in db.execute("select step from metrics where run_uuid=? and key='loss'", (run_id,))]
     assert sorted(steps) == list(range(1, 9))
-    assert db.execute("select count(*) from metrics where key='eval/expected_tokens_per_step'").fetchone()[0] >= 2
+    assert (
+        db.execute("select count(*) from metrics where key='eval/expected_tokens_per_step'").fetchone()[0]
+        >= 2
+    )
     artifacts = db.execute("select artifact_uri from runs where run_uuid=?", (run_id,)).fetchone()[0]
     art_dir = Path(artifacts.replace("file://", ""))
     assert {"config.yaml", "ds_config.json", "manifest.json"} <= {p.name for p in art_dir.iterdir()}
@@ -135,8 +76,9 @@ def test_resume_after_sigkill_gives_the_same_losses(setup, baseline):
 
 
 def test_resume_on_other_world_size_is_refused(setup, baseline, tmp_path):
-    proc = launch(setup["cfg"], f"output_dir={tmp_path}", f"resume={baseline / 'checkpoints' / 'step_000008'}",
-                  nprocs=1)
+    proc = launch(
+        setup["cfg"], f"output_dir={tmp_path}", f"resume={baseline / 'checkpoints' / 'step_000008'}", nprocs=1
+    )
     assert proc.returncode != 0
     assert "was written by 2 ranks; this job has 1" in proc.stderr + proc.stdout
 
@@ -147,9 +89,22 @@ def test_two_nodes_on_loopback_agree_with_one_node(setup, baseline):
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = str(free_port())
     procs = [
-        launch(setup["cfg"], f"output_dir={out}", wait=False,
-               launcher=["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r), "--master_addr",
-                         "127.0.0.1", "--master_port", port])
+        launch(
+            setup["cfg"],
+            f"output_dir={out}",
+            wait=False,
+            launcher=[
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(r),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+            ],
+        )
         for r in (0, 1)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -161,8 +116,15 @@ def test_two_nodes_on_loopback_agree_with_one_node(setup, baseline):
 
 
 def test_nan_loss_stops_with_a_clear_message(setup, tmp_path):
-    proc = launch(setup["cfg"], f"output_dir={tmp_path}", "optim.lr_base=1e30", "optim.lr_new=1e30",
-                  "optim.grad_clip=0", "optim.warmup_steps=0", "save_every=0")
+    proc = launch(
+        setup["cfg"],
+        f"output_dir={tmp_path}",
+        "optim.lr_base=1e30",
+        "optim.lr_new=1e30",
+        "optim.grad_clip=0",
+        "optim.warmup_steps=0",
+        "save_every=0",
+    )
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "non-finite loss at step" in text and "samples [" in text, text[-3000:]
@@ -171,10 +133,24 @@ def test_nan_loss_stops_with_a_clear_message(setup, tmp_path):
 def test_mlflow_server_going_away_does_not_stop_training(setup, tmp_path):
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         import urllib.request
@@ -189,8 +165,15 @@ def test_mlflow_server_going_away_does_not_stop_training(setup, tmp_path):
         else:
             pytest.fail("mlflow server did not start")
         out = tmp_path / "run"
-        proc = launch(setup["cfg"], f"output_dir={out}", f"mlflow.tracking_uri=http://127.0.0.1:{port}",
-                      "max_steps=20", "save_every=0", "eval_every=0", wait=False)
+        proc = launch(
+            setup["cfg"],
+            f"output_dir={out}",
+            f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+            "max_steps=20",
+            "save_every=0",
+            "eval_every=0",
+            wait=False,
+        )
         metrics = out / "metrics.jsonl"
         while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
             time.sleep(0.1)

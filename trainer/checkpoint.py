@@ -44,7 +44,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def mark_complete(ckpt: Path, info: dict) -> None:
     tmp = ckpt / (COMPLETE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
+    tmp.write_text(json.dumps(info, indent=1, default=str))
     tmp.replace(ckpt / COMPLETE)
 
 

@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .configio import load_config, to_flat_dict, to_yaml
 from .data import BatchPlan, eval_batches, load_samples, manifest_summary
 from .engine import Strategy
-from .model import collate
+from .model import collate, generate
 from .tracking import Tracker, flatten_params
 
 
@@ -108,9 +108,55 @@ def save(strategy: Strategy, cfg: TrainConfig, pos: Position, run_id: str | None
     strategy.save_checkpoint(str(root), tag, client)
     strategy.barrier()  # every rank's files are on disk before the marker
     if strategy.is_rank0:
-        mark_complete(root / tag, {"step": pos.step, "world_size": strategy.world_size, "run_id": run_id})
+        model = strategy.model
+        mark_complete(
+            root / tag,
+            {
+                "step": pos.step,
+                "world_size": strategy.world_size,
+                "run_id": run_id,
+                "base": cfg.model.base,
+                "base_path": resolve_model(cfg.model.base),
+                "base_architecture": type(model.base).__name__,
+                "base_config": model.base.config.to_dict(),
+                "hamburger": model.config.to_dict(),
+                "data": str(resolve_data_path(cfg)),
+            },
+        )
         prune(root, cfg.keep_last)
     strategy.barrier()
+
+
+def probe_generations(strategy: Strategy, samples, n: int = 2, max_new_tokens: int = 24) -> list[dict]:
+    """Greedy HAMburger decodes of a few held-out prompts, inside the engine: a sanity sample for
+    the run and the reference an export must reproduce. Every rank decodes the same prompts,
+    so ZeRO-3's parameter gathers line up."""
+    strategy.train(False)
+    eos = strategy.model.base.config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    out = []
+    for s in samples[:n]:
+        prompt = list(s.input_ids[: s.prompt_len])
+        res = generate(
+            strategy.model, prompt, max_new_tokens=max_new_tokens, confidence=0.5, eos_token_ids=eos_ids
+        )
+        out.append(
+            {
+                "sample_id": s.sample_id,
+                "prompt_ids": prompt,
+                "confidence": 0.5,
+                "max_new_tokens": max_new_tokens,
+                "tokens": res.tokens,
+                "seg_lens": res.seg_lens,
+            }
+        )
+    strategy.train(True)
+    return out
+
+
+def resolve_data_path(cfg: TrainConfig) -> str:
+    """The data folder recorded by this run (set once the data is resolved)."""
+    return cfg.data.path
 
 
 def resolve_data(cfg: TrainConfig) -> Path:
@@ -133,6 +179,7 @@ def train(cfg: TrainConfig) -> dict:
         (out_dir / "ds_config.json").write_text(json.dumps(strategy.ds_config, indent=1))
 
     data_dir = resolve_data(cfg)
+    cfg.data.path = str(data_dir)
     train_samples = load_samples(data_dir, "train")
     eval_samples = load_samples(data_dir, cfg.data.eval_split, expand_copies=False)
     plan = BatchPlan(
@@ -267,7 +314,10 @@ def run_loop(strategy, cfg, plan, train_samples, eval_samples, pos, total, track
         tracker.log_metrics(ev, pos.step)
         final.update(ev)
     save(strategy, cfg, pos, run_id)
+    probes = probe_generations(strategy, eval_samples or train_samples)
     if rank0:
+        (Path(cfg.output_dir) / "samples.json").write_text(json.dumps(probes, indent=1))
+        tracker.log_artifact(Path(cfg.output_dir) / "samples.json")
         summary = {k: v for k, v in final.items() if isinstance(v, float)}
         (Path(cfg.output_dir) / "final_metrics.json").write_text(json.dumps(summary, indent=1))
         print(

@@ -9,13 +9,11 @@ lm_head. Its weights, embedding table and LM head are shared, not copied.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
@@ -23,10 +21,6 @@ from .batch import PackedBatch, packed_causal_mask
 from .config import HAMburgerConfig
 from .embedder import CompositionalEmbedder
 from .micro_decoder import MicroDecoder, StopHead
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-MODEL_TYPE = "hamburger"
 
 
 @dataclass
@@ -267,25 +261,18 @@ class HAMburgerModel(nn.Module):
         return self.lm_head(o).argmax(-1), self.stop_head(o)
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, path: str, tokenizer=None) -> None:
-        """A self-contained folder: config.json (base + HAMburger), safetensors, tokenizer."""
+    def save_pretrained(self, path: str, tokenizer=None, max_shard_size: int | str = "2GB") -> None:
+        """A self-contained folder (see model/folder.py): config, safetensors, tokenizer."""
+        from . import folder
+
         os.makedirs(path, exist_ok=True)
-        state = {
-            k: v.detach().cpu().contiguous()
-            for k, v in self.state_dict().items()
-            if not k.startswith("teacher.")
-        }
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
         if self.base_ties_embeddings():
-            state.pop("base.lm_head.weight", None)  # safetensors refuses shared storage
-        save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-        meta = {
-            "model_type": MODEL_TYPE,
-            "base_architecture": type(self.base).__name__,
-            "base_config": self.base.config.to_dict(),
-            "hamburger": self.config.to_dict(),
-        }
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
+            state.pop(folder.TIED_KEY, None)  # safetensors refuses shared storage
+        folder.save_weights(
+            path, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, state.__getitem__, max_shard_size
+        )
+        folder.write_meta(path, type(self.base).__name__, self.base.config.to_dict(), self.config.to_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 
@@ -294,31 +281,20 @@ class HAMburgerModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> HAMburgerModel:
-        """Load a folder written by save_pretrained; needs no network."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        """Load a folder written by save_pretrained or export; needs no network. Every tensor is
+        checked against the config first (a missing or mis-shaped one is named)."""
+        from . import folder
 
-        cfg_file = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a HAMburger model folder")
-        with open(cfg_file) as f:
-            meta = json.load(f)
-        if meta.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"{cfg_file}: model_type is {meta.get('model_type')!r}, expected {MODEL_TYPE!r}")
-        base_cfg = dict(meta["base_config"])
-        base_config = AutoConfig.for_model(base_cfg.pop("model_type"), **base_cfg)
-        base = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
-        hcfg = HAMburgerConfig.from_dict({**meta["hamburger"], "kl_weight": 0.0})
-        model = cls(base, hcfg)
-        state = load_file(os.path.join(path, WEIGHTS_NAME))
+        meta = folder.read_meta(path)
+        expected, _ = folder.expected_shapes(meta)
+        state = folder.load_state(path, expected)
+        model = folder.build_model(meta, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if model.base_ties_embeddings():
-            missing = [m for m in missing if m != "base.lm_head.weight"]
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})"
-            )
+        missing = [m for m in missing if not (m == folder.TIED_KEY and model.base_ties_embeddings())]
+        if missing or unexpected:  # check_shapes already refused these; kept as a guard
+            raise folder.WeightsError(f"{path}: missing {missing}, unexpected {unexpected}")
         model.config.kl_weight = meta["hamburger"].get("kl_weight", 0.0)
-        return model.to(dtype)
+        return model.to(dtype).eval()
 
 
 def clone_base(base: nn.Module) -> nn.Module:

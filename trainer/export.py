@@ -1,0 +1,319 @@
+"""`./launch.sh export RUN_OR_CHECKPOINT --out DIR [--base-only] [--register NAME] [--overwrite]`
+
+ZeRO-3 checkpoint (any world size) -> consolidated fp32 -> a HAMburger model folder (or, with
+--base-only, a standard Hugging Face causal-LM folder), optionally registered in the MLflow
+Model Registry as a pyfunc that serves text. Runs in one process, no DeepSpeed engine.
+
+Memory stays bounded: the rank partitions are memory-mapped and tensors are materialised one
+output shard at a time, so the full fp32 model is never held several times over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .checkpoint import COMPLETE, latest_checkpoint, read_info
+from .model import folder
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def resolve_checkpoint(src: str | Path) -> Path:
+    """A run folder (its newest complete checkpoint) or one checkpoint folder, verified."""
+    p = Path(src)
+    if not p.exists():
+        raise ExportError(f"{p}: no such run or checkpoint folder")
+    if (p / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(p / "checkpoints")
+        if ckpt is None:
+            raise ExportError(f"{p}: the run has no complete checkpoint")
+    else:
+        ckpt = p
+    if not (ckpt / COMPLETE).is_file():
+        if any(ckpt.glob("*_model_states.pt")):
+            raise ExportError(
+                f"{ckpt}: incomplete checkpoint (no {COMPLETE} marker: the save was interrupted)"
+            )
+        raise ExportError(
+            f"{ckpt}: not a checkpoint of this trainer (no {COMPLETE} marker, no DeepSpeed files)"
+        )
+    info = read_info(ckpt)
+    if "hamburger" not in info or "base_config" not in info:
+        raise ExportError(
+            f"{ckpt}: its {COMPLETE} marker holds no model description; not a checkpoint of ours"
+        )
+    if not (ckpt.parent / "latest").is_file():
+        raise ExportError(
+            f"{ckpt.parent}: missing DeepSpeed's `latest` file; the checkpoint folder is incomplete"
+        )
+    for r in range(info["world_size"]):
+        for kind in ("model_states", "optim_states"):
+            names = [f"zero_pp_rank_{r}_mp_rank_00_{kind}.pt", f"bf16_zero_pp_rank_{r}_mp_rank_00_{kind}.pt"]
+            if not any((ckpt / n).is_file() for n in names):
+                raise ExportError(
+                    f"{ckpt}: missing rank file {names[0]} (written by {info['world_size']} ranks)"
+                )
+    return ckpt
+
+
+def consolidated(ckpt: Path) -> dict:
+    """Lazy fp32 tensors (materialised on .contiguous()) of the whole model, by name."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+    except Exception as e:  # noqa: BLE001 - torch.load / DeepSpeed raise many kinds on bad files
+        raise ExportError(f"{ckpt}: cannot consolidate the checkpoint ({type(e).__name__}: {e})") from None
+    return {k: v for k, v in state.items() if not k.startswith("teacher.")}
+
+
+def _shape(t) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def export(
+    src: str,
+    out: str,
+    base_only: bool = False,
+    overwrite: bool = False,
+    register: str = "",
+    tracking_uri: str = "",
+    max_shard_size: str = "2GB",
+    confidence: float = 0.9,
+) -> dict:
+    ckpt = resolve_checkpoint(src)
+    info = read_info(ckpt)
+    out_path = Path(out)
+    if out_path.exists() and any(out_path.iterdir()) and not overwrite:
+        raise ExportError(f"{out_path} exists and is not empty; pass --overwrite to replace it")
+    meta = {
+        "model_type": folder.MODEL_TYPE,
+        "base_architecture": info["base_architecture"],
+        "base_config": info["base_config"],
+        "hamburger": info["hamburger"],
+    }
+    expected, tied = folder.expected_shapes(meta)
+    state = consolidated(ckpt)
+    if tied:
+        state.pop(folder.TIED_KEY, None)
+    folder.check_shapes(expected, {k: _shape(v) for k, v in state.items()}, f"checkpoint {ckpt}")
+
+    tmp = Path(
+        tempfile.mkdtemp(
+            prefix=out_path.name + ".tmp-", dir=out_path.parent if out_path.parent.exists() else None
+        )
+    )
+    try:
+
+        def get(name: str) -> torch.Tensor:
+            key = name if not base_only else "base." + name
+            return state[key].contiguous()
+
+        if base_only:
+            names = {
+                k[len("base.") :]: (expected[k], torch.float32) for k in expected if k.startswith("base.")
+            }
+            folder.save_weights(tmp, names, get, max_shard_size)
+            folder.base_config_from_meta(meta).save_pretrained(tmp)
+        else:
+            folder.save_weights(
+                tmp, {k: (s, torch.float32) for k, s in expected.items()}, get, max_shard_size
+            )
+            folder.write_meta(tmp, meta["base_architecture"], meta["base_config"], meta["hamburger"])
+        _copy_tokenizer(info["base_path"], tmp)
+        eos = info["base_config"].get("eos_token_id")
+        gen = {"eos_token_id": eos, "max_new_tokens": 256}
+        if not base_only:
+            gen["confidence"] = confidence
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=1))
+        (tmp / "README.md").write_text(model_card(ckpt, info, base_only, confidence))
+        if out_path.exists():
+            shutil.rmtree(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = {
+        "path": str(out_path),
+        "checkpoint": str(ckpt),
+        "step": info["step"],
+        "run_id": info.get("run_id"),
+    }
+    print(f"[export] wrote {out_path} from {ckpt} (step {info['step']})", flush=True)
+    if register:
+        result.update(register_model(out_path, register, info, ckpt, tracking_uri))
+    return result
+
+
+def _copy_tokenizer(base_path: str, dest: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(dest)
+
+
+def model_card(ckpt: Path, info: dict, base_only: bool, confidence: float) -> str:
+    run_dir = ckpt.parent.parent
+    metrics = {}
+    if (run_dir / "final_metrics.json").is_file():
+        metrics = json.loads((run_dir / "final_metrics.json").read_text())
+    manifest = {}
+    data = Path(info.get("data", ""))
+    if (data / "manifest.json").is_file():
+        m = json.loads((data / "manifest.json").read_text())
+        manifest = {
+            "key_hash": m["key_hash"],
+            "rows": m["rows_out"],
+            "response_tokens": m["response_tokens"],
+            "compression (response tokens / segments)": round(m["compression"], 4),
+            "strategy": m["key"]["label"]["strategy"],
+            "segment_histogram": m["segment_histogram"],
+        }
+    lines = [
+        f"# {'Base model' if base_only else 'HAMburger model'} fine-tuned from `{info['base']}`",
+        "",
+        f"Exported from `{ckpt}` (step {info['step']}, {info['world_size']} ranks, MLflow run "
+        f"`{info.get('run_id')}`).",
+        "",
+        "## Load",
+        "",
+        "```python",
+    ]
+    if base_only:
+        lines += [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained(PATH)",
+            "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        ]
+    else:
+        lines += [
+            "from trainer.serving import load",
+            "gen = load(PATH)",
+            f"print(gen.generate('Hello!', confidence={confidence}).text)",
+        ]
+    lines += [
+        "```",
+        "",
+        "## HAMburger settings",
+        "",
+        "```json",
+        json.dumps(info["hamburger"], indent=1),
+        "```",
+        "",
+    ]
+    if manifest:
+        lines += [
+            "## Training data (prep manifest)",
+            "",
+            "```json",
+            json.dumps(manifest, indent=1),
+            "```",
+            "",
+        ]
+    if metrics:
+        lines += ["## Final metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    return "\n".join(lines) + "\n"
+
+
+def register_model(path: Path, name: str, info: dict, ckpt: Path, tracking_uri: str = "") -> dict:
+    """Log the folder to the training run as a pyfunc and register it; lineage goes in tags."""
+    import os
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # not MLflow's minutes of back-off
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    import mlflow
+
+    from .serving import HAMburgerPyfunc
+
+    run_info_file = ckpt.parent.parent / "run_info.json"
+    uri = tracking_uri or (
+        json.loads(run_info_file.read_text())["tracking_uri"] if run_info_file.is_file() else ""
+    )
+    try:
+        if uri:
+            mlflow.set_tracking_uri(uri)
+        manifest_hash = ""
+        data = Path(info.get("data", ""))
+        if (data / "manifest.json").is_file():
+            manifest_hash = json.loads((data / "manifest.json").read_text())["key_hash"]
+        tags = {
+            "source_run_id": str(info.get("run_id")),
+            "checkpoint_step": str(info["step"]),
+            "checkpoint": str(ckpt),
+            "data_manifest_hash": manifest_hash,
+        }
+        run_id = info.get("run_id")
+        with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run():
+            model_info = mlflow.pyfunc.log_model(
+                name="hamburger_model",
+                python_model=HAMburgerPyfunc(),
+                artifacts={"model": str(path)},
+                registered_model_name=name,
+                pip_requirements=_pip_requirements(),
+            )
+        client = mlflow.MlflowClient()
+        version = model_info.registered_model_version
+        for k, v in tags.items():
+            client.set_model_version_tag(name, str(version), k, v)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(
+            f"the folder {path} was written, but registering it as {name!r} in MLflow ({uri or 'default'}) "
+            f"failed: {type(e).__name__}: {e}"
+        ) from None
+    print(f"[export] registered models:/{name}/{version}", flush=True)
+    return {"registered_name": name, "version": int(version), "uri": f"models:/{name}/{version}"}
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "transformers", "safetensors", "mlflow", "pandas")] + [
+        "hamburger-trainer"
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", help="a run's output_dir (its newest checkpoint) or a checkpoint folder")
+    ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--base-only", action="store_true", help="a plain HF causal-LM folder of the fine-tuned base"
+    )
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--register", default="", help="register in the MLflow Model Registry under this name")
+    ap.add_argument("--tracking-uri", default="")
+    ap.add_argument("--max-shard-size", default="2GB")
+    ap.add_argument(
+        "--confidence", type=float, default=0.9, help="default confidence in generation_config.json"
+    )
+    args = ap.parse_args(argv)
+    try:
+        result = export(
+            args.source,
+            args.out,
+            args.base_only,
+            args.overwrite,
+            args.register,
+            args.tracking_uri,
+            args.max_shard_size,
+            args.confidence,
+        )
+    except (ExportError, folder.WeightsError, FileNotFoundError) as e:
+        print(f"[export] error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

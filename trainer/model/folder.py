@@ -1,0 +1,154 @@
+"""The HAMburger model folder: what export writes, what serving and eval load.
+
+    config.json                 {"model_type": "hamburger", "base_architecture", "base_config", "hamburger"}
+    model.safetensors           or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    tokenizer files, generation_config.json, README.md (model card)
+
+Every load checks the tensors against the config: a missing, empty or mis-shaped tensor is
+an error that names it. The tied LM head (when the base ties it) is not stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+MODEL_TYPE = "hamburger"
+TIED_KEY = "base.lm_head.weight"
+
+
+class WeightsError(ValueError):
+    """Weights do not match the config; the message names the tensor."""
+
+
+def read_meta(path: str | Path) -> dict:
+    cfg_file = Path(path) / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a HAMburger model folder")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{cfg_file}: model_type is {meta.get('model_type')!r}, expected {MODEL_TYPE!r}")
+    return meta
+
+
+def base_config_from_meta(meta: dict):
+    from transformers import AutoConfig
+
+    cfg = dict(meta["base_config"])
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def build_model(meta: dict, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """An HAMburgerModel shaped by meta (weights uninitialised on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    from .config import HAMburgerConfig
+    from .hamburger import HAMburgerModel
+
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(base_config_from_meta(meta), dtype=dtype)
+        hcfg = HAMburgerConfig.from_dict({**meta["hamburger"], "kl_weight": 0.0})
+        return HAMburgerModel(base, hcfg)
+
+
+def expected_shapes(meta: dict) -> tuple[dict[str, tuple[int, ...]], bool]:
+    """{tensor name: shape} a folder must hold, and whether the LM head is tied (not stored)."""
+    model = build_model(meta, device="meta")
+    tied = model.base_ties_embeddings()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("teacher.")}
+    if tied:
+        shapes.pop(TIED_KEY, None)
+    return shapes, tied
+
+
+def check_shapes(expected: dict[str, tuple], actual: dict[str, tuple], where: str) -> None:
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(actual) if tuple(actual[k]) != tuple(expected[k]))
+    empty = sorted(k for k in set(expected) & set(actual) if 0 in tuple(actual[k]) and 0 not in expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:10]}")
+    if empty:
+        problems.append(f"empty tensors {empty[:10]} (a ZeRO-3 partition saved without a gather?)")
+    if wrong:
+        problems.append("wrong shapes " + ", ".join(f"{k}: {actual[k]} != {expected[k]}" for k in wrong[:10]))
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:10]}")
+    if problems:
+        raise WeightsError(f"{where}: " + "; ".join(problems))
+
+
+def weight_files(path: str | Path) -> dict[str, str]:
+    """{tensor name: file} from the index, or every tensor of the single file."""
+    path = Path(path)
+    if (path / INDEX_NAME).is_file():
+        index = json.loads((path / INDEX_NAME).read_text())
+        return {k: str(path / f) for k, f in index["weight_map"].items()}
+    single = path / WEIGHTS_NAME
+    if not single.is_file():
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+    with safe_open(str(single), "pt") as f:
+        return {k: str(single) for k in f.keys()}
+
+
+def load_state(path: str | Path, expected: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """All tensors, checked against `expected` before anything is returned."""
+    files = weight_files(path)
+    state, shapes = {}, {}
+    for file in sorted(set(files.values())):
+        try:
+            with safe_open(file, "pt") as f:
+                for k in f.keys():
+                    shapes[k] = tuple(f.get_slice(k).get_shape())
+                    state[k] = f.get_tensor(k)
+        except Exception as e:  # noqa: BLE001 - safetensors raises several kinds on a bad file
+            raise WeightsError(f"{file}: unreadable safetensors file ({e})") from None
+    for k, file in files.items():
+        if k not in shapes:
+            raise WeightsError(f"{path}: tensor {k} is listed in the index but missing from {file}")
+    check_shapes(expected, shapes, str(path))
+    return state
+
+
+def save_weights(
+    path: str | Path,
+    names_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    get: Callable[[str], torch.Tensor],
+    max_shard_size: int | str = "2GB",
+    index_name: str = INDEX_NAME,
+    weights_name: str = WEIGHTS_NAME,
+) -> list[str]:
+    """Write tensors shard by shard, fetching each with get(name): only one shard is in memory."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    empty = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in names_shapes.items()}
+    pattern = weights_name.replace(".safetensors", "{suffix}.safetensors")
+    split = split_torch_state_dict_into_shards(empty, filename_pattern=pattern, max_shard_size=max_shard_size)
+    for file, names in split.filename_to_tensors.items():
+        shard = {k: get(k).detach().to("cpu").contiguous() for k in names}
+        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        del shard
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        Path(path, index_name).write_text(json.dumps(index, indent=1))
+    return list(split.filename_to_tensors)
+
+
+def write_meta(path: str | Path, base_architecture: str, base_config: dict, hamburger: dict) -> None:
+    meta = {
+        "model_type": MODEL_TYPE,
+        "base_architecture": base_architecture,
+        "base_config": base_config,
+        "hamburger": hamburger,
+    }
+    Path(path, CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
