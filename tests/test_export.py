@@ -52,7 +52,6 @@ def test_base_only_export_loads_with_plain_transformers(exported):
     ham = HAMburgerModel.from_pretrained(str(exported["full"]))
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2, 198]])
     torch.testing.assert_close(plain(input_ids=ids).logits, ham.base(input_ids=ids).logits, atol=0, rtol=0)
-    assert not (exported["base"] / "model.safetensors.index.json").exists() or True
 
 
 def test_registry_round_trip(exported):

@@ -22,6 +22,9 @@ class DecodeResult:
     """Per segment: True when it ended by K, EOS or the length limit, not by the stop head."""
     base_forwards: int = 0
     """Base forward passes, the prefill counted as one."""
+    kv_entries: int = 0
+    """Base KV-cache entries of this sequence at the end: prompt + one per macro step after the
+    prefill (the last segment is emitted but never fed back)."""
 
 
 @torch.no_grad()
@@ -57,6 +60,7 @@ def generate(
         result.seg_lens.append(len(seg))
         result.forced_stop.append(not by_head)
         if seg[-1] in eos or len(result.tokens) >= max_new_tokens:
+            result.kv_entries = cache.get_seq_length()
             return result
         pos += len(seg)
         seg_t = torch.tensor([seg + [0] * (k - len(seg))], device=device)

@@ -1,0 +1,197 @@
+"""Batched greedy decoding: many prompts at once, each choosing its own segment lengths.
+
+Sequences advance by different token counts per macro step, but each adds exactly one KV entry
+per macro step, so the base cache stays rectangular: prompts are left-padded (masked), every
+step appends one column, and finished sequences are retired from the batch (their cache rows
+dropped). The micro decoder runs only on the sequences still inside their segment.
+
+`base_generate_batch` is the comparison: the base model alone, greedy, one token per forward,
+with the same padding, cache and retirement, so speed ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from .decode import DecodeResult
+from .hamburger import HAMburgerModel
+
+
+def _left_pad(
+    prompts: list[list[int]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, device=device)
+        mask[i, width - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+@torch.no_grad()
+def generate_batch(
+    model: HAMburgerModel,
+    prompts: list[list[int]],
+    max_new_tokens: int = 128,
+    confidence: float = 0.9,
+    eos_token_ids: set[int] | None = None,
+    pad_id: int = 0,
+) -> list[DecodeResult]:
+    """One DecodeResult per prompt, equal to `generate` run on each prompt alone."""
+    model.eval()
+    eos = eos_token_ids or set()
+    device = next(model.parameters()).device
+    base = model.base.model
+    k = model.config.max_steps
+    ids, mask, positions = _left_pad(prompts, pad_id, device)
+    cache = DynamicCache(config=model.base.config)
+    out = base(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        output_hidden_states=True,
+    )
+    results = [DecodeResult(tokens=[], seg_lens=[], base_forwards=1) for _ in prompts]
+    active = list(range(len(prompts)))  # original index of each batch row
+    last_pos = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    while True:
+        feats = torch.stack([h[:, -1] for h in model.features(out.hidden_states)], dim=1)  # [n, F, D]
+        budgets = [min(k, max_new_tokens - len(results[i].tokens)) for i in active]
+        segs, by_head = _segments(model, feats, budgets, confidence, eos)
+        keep = []
+        for row, i in enumerate(active):
+            r = results[i]
+            r.tokens += segs[row]
+            r.seg_lens.append(len(segs[row]))
+            r.forced_stop.append(not by_head[row])
+            if segs[row][-1] in eos or len(r.tokens) >= max_new_tokens:
+                r.kv_entries = int(mask[row].sum())
+            else:
+                keep.append(row)
+        if not keep:
+            return results
+        if len(keep) < len(active):  # retire finished sequences
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            mask, last_pos = mask[sel], last_pos[sel]
+            segs = [segs[row] for row in keep]
+            active = [active[row] for row in keep]
+        lens = torch.tensor([len(s) for s in segs], device=device)
+        seg_t = torch.tensor([s + [0] * (k - len(s)) for s in segs], device=device)
+        x = model.smash(seg_t, lens)[:, None]
+        last_pos = last_pos + lens  # a smashed segment sits at the position of its last token
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = base(
+            inputs_embeds=x,
+            attention_mask=mask,
+            position_ids=last_pos[:, None],
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        for i in active:
+            results[i].base_forwards += 1
+
+
+def _segments(
+    model: HAMburgerModel, feats: torch.Tensor, budgets: list[int], confidence: float, eos: set[int]
+):
+    """One macro step's micro loop for every row at once. Returns (segments, stopped_by_head)."""
+    n = feats.shape[0]
+    tok, stop = model.first_token(feats[:, -1])
+    segs = [[t] for t in tok.tolist()]
+    by_head = [False] * n
+
+    def still_going(rows: list[int], stops: torch.Tensor) -> list[int]:
+        cont = (1 - torch.sigmoid(stops.float())).tolist()
+        going = []
+        for row, c in zip(rows, cont, strict=True):
+            if segs[row][-1] in eos or len(segs[row]) >= budgets[row]:
+                continue
+            if c < confidence:
+                by_head[row] = True
+                continue
+            going.append(row)
+        return going
+
+    live = still_going(list(range(n)), stop)
+    cache, prev = None, []
+    slots = model.micro.features_in(feats)
+    while live:
+        rows = torch.tensor(live, device=feats.device)
+        last = model.embed_tokens(torch.tensor([segs[r][-1] for r in live], device=feats.device))[:, None]
+        if cache is None:
+            cache = DynamicCache(config=model.micro.config)
+            x = torch.cat([slots[rows], last], dim=1)
+        else:
+            cache.batch_select_indices(torch.tensor([prev.index(r) for r in live], device=feats.device))
+            x = last
+        tok, stop = model.micro_step(x, cache)
+        for r, t in zip(live, tok.tolist(), strict=True):
+            segs[r].append(t)
+        prev = live
+        live = still_going(live, stop)
+    return segs, by_head
+
+
+@torch.no_grad()
+def base_generate_batch(
+    base_lm,
+    prompts: list[list[int]],
+    max_new_tokens: int = 128,
+    eos_token_ids: set[int] | None = None,
+    pad_id: int = 0,
+) -> list[DecodeResult]:
+    """The base model's own greedy decoding (one token per forward), same batching rules."""
+    base_lm.eval()
+    eos = eos_token_ids or set()
+    device = next(base_lm.parameters()).device
+    ids, mask, positions = _left_pad(prompts, pad_id, device)
+    cache = DynamicCache(config=base_lm.config)
+    logits = base_lm(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    results = [DecodeResult(tokens=[], seg_lens=[], base_forwards=1) for _ in prompts]
+    active = list(range(len(prompts)))
+    last_pos = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    while True:
+        toks = logits.argmax(-1).tolist()
+        keep = []
+        for row, i in enumerate(active):
+            r = results[i]
+            r.tokens.append(toks[row])
+            r.seg_lens.append(1)
+            r.forced_stop.append(True)
+            if toks[row] in eos or len(r.tokens) >= max_new_tokens:
+                r.kv_entries = int(mask[row].sum())
+            else:
+                keep.append(row)
+        if not keep:
+            return results
+        if len(keep) < len(active):
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            mask, last_pos = mask[sel], last_pos[sel]
+            toks = [toks[row] for row in keep]
+            active = [active[row] for row in keep]
+        last_pos = last_pos + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = base_lm(
+            input_ids=torch.tensor(toks, device=device)[:, None],
+            attention_mask=mask,
+            position_ids=last_pos[:, None],
+            cache=cache,
+            use_cache=True,
+        ).logits[:, -1]
+        for i in active:
+            results[i].base_forwards += 1
