@@ -5,6 +5,7 @@
 #   ./launch.sh prep  CONFIG [key=value ...] [--hostfile F] [--nprocs N] [launcher args]
 #   ./launch.sh train CONFIG [key=value ...] [--hostfile F] [--nprocs N] [launcher args]
 #   ./launch.sh export RUN_OR_CHECKPOINT --out DIR [--base-only] [--register NAME] [--overwrite]
+#   ./launch.sh eval MODEL [key=value ...]          (MODEL: export folder, models:/NAME/VERSION, run folder)
 #   ./launch.sh label-view SHARDS_DIR [--n 5] [--html out.html]
 #   ./launch.sh setup                               only create/refresh the environment
 #
@@ -96,11 +97,14 @@ case "$cmd" in
   export)
     ensure_env
     exec "$PY" -m trainer.export "$@" ;;
+  eval)
+    ensure_env
+    exec "$PY" -m trainer.evaluate "$@" ;;
   label-view)
     ensure_env
     exec "$PY" -m data_prep.view "$@" ;;
   help|-h|--help)
-    sed -n '2,15p' "$0" ;;
+    sed -n '2,16p' "$0" ;;
   *)
-    log "unknown command '$cmd'"; sed -n '2,15p' "$0"; exit 2 ;;
+    log "unknown command '$cmd'"; sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -74,19 +74,21 @@ def main() -> None:
     scorer.score(samples, args.batch_tokens)
     pad = 1 - scorer.stats.real_tokens / scorer.stats.padded_tokens
     best = {k: min(v) for k, v in times.items()}
-    body = "\n".join([
-        f"{len(samples)} samples ({args.rows // 2} chatterbot + {args.rows // 2} HumanEval), {tokens} tokens, "
-        f"SmolLM2-135M-Instruct fp32, batch budget {args.batch_tokens} padded tokens; best of 2.",
-        "Labelling = teacher-forced forward + entropy/probability of every response token + decreasing_v2; "
-        "plain = the model's ordinary forward (full logits) over the same batches.",
-        "",
-        "| variant | s | tokens/s | vs plain |",
-        "|---|---|---|---|",
-        f"| plain forward | {best['plain']:.2f} | {tokens / best['plain']:.0f} | 1.00x |",
-        f"| labelling | {best['label']:.2f} | {tokens / best['label']:.0f} | {best['plain'] / best['label']:.2f}x |",
-        "",
-        f"Padding waste of the length-sorted batches: {pad:.1%} of positions.",
-    ])
+    body = "\n".join(
+        [
+            f"{len(samples)} samples ({args.rows // 2} chatterbot + {args.rows // 2} HumanEval), {tokens} tokens, "
+            f"SmolLM2-135M-Instruct fp32, batch budget {args.batch_tokens} padded tokens; best of 2.",
+            "Labelling = teacher-forced forward + entropy/probability of every response token + decreasing_v2; "
+            "plain = the model's ordinary forward (full logits) over the same batches.",
+            "",
+            "| variant | s | tokens/s | vs plain |",
+            "|---|---|---|---|",
+            f"| plain forward | {best['plain']:.2f} | {tokens / best['plain']:.0f} | 1.00x |",
+            f"| labelling | {best['label']:.2f} | {tokens / best['label']:.0f} | {best['plain'] / best['label']:.2f}x |",
+            "",
+            f"Padding waste of the length-sorted batches: {pad:.1%} of positions.",
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("data_prep: labelling throughput", body)

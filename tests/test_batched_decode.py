@@ -30,7 +30,11 @@ def test_batched_equals_single_per_sequence():
             batched = generate_batch(model, PROMPTS, max_new, conf, eos_token_ids={2})
             for p, b in zip(PROMPTS, batched, strict=True):
                 single = generate(model, p, max_new, conf, eos_token_ids={2})
-                assert (b.tokens, b.seg_lens, b.forced_stop) == (single.tokens, single.seg_lens, single.forced_stop)
+                assert (b.tokens, b.seg_lens, b.forced_stop) == (
+                    single.tokens,
+                    single.seg_lens,
+                    single.forced_stop,
+                )
                 assert b.base_forwards == single.base_forwards == len(b.seg_lens)
                 assert b.kv_entries == single.kv_entries == len(p) + len(b.seg_lens) - 1
 

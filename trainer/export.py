@@ -128,7 +128,18 @@ def export(
             folder.save_weights(
                 tmp, {k: (s, torch.float32) for k, s in expected.items()}, get, max_shard_size
             )
-            folder.write_meta(tmp, meta["base_architecture"], meta["base_config"], meta["hamburger"])
+            folder.write_meta(
+                tmp,
+                meta["base_architecture"],
+                meta["base_config"],
+                meta["hamburger"],
+                lineage={
+                    "base": info["base"],
+                    "source_run_id": info.get("run_id"),
+                    "checkpoint_step": info["step"],
+                    "data": info.get("data", ""),
+                },
+            )
         _copy_tokenizer(info["base_path"], tmp)
         eos = info["base_config"].get("eos_token_id")
         gen = {"eos_token_id": eos, "max_new_tokens": 256}

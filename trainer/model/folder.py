@@ -144,11 +144,15 @@ def save_weights(
     return list(split.filename_to_tensors)
 
 
-def write_meta(path: str | Path, base_architecture: str, base_config: dict, hamburger: dict) -> None:
+def write_meta(
+    path: str | Path, base_architecture: str, base_config: dict, hamburger: dict, lineage: dict | None = None
+) -> None:
+    """lineage (exports only): base model name, source run id, checkpoint step, data folder."""
     meta = {
         "model_type": MODEL_TYPE,
         "base_architecture": base_architecture,
         "base_config": base_config,
         "hamburger": hamburger,
+        "lineage": lineage or {},
     }
     Path(path, CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))

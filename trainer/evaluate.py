@@ -1,0 +1,430 @@
+"""`./launch.sh eval MODEL [key=value ...]`: fast-decode speed and quality against the base.
+
+MODEL is an export folder, a `models:/NAME/VERSION` URI, or a training run / checkpoint folder
+(exported first into output_dir/model). The same prompts are decoded by HAMburger (batched,
+at each confidence level) and by the base model (greedy, one token per forward, same batch
+size, KV cache and retirement rules), on the same hardware. Every metric's definition is
+written next to its number, in the JSON and in the printed table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .assets import resolve_model
+from .config import MLflowConfig
+from .configio import load_config, to_flat_dict
+from .model import HAMburgerModel, Sample, base_generate_batch, collate, generate_batch
+
+DEFINITIONS = {
+    "tokens_per_macro_step": "generated tokens / base forward passes, prefill counted as one (summed over prompts)",
+    "kv_entries_per_token": "base KV entries added after the prompt / generated tokens (summed over prompts)",
+    "tokens_per_s": "generated tokens / wall-clock seconds of decoding all prompts (prefill included)",
+    "speedup": "HAMburger tokens_per_s / base tokens_per_s, same prompts, batch size and hardware",
+    "ttft_s": "mean wall-clock seconds until the first token of a batch (decoding with max_new_tokens=1)",
+    "agreement_exact": "share of prompts whose generated tokens equal the base model's greedy output",
+    "agreement_prefix": "mean share of the base output reproduced before the first differing token",
+    "pass_at_1": "share of code prompts whose generated function passes the task's tests (subprocess, timeout)",
+    "exact_match": "share of prompts with an `answer` whose normalised answer appears in the output",
+    "heldout_ce": "cross-entropy (nats/token) of the held-out reference responses, teacher-forced",
+}
+
+
+@dataclass
+class EvalConfig:
+    model: str = ""
+    """Export folder, models:/NAME/VERSION, or a training run / checkpoint folder."""
+    base: str = ""
+    """Base model to compare with (default: the one the model was trained from)."""
+    data: str = ""
+    """A prep folder (its held-out split; default: the model's training data) or a .jsonl of
+    {"prompt", optional "answer", "test", "entry_point"} records."""
+    split: str = "eval"
+    max_prompts: int = 32
+    batch_sizes: list[int] = field(default_factory=lambda: [8])
+    max_new_tokens: int = 128
+    confidences: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    code_timeout_s: float = 10.0
+    output_dir: str = "outputs/eval"
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ValueError("model: give an export folder, models:/NAME/VERSION or a run folder")
+        if not self.confidences or any(not 0 < c <= 1 for c in self.confidences):
+            raise ValueError(f"confidences must lie in (0, 1], got {self.confidences}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch_sizes must be >= 1, got {self.batch_sizes}")
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    meta: dict
+    reference: list[int] | None = None
+    seg_lens: list[int] | None = None
+
+
+# ---------------------------------------------------------------- inputs
+def resolve_model_folder(spec: str, output_dir: Path) -> Path:
+    p = Path(spec)
+    if spec.startswith("models:/") or spec.startswith("runs:/"):
+        from .serving import load
+
+        return load(spec).path
+    if (p / "config.json").is_file():
+        return p
+    from .export import export
+
+    out = output_dir / "model"
+    return Path(export(spec, str(out), overwrite=True)["path"])
+
+
+def load_prompts(cfg: EvalConfig, tokenizer, default_data: str) -> list[Prompt]:
+    data = cfg.data or default_data
+    if not data:
+        raise ValueError("data: no prompt file or prep folder given, and the model records none")
+    if data.endswith(".jsonl"):
+        out = []
+        for n, line in enumerate(Path(data).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if not isinstance(rec.get("prompt"), str):
+                raise ValueError(f"{data}: line {n}: field 'prompt' must be a string")
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": rec["prompt"]}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )
+            out.append(Prompt(list(ids["input_ids"]), rec))
+        return out[: cfg.max_prompts]
+    from data_prep.shards import read_split
+
+    rows = read_split(data, cfg.split).to_pylist()[: cfg.max_prompts]
+    return [
+        Prompt(
+            r["input_ids"][: r["prompt_len"]],
+            json.loads(r["meta"] or "{}"),
+            r["input_ids"][r["prompt_len"] :],
+            r["seg_lens"],
+        )
+        for r in rows
+    ]
+
+
+# ---------------------------------------------------------------- quality
+def extract_code(text: str) -> str:
+    blocks = re.findall(r"```(?:python)?\n(.*?)(?:```|$)", text, flags=re.S)
+    return blocks[0] if blocks else text
+
+
+def passes_tests(code: str, test: str, entry_point: str, timeout_s: float) -> bool:
+    """Run the candidate and the task's tests in a fresh isolated interpreter with a timeout."""
+    program = f"{code}\n\n{test}\n\ncheck({entry_point})\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "candidate.py"
+        path.write_text(program)
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp, "no_proxy": "*", "NO_PROXY": "*"}
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-I", str(path)], cwd=tmp, env=env, capture_output=True, timeout=timeout_s
+            )
+        except subprocess.TimeoutExpired:
+            return False
+    return proc.returncode == 0
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def quality(
+    prompts: list[Prompt],
+    texts: list[str],
+    tokens: list[list[int]],
+    base_tokens: list[list[int]],
+    timeout_s: float,
+) -> dict[str, float]:
+    q: dict[str, float] = {}
+    exact = [a == b for a, b in zip(tokens, base_tokens, strict=True)]
+    q["agreement_exact"] = sum(exact) / len(exact)
+    prefix = []
+    for a, b in zip(tokens, base_tokens, strict=True):
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        prefix.append(n / max(len(b), 1))
+    q["agreement_prefix"] = sum(prefix) / len(prefix)
+    code = [
+        (p, t) for p, t in zip(prompts, texts, strict=True) if "test" in p.meta and "entry_point" in p.meta
+    ]
+    if code:
+        ok = [
+            passes_tests(extract_code(t), p.meta["test"], p.meta["entry_point"], timeout_s) for p, t in code
+        ]
+        q["pass_at_1"] = sum(ok) / len(ok)
+    answers = [(p, t) for p, t in zip(prompts, texts, strict=True) if "answer" in p.meta]
+    if answers:
+        q["exact_match"] = sum(normalise(str(p.meta["answer"])) in normalise(t) for p, t in answers) / len(
+            answers
+        )
+    return q
+
+
+@torch.no_grad()
+def heldout_ce(model: HAMburgerModel, base, prompts: list[Prompt]) -> dict[str, float]:
+    labelled = [p for p in prompts if p.reference and p.seg_lens]
+    if not labelled:
+        return {}
+    ham_sum = base_sum = n = 0.0
+    for p in labelled:
+        s = Sample(p.ids + p.reference, len(p.ids), p.seg_lens)
+        ham = model(collate([s], model.config.max_steps)).ce.item()
+        logits = base(input_ids=torch.tensor([s.input_ids])).logits[0, len(p.ids) - 1 : -1]
+        b = F.cross_entropy(logits.float(), torch.tensor(p.reference)).item()
+        k = len(p.reference)
+        ham_sum, base_sum, n = ham_sum + ham * k, base_sum + b * k, n + k
+    return {"hamburger": ham_sum / n, "base": base_sum / n, "tokens": n}
+
+
+# ---------------------------------------------------------------- decoding runs
+def run_decoder(fn, prompts: list[Prompt], batch_size: int) -> tuple[list, float, float]:
+    """(results, seconds, mean TTFT seconds) over all prompts in batches, after a warm-up."""
+    fn([p.ids for p in prompts[:batch_size]], 2)
+    results, t0 = [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        results += fn([p.ids for p in prompts[i : i + batch_size]], None)
+    seconds = time.perf_counter() - t0
+    ttft = []
+    for i in range(0, len(prompts), batch_size):
+        t1 = time.perf_counter()
+        fn([p.ids for p in prompts[i : i + batch_size]], 1)
+        ttft.append(time.perf_counter() - t1)
+    return results, seconds, sum(ttft) / len(ttft)
+
+
+def speed(results, seconds: float, prompts: list[Prompt]) -> dict[str, float]:
+    tokens = sum(len(r.tokens) for r in results)
+    forwards = sum(r.base_forwards for r in results)
+    kv_added = sum(r.kv_entries - len(p.ids) for r, p in zip(results, prompts, strict=True))
+    return {
+        "generated_tokens": tokens,
+        "base_forwards": forwards,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_macro_step": tokens / forwards,
+        "kv_entries_per_token": kv_added / max(tokens, 1),
+    }
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model.folder import read_meta
+
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = resolve_model_folder(cfg.model, out_dir)
+    meta = read_meta(folder)
+    lineage = meta.get("lineage", {})
+    model = HAMburgerModel.from_pretrained(str(folder)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    base_name = cfg.base or lineage.get("base", "")
+    if not base_name:
+        raise ValueError("base: the model folder records no base model; set base=...")
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name), dtype=torch.float32).eval()
+    eos_id = tokenizer.eos_token_id
+    eos = {eos_id}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    prompts = load_prompts(cfg, tokenizer, lineage.get("data", ""))
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    report: dict = {
+        "model": str(folder),
+        "base": base_name,
+        "prompts": len(prompts),
+        "max_new_tokens": cfg.max_new_tokens,
+        "device": "cpu",
+        "definitions": DEFINITIONS,
+        "runs": [],
+    }
+    report["heldout_ce"] = heldout_ce(model, base, prompts)
+    for bs in cfg.batch_sizes:
+        base_res, base_s, base_ttft = run_decoder(
+            lambda ids, n: base_generate_batch(base, ids, n or cfg.max_new_tokens, eos, pad), prompts, bs
+        )
+        base_speed = {**speed(base_res, base_s, prompts), "ttft_s": base_ttft}
+        base_texts = [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in base_res]
+        base_q = quality(
+            prompts,
+            base_texts,
+            [r.tokens for r in base_res],
+            [r.tokens for r in base_res],
+            cfg.code_timeout_s,
+        )
+        report["runs"].append({"decoder": "base", "batch_size": bs, **base_speed, **base_q})
+        for conf in cfg.confidences:
+            res, s, ttft = run_decoder(
+                lambda ids, n, c=conf: generate_batch(model, ids, n or cfg.max_new_tokens, c, eos, pad),
+                prompts,
+                bs,
+            )
+            sp = {**speed(res, s, prompts), "ttft_s": ttft}
+            texts = [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in res]
+            q = quality(
+                prompts, texts, [r.tokens for r in res], [r.tokens for r in base_res], cfg.code_timeout_s
+            )
+            report["runs"].append(
+                {
+                    "decoder": "hamburger",
+                    "confidence": conf,
+                    "batch_size": bs,
+                    **sp,
+                    **q,
+                    "speedup": sp["tokens_per_s"] / base_speed["tokens_per_s"],
+                    "samples": texts[:3],
+                }
+            )
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=1))
+    plot(report, out_dir / "speed_quality.png")
+    print(table(report))
+    log_mlflow(cfg, report, out_dir, lineage)
+    return report
+
+
+# ---------------------------------------------------------------- reporting
+def table(report: dict) -> str:
+    cols = [
+        "decoder",
+        "confidence",
+        "batch_size",
+        "tokens_per_macro_step",
+        "kv_entries_per_token",
+        "tokens_per_s",
+        "speedup",
+        "ttft_s",
+        "agreement_exact",
+        "agreement_prefix",
+        "pass_at_1",
+        "exact_match",
+    ]
+    rows = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for r in report["runs"]:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        rows.append(" | ".join(cells))
+    lines = [
+        f"Eval of {report['model']} against {report['base']} ({report['prompts']} prompts, "
+        f"max {report['max_new_tokens']} new tokens)",
+        "",
+        *rows,
+        "",
+    ]
+    ce = report.get("heldout_ce") or {}
+    if ce:
+        lines.append(
+            f"heldout_ce: HAMburger {ce['hamburger']:.4f}, base {ce['base']:.4f} nats/token "
+            f"over {int(ce['tokens'])} reference tokens"
+        )
+    lines += ["", "Definitions:"] + [f"  {k}: {v}" for k, v in DEFINITIONS.items()]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for bs in sorted({r["batch_size"] for r in report["runs"]}):
+        ham = sorted(
+            (r for r in report["runs"] if r["decoder"] == "hamburger" and r["batch_size"] == bs),
+            key=lambda r: r["confidence"],
+        )
+        qual = "pass_at_1" if all("pass_at_1" in r for r in ham) else "agreement_prefix"
+        ax.plot(
+            [r["speedup"] for r in ham], [r[qual] for r in ham], "o-", label=f"HAMburger, batch {bs} ({qual})"
+        )
+        for r in ham:
+            ax.annotate(
+                f"c={r['confidence']}\n{r['tokens_per_macro_step']:.2f} tok/step",
+                (r["speedup"], r[qual]),
+                fontsize=7,
+            )
+        base = next(r for r in report["runs"] if r["decoder"] == "base" and r["batch_size"] == bs)
+        ax.plot([1.0], [base.get(qual, 1.0)], "k*", markersize=10, label=f"base, batch {bs}")
+    ax.set_xlabel("decode speed-up over the base (tokens/s ratio)")
+    ax.set_ylabel("quality")
+    ax.set_title("HAMburger speed/quality across confidence levels")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_mlflow(cfg: EvalConfig, report: dict, out_dir: Path, lineage: dict) -> None:
+    if not cfg.mlflow.enabled:
+        return
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    import mlflow
+
+    from .tracking import default_tracking_uri, flatten_params
+
+    mlflow.set_tracking_uri(default_tracking_uri(str(out_dir), cfg.mlflow.tracking_uri))
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    with mlflow.start_run(run_name=cfg.mlflow.run_name or "eval") as run:
+        mlflow.set_tags(
+            {
+                "stage": "eval",
+                "source_run_id": str(lineage.get("source_run_id")),
+                "model": report["model"],
+                "base": report["base"],
+            }
+        )
+        mlflow.log_params(flatten_params("", {k: v for k, v in to_flat_dict(cfg).items()}))
+        for r in report["runs"]:
+            prefix = "base" if r["decoder"] == "base" else f"ham_c{r['confidence']}"
+            step = 0 if r["decoder"] == "base" else int(round(r["confidence"] * 100))
+            mlflow.log_metrics(
+                {
+                    f"{prefix}/bs{r['batch_size']}/{k}": float(v)
+                    for k, v in r.items()
+                    if isinstance(v, float | int) and not isinstance(v, bool) and k != "batch_size"
+                },
+                step=step,
+            )
+        for k, v in (report.get("heldout_ce") or {}).items():
+            mlflow.log_metric(f"heldout_ce/{k}", float(v))
+        mlflow.log_artifact(str(out_dir / "eval.json"))
+        mlflow.log_artifact(str(out_dir / "speed_quality.png"))
+        report["mlflow_run_id"] = run.info.run_id
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=1))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or "=" in args[0]:
+        raise SystemExit("usage: ./launch.sh eval MODEL [key=value ...]")
+    cfg = load_config(EvalConfig, None, [f"model={args[0]}", *args[1:]])
+    torch.set_grad_enabled(False)
+    return evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
