@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one entry point. Sets up the environment on first use, then runs a command.
 #
+#   ./launch.sh demo  [--nprocs 2]                  the whole pipeline on the embedded default
 #   ./launch.sh test  [pytest args]                 run the test suite
 #   ./launch.sh prep  CONFIG [key=value ...] [--hostfile F] [--nprocs N] [launcher args]
 #   ./launch.sh train CONFIG [key=value ...] [--hostfile F] [--nprocs N] [launcher args]
@@ -97,6 +98,10 @@ case "$cmd" in
   export)
     ensure_env
     exec "$PY" -m trainer.export "$@" ;;
+  demo)
+    ensure_env
+    cd "$ROOT"
+    exec "$PY" -m trainer.demo "$@" ;;
   eval)
     ensure_env
     exec "$PY" -m trainer.evaluate "$@" ;;
@@ -104,7 +109,7 @@ case "$cmd" in
     ensure_env
     exec "$PY" -m data_prep.view "$@" ;;
   help|-h|--help)
-    sed -n '2,16p' "$0" ;;
+    sed -n '2,17p' "$0" ;;
   *)
-    log "unknown command '$cmd'"; sed -n '2,16p' "$0"; exit 2 ;;
+    log "unknown command '$cmd'"; sed -n '2,17p' "$0"; exit 2 ;;
 esac
