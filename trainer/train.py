@@ -294,6 +294,8 @@ def run_loop(strategy, cfg, plan, train_samples, eval_samples, pos, total, track
         metrics["grad_norm"] = strategy.grad_norm()
         metrics["tokens_per_s"] = total_tokens / (time.perf_counter() - t0)
         metrics["epoch"] = pos.epoch
+        if torch.cuda.is_available():
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if pos.step % cfg.log_every == 0 or pos.step == total:
             tracker.log_metrics(metrics, pos.step)
         bar.set_postfix(
