@@ -19,6 +19,7 @@ from importlib import util as importlib_util
 from pathlib import Path
 
 from .config import FilterConfig, SourceConfig
+from .shards import sha256_file
 
 SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
@@ -87,11 +88,7 @@ def _suffix(path: str) -> str:
 
 
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(Path(path))
 
 
 def read_records(path: str, fmt: str = "auto") -> Iterator[tuple[int, dict]]:
