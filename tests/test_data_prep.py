@@ -281,3 +281,13 @@ def test_builtin_corpora_and_label_view(tiny_dir, tmp_path, capsys):
     assert page.count("class='s'") == sum(
         len(r["seg_lens"]) for r in read_split(folder, "train").to_pylist()[:2]
     )
+
+
+def test_hf_dataset_path_on_a_local_folder(tmp_path):
+    """The hub code path (datasets.load_dataset) exercised on a local data folder."""
+    folder = tmp_path / "hf_like"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)])
+    src = load_source(SourceConfig(hf_name=str(folder), split="train"))
+    assert len(src.rows) == 5 and src.rows[2].response == "a2"
+    assert src.rows[0].file.startswith("hf:") and len(src.content_hash) == 64

@@ -224,3 +224,17 @@ def test_bad_samples_are_named():
 def test_rejects_non_llama_base():
     with pytest.raises(TypeError, match="not a Llama-family"):
         HAMburgerModel(torch.nn.Linear(2, 2), HAMburgerConfig())
+
+
+def test_gradient_checkpointing_changes_nothing(rng):
+    model = tiny_hamburger().train()
+    batch = collate(mixed_samples(rng, 4), 4, row_capacity=64)
+    out = model(batch)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+    model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out2 = model(batch)
+    grads2 = torch.autograd.grad(out2.loss, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(out2.loss, out.loss)
+    for g, g2 in zip(grads, grads2, strict=True):
+        if g is not None:
+            torch.testing.assert_close(g2, g, atol=1e-6, rtol=1e-5)
