@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="outputs/demo")
     ap.add_argument("--max-steps", type=int, default=0, help="override the demo config's training steps")
     ap.add_argument("--eval-prompts", type=int, default=16)
+    ap.add_argument("--record", action="store_true", help="write the summary into docs/BENCHMARKS.md")
     args = ap.parse_args(argv)
     out = Path(args.out)
     run_dir, export_dir, eval_dir = out / "run", out / "export", out / "eval"
@@ -57,7 +58,13 @@ def main(argv: list[str] | None = None) -> None:
                           f"max_prompts={args.eval_prompts}", "max_new_tokens=48", "confidences=[0.5,0.9]",
                           "batch_sizes=[1,8]", f"mlflow.tracking_uri={run_info['tracking_uri']}"])
     total = time.perf_counter() - t_start
-    print(summary(run_dir, export_dir, eval_dir, run_info, times, total))
+    text = summary(run_dir, export_dir, eval_dir, run_info, times, total)
+    print(text)
+    if args.record:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from report import write_section
+
+        write_section("Demo: ./launch.sh demo end to end", "```\n" + text.strip() + "\n```")
 
 
 def summary(run_dir: Path, export_dir: Path, eval_dir: Path, run_info: dict, times: dict, total: float) -> str:
