@@ -41,22 +41,52 @@ def main(argv: list[str] | None = None) -> None:
     launch = str(ROOT / "launch.sh")
     times = {}
     t_start = time.perf_counter()
-    times["prep"] = step("1/4 data prep: SmolLM2 labels the embedded corpora",
-                         [launch, "prep", "configs/prep_demo.yaml", f"output_root={out}/prep", "--nprocs",
-                          str(args.nprocs)])
-    train_cmd = [launch, "train", "configs/train_demo.yaml", f"output_dir={run_dir}",
-                 f"data.prep_overrides=[output_root={out}/prep]", "--nprocs", str(args.nprocs)]
+    times["prep"] = step(
+        "1/4 data prep: SmolLM2 labels the embedded corpora",
+        [launch, "prep", "configs/prep_demo.yaml", f"output_root={out}/prep", "--nprocs", str(args.nprocs)],
+    )
+    train_cmd = [
+        launch,
+        "train",
+        "configs/train_demo.yaml",
+        f"output_dir={run_dir}",
+        f"data.prep_overrides=[output_root={out}/prep]",
+        "--nprocs",
+        str(args.nprocs),
+    ]
     if args.max_steps:
         train_cmd.insert(-2, f"max_steps={args.max_steps}")
     times["train"] = step("2/4 training under ZeRO-3", train_cmd)
     run_info = json.loads((run_dir / "run_info.json").read_text())
-    times["export"] = step("3/4 export + register",
-                           [sys.executable, "-m", "trainer.export", str(run_dir), "--out", str(export_dir),
-                            "--overwrite", "--register", "hamburger-demo"])
-    times["eval"] = step("4/4 fast-decode eval against the base",
-                         [sys.executable, "-m", "trainer.evaluate", str(export_dir), f"output_dir={eval_dir}",
-                          f"max_prompts={args.eval_prompts}", "max_new_tokens=48", "confidences=[0.5,0.9]",
-                          "batch_sizes=[1,8]", f"mlflow.tracking_uri={run_info['tracking_uri']}"])
+    times["export"] = step(
+        "3/4 export + register",
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            str(run_dir),
+            "--out",
+            str(export_dir),
+            "--overwrite",
+            "--register",
+            "hamburger-demo",
+        ],
+    )
+    times["eval"] = step(
+        "4/4 fast-decode eval against the base",
+        [
+            sys.executable,
+            "-m",
+            "trainer.evaluate",
+            str(export_dir),
+            f"output_dir={eval_dir}",
+            f"max_prompts={args.eval_prompts}",
+            "max_new_tokens=48",
+            "confidences=[0.5,0.9]",
+            "batch_sizes=[1,8]",
+            f"mlflow.tracking_uri={run_info['tracking_uri']}",
+        ],
+    )
     total = time.perf_counter() - t_start
     text = summary(run_dir, export_dir, eval_dir, run_info, times, total)
     print(text)
@@ -67,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         write_section("Demo: ./launch.sh demo end to end", "```\n" + text.strip() + "\n```")
 
 
-def summary(run_dir: Path, export_dir: Path, eval_dir: Path, run_info: dict, times: dict, total: float) -> str:
+def summary(
+    run_dir: Path, export_dir: Path, eval_dir: Path, run_info: dict, times: dict, total: float
+) -> str:
     import mlflow
 
     from trainer.evaluate import table
@@ -81,7 +113,9 @@ def summary(run_dir: Path, export_dir: Path, eval_dir: Path, run_info: dict, tim
     lines = [
         "",
         "=" * 78,
-        "HAMburger demo: done in " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f" (total {total:.0f}s)",
+        "HAMburger demo: done in "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+        + f" (total {total:.0f}s)",
         f"MLflow store:      {uri}",
         f"  open the UI:     {ROOT / '.venv/bin/mlflow'} ui --backend-store-uri {uri} --port 5000",
         f"  training run:    {run_info['run_id']}  (eval run: {report.get('mlflow_run_id')})",

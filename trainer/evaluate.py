@@ -56,6 +56,8 @@ class EvalConfig:
     max_new_tokens: int = 128
     confidences: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
     code_timeout_s: float = 10.0
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16; both models use it."""
     output_dir: str = "outputs/eval"
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
@@ -66,6 +68,8 @@ class EvalConfig:
             raise ValueError(f"confidences must lie in (0, 1], got {self.confidences}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes must be >= 1, got {self.batch_sizes}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
 
 @dataclass
@@ -190,9 +194,10 @@ def heldout_ce(model: HAMburgerModel, base, prompts: list[Prompt]) -> dict[str, 
     ham_sum = base_sum = n = 0.0
     for p in labelled:
         s = Sample(p.ids + p.reference, len(p.ids), p.seg_lens)
-        ham = model(collate([s], model.config.max_steps)).ce.item()
-        logits = base(input_ids=torch.tensor([s.input_ids])).logits[0, len(p.ids) - 1 : -1]
-        b = F.cross_entropy(logits.float(), torch.tensor(p.reference)).item()
+        device = next(base.parameters()).device
+        ham = model(collate([s], model.config.max_steps).to(device)).ce.item()
+        logits = base(input_ids=torch.tensor([s.input_ids], device=device)).logits[0, len(p.ids) - 1 : -1]
+        b = F.cross_entropy(logits.float(), torch.tensor(p.reference, device=device)).item()
         k = len(p.reference)
         ham_sum, base_sum, n = ham_sum + ham * k, base_sum + b * k, n + k
     return {"hamburger": ham_sum / n, "base": base_sum / n, "tokens": n}
@@ -238,12 +243,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     folder = resolve_model_folder(cfg.model, out_dir)
     meta = read_meta(folder)
     lineage = meta.get("lineage", {})
-    model = HAMburgerModel.from_pretrained(str(folder)).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+    }[cfg.dtype]
+    model = HAMburgerModel.from_pretrained(str(folder), dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     base_name = cfg.base or lineage.get("base", "")
     if not base_name:
         raise ValueError("base: the model folder records no base model; set base=...")
-    base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name), dtype=dtype).to(device).eval()
     eos_id = tokenizer.eos_token_id
     eos = {eos_id}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
@@ -255,7 +266,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         "base": base_name,
         "prompts": len(prompts),
         "max_new_tokens": cfg.max_new_tokens,
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype),
         "definitions": DEFINITIONS,
         "runs": [],
     }
