@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import json
 import os
+import random
 import sys
 import time
 from collections import Counter
@@ -68,7 +69,8 @@ def _unit(*parts) -> float:
 
 def make_plan(sources: list[SourceRows], cfg: PrepConfig) -> dict[str, list[PlanRow]]:
     """Held-out rows by hash of (seed, source, file, row); weights as repeats (train only) and
-    deterministic subsampling (both splits)."""
+    deterministic subsampling (both splits); then a seeded shuffle, so that every shard mixes
+    sources and ranks get similar work."""
     plan: dict[str, list[PlanRow]] = {"train": [], "eval": []}
     for src, scfg in zip(sources, cfg.sources, strict=True):
         w = scfg.weight
@@ -81,6 +83,8 @@ def make_plan(sources: list[SourceRows], cfg: PrepConfig) -> dict[str, list[Plan
                 src.skipped["subsampled"] += 1
                 continue
             plan["eval" if held else "train"].append(PlanRow(conv, 1 if held else whole + extra))
+    for split, rows in plan.items():  # mix sources across shards: ranks get even work
+        random.Random(f"{cfg.seed}|{split}").shuffle(rows)
     return plan
 
 
@@ -104,6 +108,7 @@ def cache_key(
 ) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
+        "plan": "mixed-shards-v2",
         "model": cfg.model,
         "model_fingerprint": fingerprint(model_path),
         "tokenizer": cfg.tokenizer or cfg.model,
