@@ -90,7 +90,7 @@ def test_two_ranks_equal_one_rank(tiny_dir, corpus, tmp_path):
             "--num_accelerators",
             "2",
             "--master_port",
-            "29611",
+            str(free_port()),
             "--module",
             "data_prep.run",
             str(cfg_file),
