@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import tiny_model_dir, write_jsonl
+from launcher import free_port
 from transformers import AutoTokenizer
 
 from data_prep.config import PrepConfig, SourceConfig
