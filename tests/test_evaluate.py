@@ -7,7 +7,16 @@ import sqlite3
 
 import pytest
 
-from trainer.evaluate import EvalConfig, Prompt, evaluate, extract_code, passes_tests, quality, speed
+from trainer.evaluate import (
+    EvalConfig,
+    Prompt,
+    cut_at_eos,
+    evaluate,
+    extract_code,
+    passes_tests,
+    quality,
+    speed,
+)
 from trainer.export import export
 from trainer.model import DecodeResult
 
@@ -45,6 +54,11 @@ def test_quality_metrics_on_a_hand_built_trace():
     assert q["agreement_prefix"] == pytest.approx((1 + 1 / 4 + 0) / 3)
 
 
+def test_cut_at_eos():
+    assert cut_at_eos([5, 6, 2, 7, 2], {2}) == [5, 6, 2]
+    assert cut_at_eos([5, 6], {2}) == [5, 6]
+
+
 def test_code_runner_times_out_and_isolates():
     assert extract_code("text\n```python\nx = 1\n```\nmore") == "x = 1\n"
     assert not passes_tests("import time\ndef f():\n    time.sleep(30)", "def check(g):\n    g()", "f", 1.0)
@@ -68,7 +82,8 @@ def test_eval_command_end_to_end(baseline, tmp_path):
     runs = saved["runs"]
     assert [r["decoder"] for r in runs] == ["base", "hamburger", "hamburger"]
     assert runs[0]["tokens_per_macro_step"] == 1.0 and "speedup" in runs[1]
-    assert set(saved["definitions"]) >= {"tokens_per_macro_step", "kv_entries_per_token", "speedup"}
+    assert all(r["generated_tokens"] == 4 * 8 for r in runs)  # fixed-length speed regime
+    assert set(saved["definitions"]) >= {"regime", "tokens_per_macro_step", "kv_entries_per_token", "speedup"}
     assert saved["heldout_ce"]["tokens"] > 0
     png = tmp_path / "eval" / "speed_quality.png"
     assert png.read_bytes()[:4] == b"\x89PNG"

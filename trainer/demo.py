@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             str(export_dir),
             f"output_dir={eval_dir}",
             f"max_prompts={args.eval_prompts}",
-            "max_new_tokens=48",
+            "max_new_tokens=32",
             "confidences=[0.3,0.6,0.9]",
             "batch_sizes=[1,8]",
             f"mlflow.tracking_uri={run_info['tracking_uri']}",

@@ -28,9 +28,12 @@ from .configio import load_config, to_flat_dict
 from .model import HAMburgerModel, Sample, base_generate_batch, collate, generate_batch
 
 DEFINITIONS = {
+    "regime": "speed runs decode exactly max_new_tokens per prompt (EOS does not stop them, as in fixed-length "
+    "speed benchmarks), so both models decode the same number of tokens; quality metrics read each output cut "
+    "at its first EOS, which is what stopping there would give (decoding is greedy)",
     "tokens_per_macro_step": "generated tokens / base forward passes, prefill counted as one (summed over prompts)",
     "kv_entries_per_token": "base KV entries added after the prompt / generated tokens (summed over prompts)",
-    "tokens_per_s": "generated tokens / wall-clock seconds of decoding all prompts (prefill included)",
+    "tokens_per_s": "generated tokens / wall-clock seconds of decoding all prompts, prefill included",
     "speedup": "HAMburger tokens_per_s / base tokens_per_s, same prompts, batch size and hardware",
     "ttft_s": "mean wall-clock seconds until the first token of a batch (decoding with max_new_tokens=1)",
     "agreement_exact": "share of prompts whose generated tokens equal the base model's greedy output",
@@ -155,6 +158,14 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 
 
+def cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """The output up to and including its first EOS."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
 def quality(
     prompts: list[Prompt],
     texts: list[str],
@@ -257,6 +268,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name), dtype=dtype).to(device).eval()
     eos_id = tokenizer.eos_token_id
     eos = {eos_id}
+    no_stop: set[int] = set()  # speed runs decode a fixed length (see DEFINITIONS["regime"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     prompts = load_prompts(cfg, tokenizer, lineage.get("data", ""))
     if not prompts:
@@ -274,29 +286,23 @@ def evaluate(cfg: EvalConfig) -> dict:
     report["heldout_ce"] = heldout_ce(model, base, prompts)
     for bs in cfg.batch_sizes:
         base_res, base_s, base_ttft = run_decoder(
-            lambda ids, n: base_generate_batch(base, ids, n or cfg.max_new_tokens, eos, pad), prompts, bs
+            lambda ids, n: base_generate_batch(base, ids, n or cfg.max_new_tokens, no_stop, pad), prompts, bs
         )
         base_speed = {**speed(base_res, base_s, prompts), "ttft_s": base_ttft}
-        base_texts = [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in base_res]
-        base_q = quality(
-            prompts,
-            base_texts,
-            [r.tokens for r in base_res],
-            [r.tokens for r in base_res],
-            cfg.code_timeout_s,
-        )
+        base_tokens = [cut_at_eos(r.tokens, eos) for r in base_res]
+        base_texts = [tokenizer.decode(t, skip_special_tokens=True) for t in base_tokens]
+        base_q = quality(prompts, base_texts, base_tokens, base_tokens, cfg.code_timeout_s)
         report["runs"].append({"decoder": "base", "batch_size": bs, **base_speed, **base_q})
         for conf in cfg.confidences:
             res, s, ttft = run_decoder(
-                lambda ids, n, c=conf: generate_batch(model, ids, n or cfg.max_new_tokens, c, eos, pad),
+                lambda ids, n, c=conf: generate_batch(model, ids, n or cfg.max_new_tokens, c, no_stop, pad),
                 prompts,
                 bs,
             )
             sp = {**speed(res, s, prompts), "ttft_s": ttft}
-            texts = [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in res]
-            q = quality(
-                prompts, texts, [r.tokens for r in res], [r.tokens for r in base_res], cfg.code_timeout_s
-            )
+            tokens = [cut_at_eos(r.tokens, eos) for r in res]
+            texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+            q = quality(prompts, texts, tokens, base_tokens, cfg.code_timeout_s)
             report["runs"].append(
                 {
                     "decoder": "hamburger",
