@@ -27,8 +27,11 @@ def free_port() -> int:
 
 def env() -> dict:
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # mlflow finds uvicorn
+    # mlflow.set_tracking_uri() in this test process exports MLFLOW_TRACKING_URI; launched jobs
+    # must not inherit another test's store.
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return {
-        **os.environ,
+        **inherited,
         "PATH": path,
         "DS_ACCELERATOR": "cpu",
         "OMP_NUM_THREADS": "1",
