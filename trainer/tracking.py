@@ -182,11 +182,21 @@ class Tracker:
             self._warned = True
 
     def close(self, status: str = "FINISHED", wait_s: float = 30.0) -> None:
-        """Deliver what is queued (waiting at most wait_s) and end the run."""
+        """Deliver what is queued (waiting at most wait_s) and end the run. Whatever could not
+        be delivered, queued or pending, ends up in mlflow_pending.jsonl."""
         if not self.enabled:
             return
         self._queue.put("stop")
         self._thread.join(timeout=wait_s)
+        if self._thread.is_alive():  # stuck on a slow server: keep what is still queued
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, dict):
+                    self._pending.append(item)
+            self._save_pending()
         try:
             self.client.set_terminated(self.run_id, status=status)
         except Exception as e:  # noqa: BLE001
