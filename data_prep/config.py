@@ -14,10 +14,15 @@ class FilterConfig:
     """Keep a row only if its `field` passes every check given (declarative; no code strings)."""
 
     field: str = ""
+    """The row field the checks read."""
     equals: str | None = None
+    """Keep rows whose field equals this."""
     not_equals: str | None = None
+    """Drop rows whose field equals this."""
     min_chars: int | None = None
+    """Keep rows whose field has at least this many characters."""
     max_chars: int | None = None
+    """Keep rows whose field has at most this many characters."""
 
 
 @dataclass
@@ -30,6 +35,7 @@ class SourceConfig:
     hf_name: str = ""
     """Hugging Face dataset name, loaded with datasets.load_dataset (needs the hub)."""
     hf_config: str | None = None
+    """Hugging Face dataset configuration name."""
     split: str = "train"
     """Split of a Hugging Face dataset."""
     name: str = ""
@@ -37,9 +43,11 @@ class SourceConfig:
     format: str = "auto"
     """auto (by file ending), jsonl, json, parquet, csv or arrow."""
     prompt_field: str = "instruction"
+    """Field holding the user prompt."""
     input_field: str = ""
     """Optional second prompt field appended after a blank line (Alpaca's 'input')."""
     response_field: str = "output"
+    """Field holding the response to learn."""
     messages_field: str = ""
     """If set, rows hold a chat list of {role, content}; the last assistant turn is the response."""
     system: str | None = None
@@ -47,6 +55,7 @@ class SourceConfig:
     weight: float = 1.0
     """Repeat (e.g. 3.0: three copies) or subsample (0.2: a deterministic fifth) this source."""
     filters: list[FilterConfig] = field(default_factory=list)
+    """Keep only rows passing every filter."""
 
 
 @dataclass
@@ -110,6 +119,7 @@ class PrepConfig:
     """Empty: the tokenizer's own template. 'plain': a simple 'role: content' template for
     tokenizers without one. Any other value is used as a Jinja chat template."""
     sources: list[SourceConfig] = field(default_factory=list)
+    """The corpora (see the table of source keys)."""
     max_len: int = 1024
     """Most tokens (prompt + response) per sample."""
     overlong: str = "skip"
@@ -119,6 +129,7 @@ class PrepConfig:
     heldout_fraction: float = 0.05
     """Share of rows (chosen by a hash of source and row) kept for evaluation."""
     seed: int = 0
+    """Seed of the held-out split, subsampling and shard mixing."""
     shard_rows: int = 256
     """Rows per shard: the unit of work split across ranks and of resume."""
     keep_values: bool = False

@@ -25,3 +25,9 @@ def test_ci_runs_the_readme_test_command():
 def test_launch_script_is_executable():
     assert (ROOT / "launch.sh").stat().st_mode & 0o111
     assert (ROOT / ".ci/run").stat().st_mode & 0o111
+
+
+def test_readme_config_reference_is_current():
+    from trainer.configdoc import readme_block, reference
+
+    assert readme_block() == reference().strip(), "run: python -m trainer.configdoc and paste it into the README"

@@ -31,7 +31,9 @@ class DataConfig:
     row_capacity: int = 1024
     """Macro positions per packed row (samples never attend to each other within a row)."""
     eval_split: str = "eval"
+    """Split of the prep folder used for held-out evaluation."""
     shuffle: bool = True
+    """Seeded shuffle of the samples each epoch (same order on every rank and on resume)."""
 
 
 @dataclass
@@ -43,10 +45,15 @@ class OptimConfig:
     min_lr: float = 1e-5
     """Floor of the cosine decay (for both groups, scaled by their ratio to lr_base)."""
     warmup_steps: int = 10
+    """Linear warm-up steps before the cosine decay."""
     weight_decay: float = 0.0
+    """AdamW weight decay (both groups)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off); fills the DeepSpeed config."""
     grad_accum: int = 1
     """Micro-batches per rank per optimiser step."""
 
@@ -56,8 +63,11 @@ class MLflowConfig:
     tracking_uri: str = ""
     """Empty: $MLFLOW_TRACKING_URI, else a sqlite store inside output_dir."""
     experiment: str = "hamburger"
+    """MLflow experiment name."""
     run_name: str = ""
+    """MLflow run name (empty: MLflow picks one)."""
     enabled: bool = True
+    """Log to MLflow at all (metrics.jsonl is written either way)."""
 
 
 @dataclass
@@ -67,15 +77,19 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     output_dir: str = "outputs/run"
+    """Run folder: config, checkpoints, metrics.jsonl, the default MLflow store."""
     ds_config: str = "auto"
     """DeepSpeed config file; auto: ds_configs/zero3_bf16.json on GPU, ds_configs/zero3_cpu.json on CPU."""
     precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32. Overrides the DeepSpeed file's precision."""
     epochs: int = 1
+    """Passes over the training split."""
     max_steps: int = -1
     """Stop after this many optimiser steps (-1: run the epochs)."""
     seed: int = 0
+    """Seed of the data order and of the new modules' initialisation."""
     log_every: int = 1
+    """Log training metrics every N steps."""
     eval_every: int = 50
     """Held-out evaluation every N steps (0: only at the end)."""
     eval_max_batches: int = 0
@@ -83,6 +97,7 @@ class TrainConfig:
     save_every: int = 100
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
+    """Complete checkpoints kept (older ones are deleted)."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in output_dir; none; or a checkpoint path."""
     dist_timeout_s: int = 1800

@@ -54,14 +54,21 @@ class EvalConfig:
     """A prep folder (its held-out split; default: the model's training data) or a .jsonl of
     {"prompt", optional "answer", "test", "entry_point"} records."""
     split: str = "eval"
+    """Split of a prep folder to take prompts from."""
     max_prompts: int = 32
+    """How many prompts to decode."""
     batch_sizes: list[int] = field(default_factory=lambda: [8])
+    """Decode batch sizes to measure (each with the base and every confidence)."""
     max_new_tokens: int = 128
+    """Tokens decoded per prompt in the speed runs (fixed length)."""
     confidences: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    """Confidence levels c: a segment ends once P(continue) < c."""
     code_timeout_s: float = 10.0
+    """Time limit of one pass@1 test run."""
     dtype: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16; both models use it."""
     output_dir: str = "outputs/eval"
+    """Where eval.json, the plot and the default MLflow store go."""
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
     def validate(self) -> None:
