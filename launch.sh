@@ -14,6 +14,7 @@
 #   HAMBURGER_VENV   virtual environment to create/use (default: .venv in this folder)
 #   TORCH_SPEC       pip spec for torch (default: torch==2.13.0 CPU wheel without a GPU,
 #                    the CUDA build from PyPI when nvidia-smi sees a GPU)
+#   HAMBURGER_CACHE  where the converted embedded model is cached (default: ~/.cache/hamburger)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
