@@ -286,7 +286,7 @@ def build_manifest(
     splits: dict = {}
     per_source: dict = {
         s.name: {
-            "rows_read": len(s.rows) + sum(s.skipped.values()),
+            "rows_read": len(s.rows) + sum(n for why, n in s.skipped.items() if why != "subsampled"),
             "skipped": dict(s.skipped),
             "skip_examples": s.skip_examples,
             "content_hash": s.content_hash,

@@ -292,3 +292,10 @@ def test_hf_dataset_path_on_a_local_folder(tmp_path):
     src = load_source(SourceConfig(hf_name=str(folder), split="train"))
     assert len(src.rows) == 5 and src.rows[2].response == "a2"
     assert src.rows[0].file.startswith("hf:") and len(src.content_hash) == 64
+
+
+def test_subsampling_is_counted_once(tiny_dir, corpus, tmp_path):
+    m = load_manifest(prepare(make_cfg(tiny_dir, tmp_path / "out", SourceConfig(path=str(corpus), weight=0.5))))
+    assert m["rows_in"] == 30
+    assert 5 <= m["skipped"]["subsampled"] <= 25
+    assert m["rows_out"] + m["skipped"]["subsampled"] == 30
