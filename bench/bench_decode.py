@@ -23,7 +23,15 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new", type=int, default=48)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--from-json", default="", help="format an existing eval.json (e.g. the demo's) instead")
     args = ap.parse_args()
+    if args.from_json:
+        import json
+
+        report = json.loads(Path(args.from_json).read_text())
+        args.max_new = report["max_new_tokens"]
+        write_table(report, args)
+        return
     cfg = EvalConfig(
         model=args.model,
         max_prompts=args.prompts,
@@ -35,6 +43,10 @@ def main() -> None:
     )
     cfg.validate()
     report = evaluate(cfg)
+    write_table(report, args)
+
+
+def write_table(report: dict, args) -> None:
     lines = [
         f"{report['prompts']} held-out prompts of the demo data, up to {args.max_new} new tokens, "
         f"model `{args.model}` against `{report['base']}`, fp32 on CPU.",

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--out", default="outputs/demo")
     ap.add_argument("--max-steps", type=int, default=0, help="override the demo config's training steps")
-    ap.add_argument("--eval-prompts", type=int, default=16)
+    ap.add_argument("--eval-prompts", type=int, default=12)
     ap.add_argument("--record", action="store_true", help="write the summary into docs/BENCHMARKS.md")
     args = ap.parse_args(argv)
     out = Path(args.out)
