@@ -188,14 +188,17 @@ class Tracker:
             return
         self._queue.put("stop")
         self._thread.join(timeout=wait_s)
-        if self._thread.is_alive():  # stuck on a slow server: keep what is still queued
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, dict):
-                    self._pending.append(item)
+        # Whatever the worker did not take (stuck on a slow server, or died) is kept too.
+        left = False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, dict):
+                self._pending.append(item)
+                left = True
+        if left or self._thread.is_alive():
             self._save_pending()
         try:
             self.client.set_terminated(self.run_id, status=status)
