@@ -135,15 +135,15 @@ class Tracker:
                 record = self._queue.get(timeout=5.0)
             except queue.Empty:
                 record = None
-            if record == "stop":
-                self._flush()
-                self._queue.task_done()
-                return
-            if record is not None:
+            if record is not None and record != "stop":
                 self._pending.append(record)
-            self._flush()
-            if record is not None:
-                self._queue.task_done()
+            try:
+                self._flush()
+            except Exception as e:  # noqa: BLE001 - the logger thread must outlive any MLflow error
+                self._warn(f"MLflow logging error ({type(e).__name__}: {e}); metrics kept in {self.pending_file}")
+                self._save_pending()
+            if record == "stop":
+                return
 
     def _flush(self) -> None:
         from mlflow.entities import Metric
