@@ -295,7 +295,9 @@ def test_hf_dataset_path_on_a_local_folder(tmp_path):
 
 
 def test_subsampling_is_counted_once(tiny_dir, corpus, tmp_path):
-    m = load_manifest(prepare(make_cfg(tiny_dir, tmp_path / "out", SourceConfig(path=str(corpus), weight=0.5))))
+    m = load_manifest(
+        prepare(make_cfg(tiny_dir, tmp_path / "out", SourceConfig(path=str(corpus), weight=0.5)))
+    )
     assert m["rows_in"] == 30
     assert 5 <= m["skipped"]["subsampled"] <= 25
     assert m["rows_out"] + m["skipped"]["subsampled"] == 30

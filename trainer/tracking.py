@@ -140,7 +140,9 @@ class Tracker:
             try:
                 self._flush()
             except Exception as e:  # noqa: BLE001 - the logger thread must outlive any MLflow error
-                self._warn(f"MLflow logging error ({type(e).__name__}: {e}); metrics kept in {self.pending_file}")
+                self._warn(
+                    f"MLflow logging error ({type(e).__name__}: {e}); metrics kept in {self.pending_file}"
+                )
                 self._save_pending()
             if record == "stop":
                 return
