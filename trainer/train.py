@@ -120,7 +120,7 @@ def save(strategy: Strategy, cfg: TrainConfig, pos: Position, run_id: str | None
                 "base_architecture": type(model.base).__name__,
                 "base_config": model.base.config.to_dict(),
                 "hamburger": model.config.to_dict(),
-                "data": str(resolve_data_path(cfg)),
+                "data": cfg.data.path,  # set to the resolved prep folder in train()
             },
         )
         prune(root, cfg.keep_last)
@@ -152,11 +152,6 @@ def probe_generations(strategy: Strategy, samples, n: int = 2, max_new_tokens: i
         )
     strategy.train(True)
     return out
-
-
-def resolve_data_path(cfg: TrainConfig) -> str:
-    """The data folder recorded by this run (set once the data is resolved)."""
-    return cfg.data.path
 
 
 def resolve_data(cfg: TrainConfig) -> Path:

@@ -8,7 +8,6 @@ lm_head. Its weights, embedding table and LM head are shared, not copied.
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 
@@ -295,8 +294,3 @@ class HAMburgerModel(nn.Module):
             raise folder.WeightsError(f"{path}: missing {missing}, unexpected {unexpected}")
         model.config.kl_weight = meta["hamburger"].get("kl_weight", 0.0)
         return model.to(dtype).eval()
-
-
-def clone_base(base: nn.Module) -> nn.Module:
-    """A frozen copy of the base model, for the KL teacher in tests and small runs."""
-    return copy.deepcopy(base).eval().requires_grad_(False)
