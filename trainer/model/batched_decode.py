@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from .compat import cache_kwargs
 from .decode import DecodeResult
 from .hamburger import HAMburgerModel
 
@@ -52,7 +53,7 @@ def generate_batch(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        cache=cache,
+        **cache_kwargs(base, cache),
         use_cache=True,
         output_hidden_states=True,
     )
@@ -90,7 +91,7 @@ def generate_batch(
             inputs_embeds=x,
             attention_mask=mask,
             position_ids=last_pos[:, None],
-            cache=cache,
+            **cache_kwargs(base, cache),
             use_cache=True,
             output_hidden_states=True,
         )
@@ -157,7 +158,7 @@ def base_generate_batch(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        cache=cache,
+        **cache_kwargs(base_lm, cache),
         use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1]
@@ -190,7 +191,7 @@ def base_generate_batch(
             input_ids=torch.tensor(toks, device=device)[:, None],
             attention_mask=mask,
             position_ids=last_pos[:, None],
-            cache=cache,
+            **cache_kwargs(base_lm, cache),
             use_cache=True,
         ).logits[:, -1]
         for i in active:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .compat import cache_kwargs
 from .hamburger import HAMburgerModel
 
 
@@ -46,7 +47,7 @@ def generate(
     out = base(
         input_ids=ids,
         position_ids=torch.arange(len(prompt_ids), device=device)[None],
-        cache=cache,
+        **cache_kwargs(base, cache),
         use_cache=True,
         output_hidden_states=True,
     )
@@ -68,7 +69,7 @@ def generate(
         out = base(
             inputs_embeds=x,
             position_ids=torch.tensor([[pos]], device=device),
-            cache=cache,
+            **cache_kwargs(base, cache),
             use_cache=True,
             output_hidden_states=True,
         )

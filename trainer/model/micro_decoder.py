@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from .compat import cache_kwargs
+
 
 def causal_additive_mask(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[1, 1, q, kv] additive mask for queries that are the last q of kv positions.
@@ -62,7 +64,7 @@ class MicroDecoder(nn.Module):
                 x,
                 attention_mask=mask,
                 position_ids=position_ids,
-                cache=cache,
+                **cache_kwargs(layer, cache),
                 use_cache=cache is not None,
                 position_embeddings=position_embeddings,
             )
