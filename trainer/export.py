@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -21,6 +23,8 @@ import torch
 
 from .checkpoint import COMPLETE, latest_checkpoint, read_info
 from .model import folder
+
+EXPORT_MARKER = ".hamburger-export.json"  # written into every export; --overwrite replaces only such folders
 
 
 class ExportError(RuntimeError):
@@ -55,14 +59,119 @@ def resolve_checkpoint(src: str | Path) -> Path:
         raise ExportError(
             f"{ckpt.parent}: missing DeepSpeed's `latest` file; the checkpoint folder is incomplete"
         )
-    for r in range(info["world_size"]):
+    for f in rank_files(ckpt, info["world_size"]):
+        check_safe_to_unpickle(f)
+    return ckpt
+
+
+def rank_files(ckpt: Path, world_size: int) -> list[Path]:
+    """DeepSpeed's per-rank model and optimiser files of one checkpoint; a missing one is named."""
+    files = []
+    for r in range(world_size):
         for kind in ("model_states", "optim_states"):
             names = [f"zero_pp_rank_{r}_mp_rank_00_{kind}.pt", f"bf16_zero_pp_rank_{r}_mp_rank_00_{kind}.pt"]
-            if not any((ckpt / n).is_file() for n in names):
-                raise ExportError(
-                    f"{ckpt}: missing rank file {names[0]} (written by {info['world_size']} ranks)"
-                )
-    return ckpt
+            found = [ckpt / n for n in names if (ckpt / n).is_file()]
+            if not found:
+                raise ExportError(f"{ckpt}: missing rank file {names[0]} (written by {world_size} ranks)")
+            files.append(found[0])
+    return files
+
+
+def _safe_globals() -> list:
+    """The only non-tensor classes a DeepSpeed ZeRO checkpoint of this trainer pickles: numpy
+    arrays (RNG state), DeepSpeed's stage enum and loss scalers. Nothing here runs code."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
+    dtypes = [getattr(np.dtypes, n) for n in np.dtypes.__all__]
+    return [
+        core.multiarray._reconstruct,
+        np.ndarray,
+        np.dtype,
+        *dtypes,
+        ZeroStageEnum,
+        LossScaler,
+        DynamicLossScaler,
+    ]
+
+
+def check_safe_to_unpickle(path: Path) -> None:
+    """Refuse a rank file that is truncated or whose unpickling would build anything beyond
+    tensors and the allow-listed classes. DeepSpeed's consolidation loads these files with
+    `weights_only=False`; reading each one first with torch's restricted unpickler means a
+    crafted checkpoint is refused before any of its code could run."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, OSError...
+        text = str(e)
+        found = re.search(
+            r"(unsupported global: GLOBAL \S+|unsupported GLOBAL \S+|but got [^\n]*)", text, re.I
+        )
+        detail = found.group(1) if found else (text.strip().splitlines() or [""])[0][:200]
+        raise ExportError(
+            f"{path}: refused: not a readable checkpoint file of this trainer ({type(e).__name__}: {detail}). "
+            "Rank files are read with torch's restricted unpickler; a file that needs anything else "
+            "(truncated, or crafted to run code) is never loaded."
+        ) from None
+
+
+def check_output_folder(out: Path, ckpt: Path, overwrite: bool) -> None:
+    """--overwrite replaces a previous export (recognised by its marker file) and nothing else:
+    never a folder holding other files, never the source run or a folder that contains it."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: is a file, not a folder; give a folder path for the export")
+    source = ckpt.resolve()
+    target = out.resolve()
+    if target == source or target in source.parents:
+        raise ExportError(
+            f"--out {out}: holds the source checkpoint {ckpt} (the source run or a folder containing it); "
+            "export to another folder"
+        )
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace a previous export")
+    if not (out / EXPORT_MARKER).is_file():
+        raise ExportError(
+            f"--overwrite refused: {out} is not a previous export (no {EXPORT_MARKER} marker) and may hold "
+            "other files; remove it yourself or choose another --out"
+        )
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Put the finished export in place; the previous one is moved aside first and removed last,
+    so a kill at any moment leaves either the old or the new export at `out`."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.tmp-{os.getpid()}-old")
+        out.rename(old)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete `<out>.tmp-<pid>-*` folders left by an export that was killed (its pid is gone)."""
+    if not out.parent.is_dir():
+        return
+    for tmp in out.parent.glob(f"{out.name}.tmp-*"):
+        pid = tmp.name[len(out.name) + len(".tmp-") :].split("-")[0]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"[export] removed {tmp}, left by an interrupted export", flush=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def consolidated(ckpt: Path) -> dict:
@@ -93,8 +202,8 @@ def export(
     ckpt = resolve_checkpoint(src)
     info = read_info(ckpt)
     out_path = Path(out)
-    if out_path.exists() and any(out_path.iterdir()) and not overwrite:
-        raise ExportError(f"{out_path} exists and is not empty; pass --overwrite to replace it")
+    check_output_folder(out_path, ckpt, overwrite)
+    remove_stale_temporaries(out_path)
     meta = {
         "model_type": folder.MODEL_TYPE,
         "base_architecture": info["base_architecture"],
@@ -107,11 +216,8 @@ def export(
         state.pop(folder.TIED_KEY, None)
     folder.check_shapes(expected, {k: _shape(v) for k, v in state.items()}, f"checkpoint {ckpt}")
 
-    tmp = Path(
-        tempfile.mkdtemp(
-            prefix=out_path.name + ".tmp-", dir=out_path.parent if out_path.parent.exists() else None
-        )
-    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out_path.name}.tmp-{os.getpid()}-", dir=out_path.parent))
     try:
 
         def get(name: str) -> torch.Tensor:
@@ -147,10 +253,10 @@ def export(
             gen["confidence"] = confidence
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=1))
         (tmp / "README.md").write_text(model_card(ckpt, info, base_only, confidence))
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out_path)
+        (tmp / EXPORT_MARKER).write_text(
+            json.dumps({"checkpoint": str(ckpt), "step": info["step"], "base_only": base_only}, indent=1)
+        )
+        replace_folder(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

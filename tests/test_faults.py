@@ -1,0 +1,100 @@
+"""Faults a careful user hits on the training side: nothing lost, nothing stale, nothing silent.
+
+Each test names the point of the issue it proves (export overwrite, stale temporaries, crafted
+checkpoints, resume into a run with other data, data that does not fit the model...)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.export import EXPORT_MARKER, ExportError, export
+
+pytestmark = pytest.mark.distributed
+
+
+def _snapshot(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_overwrite_never_deletes_the_run_or_foreign_folders(baseline, tmp_path):
+    before = _snapshot(baseline)
+    for target in (baseline, baseline.parent, baseline / "checkpoints"):
+        with pytest.raises(ExportError, match="source run"):
+            export(str(baseline), str(target), overwrite=True)
+    assert _snapshot(baseline) == before  # checkpoints, mlflow.db, metrics.jsonl all still there
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    with pytest.raises(ExportError, match="not a previous export"):
+        export(str(baseline), str(foreign), overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "precious"
+
+    out = tmp_path / "exp"
+    export(str(baseline), str(out))
+    assert (out / EXPORT_MARKER).is_file()
+    (out / "stale.txt").write_text("from the previous export")
+    export(str(baseline), str(out), overwrite=True)  # a previous export is replaced whole
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
+    assert not list(tmp_path.glob("exp.tmp-*"))
+
+
+def test_out_that_is_a_file_is_named(baseline, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ExportError, match=r"--out .*f: is a file"):
+        export(str(baseline), str(tmp_path / "f"))
+
+
+def test_killed_export_leaves_no_temporary_folder_behind(baseline, tmp_path):
+    dead = tmp_path / "exp.tmp-999999999-abc"  # no such pid: an export killed mid-write
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"\0" * 1024)
+    alive = tmp_path / f"exp.tmp-{os.getpid()}-xyz"  # a running export's folder is left alone
+    alive.mkdir()
+    export(str(baseline), str(tmp_path / "exp"))
+    assert not dead.exists() and alive.is_dir()
+
+
+class _Trap:
+    """Unpickling this calls a function that writes a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_crafted_checkpoint_runs_no_code_during_export(baseline, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(baseline / "checkpoints", run / "checkpoints")
+    marker = tmp_path / "MARKER"
+    victim = run / "checkpoints" / "step_000008" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    state = torch.load(victim, weights_only=False)
+    state["module"] = _Trap(marker)
+    torch.save(state, victim)
+    with pytest.raises(ExportError, match=r"zero_pp_rank_1_mp_rank_00_model_states\.pt: refused.*GLOBAL"):
+        export(str(run), str(tmp_path / "out"))
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_rank_file_is_named(baseline, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(baseline / "checkpoints", run / "checkpoints")
+    f = run / "checkpoints" / "step_000008" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ExportError, match=r"zero_pp_rank_1_mp_rank_00_model_states\.pt: refused"):
+        export(str(run), str(tmp_path / "out"))
+
+
+def test_marker_records_the_source(baseline, tmp_path):
+    out = Path(export(str(baseline), str(tmp_path / "e"), base_only=True)["path"])
+    marker = json.loads((out / EXPORT_MARKER).read_text())
+    assert marker["step"] == 8 and marker["base_only"] is True and "step_000008" in marker["checkpoint"]
