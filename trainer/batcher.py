@@ -1,0 +1,324 @@
+"""Continuous batching: sequences join and leave a running batch at every macro-step boundary.
+
+The running batch keeps one base KV cache, left-padded and masked, exactly like
+`trainer.model.generate_batch`; every row adds one KV entry per macro step, so the cache stays
+rectangular. What is new here is the *join*: waiting sequences are prefilled as their own
+left-padded batch, then the two caches are left-padded to the same width and concatenated along
+the batch. Positions are explicit per row, so padding never moves a token. Rows that finish,
+pass their deadline or lose their client leave at the next boundary (their cache rows dropped),
+and columns that became padding for every row are trimmed.
+
+Two steppers share the batching: `HAMburgerStepper` (a segment of 1..K tokens per macro step,
+per-row confidence) and `BaseStepper` (a plain HF causal LM, one greedy token per forward), so
+the HAMburger server and the base server batch the same way. Greedy output of a sequence does not
+depend on what else runs (tests/test_server.py checks it against `generate`).
+
+`decode_all` runs a list of sequences to completion on one thread (the MLflow pyfunc uses it);
+trainer/server.py drives the same `ContinuousBatch` from a scheduler thread.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Sequence:
+    """One request's decode state. `cancel` may be called from any thread; the batch honours it
+    at the next macro-step boundary."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    confidence: float = 0.9
+    tokens: list[int] = field(default_factory=list)
+    seg_lens: list[int] = field(default_factory=list)
+    forced_stop: list[bool] = field(default_factory=list)
+    macro_steps: int = 0
+    """Base forward passes that produced this sequence's segments, the prefill counted as one."""
+    finish_reason: str | None = None
+    """'stop' (EOS or a stop string), 'length', or why it was cut: 'deadline', 'cancelled', 'error'."""
+    error: str = ""
+    on_step: Callable[[Sequence, list[int]], str | None] | None = None
+    """Called (on the decoding thread) with each new segment; a returned reason finishes the sequence."""
+    on_finish: Callable[[Sequence], None] | None = None
+    cancel_reason: str | None = None
+    deadline: float = float("inf")
+    """time.monotonic() after which the scheduler cancels it ('deadline')."""
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+
+    def finish(self, reason: str, error: str = "") -> None:
+        if self.finish_reason is not None:
+            return
+        self.finish_reason, self.error = reason, error
+        if self.on_finish is not None:
+            self.on_finish(self)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return len(self.tokens) / max(self.macro_steps, 1)
+
+
+def _cache_keyword(module: torch.nn.Module) -> str:
+    """`cache` in recent transformers, `past_key_values` before: read it off the forward signature."""
+    params = inspect.signature(type(module).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class BaseStepper:
+    """A plain causal LM: the 'segment' is the greedy next token; state = last-position logits."""
+
+    kind = "base"
+
+    def __init__(self, lm: torch.nn.Module):
+        self.lm = lm.eval()
+        self.config = lm.config
+        self.max_steps = 1
+        self._kw = _cache_keyword(lm.model if hasattr(lm, "model") else lm)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    def prefill(self, ids, mask, positions, cache) -> torch.Tensor:
+        kw = {self._kw: cache}
+        out = self.lm(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kw
+        )
+        return out.logits[:, -1]
+
+    def segments(self, state, budgets, confidences, eos):
+        toks = state.argmax(-1).tolist()
+        return [[t] for t in toks], [False] * len(toks)
+
+    def advance(self, segs, mask, positions, cache) -> torch.Tensor:
+        ids = torch.tensor([s[-1] for s in segs], device=mask.device)[:, None]
+        kw = {self._kw: cache}
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kw)
+        return out.logits[:, -1]
+
+
+class HAMburgerStepper:
+    """HAMburger: state = the feature hidden states [n, F, D] at each row's last base position."""
+
+    kind = "hamburger"
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.config = model.base.config
+        self.max_steps = model.config.max_steps
+        self._base = model.base.model
+        self._kw = _cache_keyword(self._base)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    def _forward(self, cache, **inputs) -> torch.Tensor:
+        out = self._base(use_cache=True, output_hidden_states=True, **{self._kw: cache}, **inputs)
+        return torch.stack([h[:, -1] for h in self.model.features(out.hidden_states)], dim=1)
+
+    def prefill(self, ids, mask, positions, cache) -> torch.Tensor:
+        return self._forward(cache, input_ids=ids, attention_mask=mask, position_ids=positions)
+
+    def advance(self, segs, mask, positions, cache) -> torch.Tensor:
+        k, device = self.max_steps, mask.device
+        lens = torch.tensor([len(s) for s in segs], device=device)
+        seg_t = torch.tensor([s + [0] * (k - len(s)) for s in segs], device=device)
+        x = self.model.smash(seg_t, lens)[:, None]
+        return self._forward(cache, inputs_embeds=x, attention_mask=mask, position_ids=positions)
+
+    def segments(self, feats, budgets: list[int], confidences: list[float], eos: set[int]):
+        """One macro step's micro loop for every row at once, each row with its own confidence.
+
+        Same decisions as trainer.model.decode._segment: stop at EOS, at the budget, or once
+        P(continue) < confidence. Returns (segments, stopped_by_head)."""
+        model, n = self.model, feats.shape[0]
+        tok, stop = model.first_token(feats[:, -1])
+        segs = [[t] for t in tok.tolist()]
+        by_head = [False] * n
+
+        def still_going(rows: list[int], stops: torch.Tensor) -> list[int]:
+            cont = (1 - torch.sigmoid(stops.float())).tolist()
+            going = []
+            for row, c in zip(rows, cont, strict=True):
+                if segs[row][-1] in eos or len(segs[row]) >= budgets[row]:
+                    continue
+                if c < confidences[row]:
+                    by_head[row] = True
+                    continue
+                going.append(row)
+            return going
+
+        live = still_going(list(range(n)), stop)
+        cache, prev = None, []
+        slots = model.micro.features_in(feats)
+        while live:
+            rows = torch.tensor(live, device=feats.device)
+            last = model.embed_tokens(torch.tensor([segs[r][-1] for r in live], device=feats.device))[:, None]
+            if cache is None:
+                cache = DynamicCache(config=model.micro.config)
+                x = torch.cat([slots[rows], last], dim=1)
+            else:
+                cache.batch_select_indices(torch.tensor([prev.index(r) for r in live], device=feats.device))
+                x = last
+            tok, stop = model.micro_step(x, cache)
+            for r, t in zip(live, tok.tolist(), strict=True):
+                segs[r].append(t)
+            prev = live
+            live = still_going(live, stop)
+        return segs, by_head
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, device=device)
+        mask[i, width - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class ContinuousBatch:
+    """The running batch: rows (sequences), one base KV cache, its mask, each row's last position
+    and the stepper's state for the next micro loop. Used from one thread only."""
+
+    def __init__(self, stepper, eos: set[int], pad_id: int = 0, device: str | torch.device = "cpu"):
+        self.stepper, self.eos, self.pad_id, self.device = stepper, set(eos), pad_id, torch.device(device)
+        self.rows: list[Sequence] = []
+        self.cache = None
+        self.mask = self.last_pos = self.state = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def join(self, seqs: list[Sequence]) -> None:
+        """Prefill `seqs` as one batch and merge them into the running batch."""
+        if not seqs:
+            return
+        ids, mask, positions = _left_pad([s.prompt_ids for s in seqs], self.pad_id, self.device)
+        cache = self.stepper.new_cache()
+        state = self.stepper.prefill(ids, mask, positions, cache)
+        last_pos = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=self.device)
+        for s in seqs:
+            s.macro_steps = 1
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.last_pos, self.state = seqs, cache, mask, last_pos, state
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        merged = self.stepper.new_cache()
+        for idx, (a, b) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
+            keys = torch.cat([_pad_left(a.keys, width, 2), _pad_left(b.keys, width, 2)])
+            values = torch.cat([_pad_left(a.values, width, 2), _pad_left(b.values, width, 2)])
+            merged.update(keys, values, idx)
+        self.cache = merged
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.last_pos = torch.cat([self.last_pos, last_pos])
+        self.state = torch.cat([self.state, state])
+        self.rows = self.rows + seqs
+
+    def drop_cancelled(self) -> list[Sequence]:
+        """Finish and remove the rows whose cancel() was called (deadline, disconnect)."""
+        gone = [s for s in self.rows if s.cancel_reason is not None]
+        if gone:
+            for s in gone:
+                s.finish(s.cancel_reason)
+            self._keep([i for i, s in enumerate(self.rows) if s.cancel_reason is None])
+        return gone
+
+    @torch.no_grad()
+    def step(self) -> list[Sequence]:
+        """One macro step for every row: emit a segment each, retire the finished, feed the rest."""
+        if not self.rows:
+            return []
+        budgets = [min(self.stepper.max_steps, s.max_new_tokens - len(s.tokens)) for s in self.rows]
+        confs = [s.confidence for s in self.rows]
+        segs, by_head = self.stepper.segments(self.state, budgets, confs, self.eos)
+        keep, finished = [], []
+        for row, s in enumerate(self.rows):
+            seg = segs[row]
+            s.tokens += seg
+            s.seg_lens.append(len(seg))
+            s.forced_stop.append(not by_head[row])
+            said = s.on_step(s, seg) if s.on_step is not None else None
+            if seg[-1] in self.eos or said == "stop":
+                reason = "stop"
+            elif len(s.tokens) >= s.max_new_tokens:
+                reason = "length"
+            else:
+                reason = said or s.cancel_reason
+            if reason is None:
+                keep.append(row)
+            else:
+                finished.append(s)
+                s.finish(reason)
+        segs = [segs[row] for row in keep]
+        self._keep(keep)
+        if self.rows:
+            lens = torch.tensor([len(seg) for seg in segs], device=self.device)
+            self.last_pos = self.last_pos + lens  # a smashed segment sits at its last token's position
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+            self.state = self.stepper.advance(segs, self.mask, self.last_pos[:, None], self.cache)
+            for s in self.rows:
+                s.macro_steps += 1
+        return finished
+
+    def fail_all(self, message: str) -> None:
+        """After an exception inside the model: finish every row with the error, start empty."""
+        for s in self.rows:
+            s.finish("error", message)
+        self._keep([])
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.rows):
+            return
+        if not rows:
+            self.rows, self.cache = [], None
+            self.mask = self.last_pos = self.state = None
+            return
+        sel = torch.tensor(rows, device=self.device)
+        self.cache.batch_select_indices(sel)
+        self.mask, self.last_pos, self.state = self.mask[sel], self.last_pos[sel], self.state[sel]
+        self.rows = [self.rows[r] for r in rows]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading cache columns that are padding for every remaining row."""
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start == 0:
+            return
+        trimmed = self.stepper.new_cache()
+        for idx, layer in enumerate(self.cache.layers):
+            trimmed.update(layer.keys[:, :, start:].contiguous(), layer.values[:, :, start:].contiguous(), idx)
+        self.cache = trimmed
+        self.mask = self.mask[:, start:]
+
+
+def decode_all(batch: ContinuousBatch, seqs: list[Sequence], max_batch: int = 16) -> list[Sequence]:
+    """Decode `seqs` to the end on this thread, at most max_batch at a time, joining as rows leave."""
+    waiting = list(seqs)
+    while waiting or len(batch):
+        free = max_batch - len(batch)
+        if free > 0 and waiting:
+            batch.join(waiting[:free])
+            waiting = waiting[free:]
+        batch.step()
+    return seqs
