@@ -62,17 +62,35 @@ class HAMburgerGenerator:
         return Generation(text=text, tokens=len(res.tokens), macro_steps=res.base_forwards)
 
 
+def is_uri(spec: str) -> bool:
+    return "://" in spec or spec.startswith(("models:/", "runs:/"))
+
+
+def resolve_folder(spec: str | Path) -> Path:
+    """The model folder behind an export folder or an MLflow URI (models:/NAME/VERSION, runs:/...).
+
+    Inside a downloaded MLflow model the HAMburger folder wins; a plain HF folder (a config.json
+    with a model_type) is taken otherwise."""
+    spec = str(spec)
+    if not is_uri(spec):
+        return Path(spec)
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(spec))
+    configs = sorted(local.rglob("config.json"))
+    hamburger = [p for p in configs if '"hamburger"' in p.read_text()[:200]]
+    plain = [p for p in configs if "model_type" in p.read_text()]
+    if not hamburger and not plain:
+        raise FileNotFoundError(f"{spec}: no model folder inside the downloaded artifacts ({local})")
+    return (hamburger or plain)[0].parent
+
+
 def load(path_or_uri: str, **kw) -> HAMburgerGenerator:
     """A generator from an export folder, or from an MLflow model URI (models:/NAME/VERSION)."""
-    if "://" in path_or_uri or path_or_uri.startswith("models:/") or path_or_uri.startswith("runs:/"):
-        import mlflow
-
-        local = mlflow.artifacts.download_artifacts(path_or_uri)
-        candidates = [p for p in Path(local).rglob("config.json") if "hamburger" in p.read_text()[:200]]
-        if not candidates:
-            raise FileNotFoundError(f"{path_or_uri}: no HAMburger model folder inside")
-        return HAMburgerGenerator(candidates[0].parent, **kw)
-    return HAMburgerGenerator(path_or_uri, **kw)
+    path = resolve_folder(path_or_uri)
+    if not (path / "config.json").is_file() or '"hamburger"' not in (path / "config.json").read_text()[:200]:
+        raise FileNotFoundError(f"{path_or_uri}: no HAMburger model folder inside")
+    return HAMburgerGenerator(path, **kw)
 
 
 try:
