@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .strategies import STRATEGIES
@@ -23,6 +24,17 @@ class FilterConfig:
     """Keep rows whose field has at least this many characters."""
     max_chars: int | None = None
     """Keep rows whose field has at most this many characters."""
+
+    def validate(self, where: str) -> None:
+        if not self.field:
+            raise ValueError(f"{where}.field must name the row field the filter reads")
+        checks = (self.equals, self.not_equals, self.min_chars, self.max_chars)
+        if all(c is None for c in checks):
+            raise ValueError(f"{where}: set at least one of equals, not_equals, min_chars, max_chars")
+        for name in ("min_chars", "max_chars"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{where}.{name} must be >= 0, got {value}")
 
 
 @dataclass
@@ -84,14 +96,16 @@ class LabelConfig:
     """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16."""
 
     def validate(self) -> None:
+        for name in ("min_threshold", "ratio", "sliding_confidence", "small_group_confidence"):
+            _finite(f"label.{name}", getattr(self, name))
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"label.strategy {self.strategy!r} is unknown; choose one of {sorted(STRATEGIES)}"
             )
         if self.metric not in METRICS:
             raise ValueError(f"label.metric {self.metric!r} is unknown; choose one of {list(METRICS)}")
-        if self.max_steps < 1:
-            raise ValueError(f"label.max_steps must be >= 1, got {self.max_steps}")
+        if not 1 <= self.max_steps <= 127:  # seg_lens are stored as int8
+            raise ValueError(f"label.max_steps (K) must lie in 1..127, got {self.max_steps}")
         if self.min_threshold < 0:
             raise ValueError(f"label.min_threshold must be >= 0, got {self.min_threshold}")
         if not 0 <= self.ratio <= 1:
@@ -141,21 +155,56 @@ class PrepConfig:
     def validate(self) -> None:
         if not self.sources:
             raise ValueError("sources: at least one source is needed")
+        names: dict[str, int] = {}
         for i, s in enumerate(self.sources):
-            if bool(s.path) == bool(s.hf_name):
-                raise ValueError(f"sources.{i}: set exactly one of path or hf_name")
-            if s.weight <= 0:
-                raise ValueError(f"sources.{i}.weight must be > 0, got {s.weight}")
-            if s.format not in ("auto", "jsonl", "json", "parquet", "csv", "arrow"):
-                raise ValueError(f"sources.{i}.format {s.format!r} is unknown")
+            _validate_source(s, f"sources.{i}")
+            name = _default_name(s)
+            if name in names:
+                raise ValueError(
+                    f"sources.{i}: name {name!r} is also sources.{names[name]}'s; set a distinct name"
+                )
+            names[name] = i
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
         if self.overlong not in ("skip", "truncate"):
             raise ValueError(f"overlong must be skip or truncate, got {self.overlong!r}")
         if self.bad_rows not in ("error", "skip"):
             raise ValueError(f"bad_rows must be error or skip, got {self.bad_rows!r}")
-        if not 0 <= self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction must lie in [0, 1), got {self.heldout_fraction}")
+        _finite("heldout_fraction", self.heldout_fraction)
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(
+                f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}: training evaluates "
+                "on the held-out split, so some rows must be held out"
+            )
         if self.shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}")
+        if not self.output_root:
+            raise ValueError("output_root must name a folder")
         self.label.validate()
+
+
+def _finite(key: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value}")
+
+
+def _validate_source(s: SourceConfig, where: str) -> None:
+    if bool(s.path) == bool(s.hf_name):
+        raise ValueError(f"{where}: set exactly one of path or hf_name")
+    _finite(f"{where}.weight", s.weight)
+    if s.weight <= 0:
+        raise ValueError(f"{where}.weight must be > 0, got {s.weight}")
+    if s.format not in ("auto", "jsonl", "json", "parquet", "csv", "arrow"):
+        raise ValueError(f"{where}.format {s.format!r} is unknown")
+    if not s.messages_field:
+        for key in ("prompt_field", "response_field"):
+            if not getattr(s, key):
+                raise ValueError(f"{where}.{key} must name a field (or set messages_field)")
+    for j, f in enumerate(s.filters):
+        f.validate(f"{where}.filters.{j}")
+
+
+def _default_name(s: SourceConfig) -> str:
+    from .sources import source_name  # sources imports this module
+
+    return source_name(s)

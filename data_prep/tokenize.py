@@ -6,6 +6,7 @@ trained model learns to stop.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .sources import Conversation
@@ -76,3 +77,13 @@ def fit_length(ids: list[int], prompt_len: int, max_len: int, overlong: str) -> 
     if overlong == "skip":
         return "too_long"
     return Encoded(ids[:max_len], prompt_len, truncated=True)
+
+
+def special_token_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching the text of any special token (e.g. `<|im_end|>`): such text inside a
+    message is read by the tokenizer as the token itself, so it would end a turn or open a fake
+    one. Longest first, so that a token is never matched by a shorter prefix of it."""
+    texts = set(tokenizer.all_special_tokens)
+    texts |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    texts = sorted((t for t in texts if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None

@@ -155,26 +155,29 @@ def test_same_key_reuses_changed_key_does_not(tiny_dir, corpus, tmp_path):
 
 
 def test_overlong_skip_and_truncate(tiny_dir, tmp_path):
+    fillers = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
     data = write_jsonl(
         tmp_path / "d.jsonl",
         [
             {"instruction": "short", "output": "fine"},
             {"instruction": "long answer", "output": "word " * 300},
             {"instruction": "x " * 400, "output": "prompt alone too long"},
+            *fillers,
         ],
     )
     m = load_manifest(
-        prepare(make_cfg(tiny_dir, tmp_path / "a", SourceConfig(path=str(data)), heldout_fraction=0))
+        prepare(make_cfg(tiny_dir, tmp_path / "a", SourceConfig(path=str(data)), heldout_fraction=0.3))
     )
-    assert m["rows_out"] == 1 and m["skipped"] == {"too_long": 1, "prompt_too_long": 1}
+    assert m["rows_out"] == 11 and m["skipped"] == {"too_long": 1, "prompt_too_long": 1}
     cfg = make_cfg(
-        tiny_dir, tmp_path / "b", SourceConfig(path=str(data)), heldout_fraction=0, overlong="truncate"
+        tiny_dir, tmp_path / "b", SourceConfig(path=str(data)), heldout_fraction=0.3, overlong="truncate"
     )
     folder = prepare(cfg)
     m = load_manifest(folder)
-    assert m["rows_out"] == 2 and m["skipped"] == {"prompt_too_long": 1}
-    assert m["splits"]["train"]["truncated"] == 1
-    assert max(len(r["input_ids"]) for r in read_split(folder, "train").to_pylist()) == 256
+    assert m["rows_out"] == 12 and m["skipped"] == {"prompt_too_long": 1}
+    assert sum(e["truncated"] for e in m["splits"].values()) == 1
+    longest = max(len(r["input_ids"]) for rows in all_rows(folder).values() for r in rows)
+    assert longest == 256
 
 
 def test_formats_filters_messages_and_weights(tmp_path):
