@@ -18,6 +18,16 @@ from .compat import cache_kwargs
 from .decode import DecodeResult
 from .hamburger import HAMburgerModel
 
+DECODE_MODES = ("eager", "static", "graphed")
+"""eager: this module (dynamic caches, finished rows retired); static: static_decode without
+CUDA graphs; graphed: static_decode with CUDA graphs on a GPU (the same as static elsewhere)."""
+
+
+def _check_mode(decode: str) -> str:
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    return decode
+
 
 def _left_pad(
     prompts: list[list[int]], pad_id: int, device
@@ -40,9 +50,20 @@ def generate_batch(
     confidence: float = 0.9,
     eos_token_ids: set[int] | None = None,
     pad_id: int = 0,
+    decode: str = "eager",
 ) -> list[DecodeResult]:
-    """One DecodeResult per prompt, equal to `generate` run on each prompt alone."""
+    """One DecodeResult per prompt, equal to `generate` run on each prompt alone.
+
+    decode: eager (here), or static / graphed (static shapes, CUDA graphs on a GPU; see
+    static_decode), which give the same tokens.
+    """
     model.eval()
+    if _check_mode(decode) != "eager":
+        from .static_decode import StaticHAMburgerDecoder
+
+        width = max(len(p) for p in prompts)
+        dec = StaticHAMburgerDecoder(model, len(prompts), width, max_new_tokens, graphs=decode == "graphed")
+        return dec.generate(prompts, eos_token_ids, confidence)
     eos = eos_token_ids or set()
     device = next(model.parameters()).device
     base = model.base.model
@@ -147,9 +168,17 @@ def base_generate_batch(
     max_new_tokens: int = 128,
     eos_token_ids: set[int] | None = None,
     pad_id: int = 0,
+    decode: str = "eager",
 ) -> list[DecodeResult]:
-    """The base model's own greedy decoding (one token per forward), same batching rules."""
+    """The base model's own greedy decoding (one token per forward), same batching rules and
+    the same `decode` modes as generate_batch."""
     base_lm.eval()
+    if _check_mode(decode) != "eager":
+        from .static_decode import StaticBaseDecoder
+
+        width = max(len(p) for p in prompts)
+        dec = StaticBaseDecoder(base_lm, len(prompts), width, max_new_tokens, graphs=decode == "graphed")
+        return dec.generate(prompts, eos_token_ids)
     eos = eos_token_ids or set()
     device = next(base_lm.parameters()).device
     ids, mask, positions = _left_pad(prompts, pad_id, device)

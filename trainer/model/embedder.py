@@ -49,6 +49,15 @@ class CompositionalEmbedder(nn.Module):
         delta = torch.zeros_like(mean).index_copy(0, multi, read)
         return mean + delta
 
+    def forward_dense(self, tok_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """As forward, with static shapes and no host sync (for graphed decoding): the read runs
+        on every group and is kept only where a group has 2+ tokens."""
+        k = tok_emb.shape[1]
+        valid = torch.arange(k, device=tok_emb.device)[None, :] < lengths[:, None]
+        mean = (tok_emb * valid[..., None].to(tok_emb.dtype)).sum(1) / lengths[:, None].to(tok_emb.dtype)
+        read = self._read(tok_emb, mean, valid)
+        return mean + torch.where((lengths > 1)[:, None], read, torch.zeros_like(read))
+
     def _read(self, e: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Cross-attention read for n groups: e [n, K, D], mean m [n, D], valid mask v [n, K]."""
         n, k, d = e.shape

@@ -1,0 +1,87 @@
+"""Static-shape (graphable) decoding equals the eager decoders token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_hamburger
+
+from trainer.model import base_generate_batch, generate_batch
+from trainer.model.static_decode import StaticHAMburgerDecoder
+
+PROMPTS = [[5, 17, 33, 8, 61, 12], [9, 4], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80], [44, 3, 90]]
+
+
+def sharp_model():
+    model = tiny_hamburger(seed=3)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        for layer in model.stop_head.net:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0, 0.5)
+        for p in model.base.parameters():
+            p.mul_(3.0)
+    return model.double()
+
+
+def fields(r):
+    return r.tokens, r.seg_lens, r.forced_stop, r.base_forwards, r.kv_entries
+
+
+@pytest.mark.parametrize("mode", ["static", "graphed"])
+def test_static_equals_eager(mode):
+    model = sharp_model()
+    early_eos = {generate_batch(model, PROMPTS[1:2], 12, 0.6)[0].tokens[3]}
+    cases = 0
+    for conf in (0.0, 0.3, 0.6, 1.0):
+        for max_new, eos in ((7, set()), (25, {2}), (12, early_eos)):
+            eager = generate_batch(model, PROMPTS, max_new, conf, eos)
+            static = generate_batch(model, PROMPTS, max_new, conf, eos, decode=mode)
+            assert [fields(r) for r in static] == [fields(r) for r in eager], (conf, max_new, eos)
+            cases += len({len(r.tokens) for r in eager}) > 1
+    assert cases > 0, "some case must have rows finishing at different steps"
+
+
+def test_static_single_prompt_and_base():
+    model = sharp_model()
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        for eos in (set(), {2}):
+            eager = base_generate_batch(model.base, prompts, 9, eos)
+            static = base_generate_batch(model.base, prompts, 9, eos, decode="static")
+            assert [fields(r) for r in static] == [fields(r) for r in eager]
+        eager = generate_batch(model, prompts, 10, 0.5)
+        assert [fields(r) for r in generate_batch(model, prompts, 10, 0.5, decode="static")] == [
+            fields(r) for r in eager
+        ]
+
+
+def test_decoder_is_reusable_and_counts_micro_calls():
+    model = sharp_model()
+    dec = StaticHAMburgerDecoder(model, len(PROMPTS), 11, 10, graphs=False)
+    first = dec.generate(PROMPTS, set(), 0.5)
+    again = dec.generate(PROMPTS, set(), 0.5)
+    assert [fields(r) for r in first] == [fields(r) for r in again]
+    assert dec.macro_steps > 0 and dec.micro_calls >= 0
+
+
+def test_forced_segment_lengths():
+    """The benchmark switch: every segment has the forced length (EOS and max_new aside)."""
+    model = sharp_model()
+    forced = torch.tensor([[2, 3], [1, 1], [4, 4], [3, 1]])
+    dec = StaticHAMburgerDecoder(model, len(PROMPTS), 11, 13, graphs=False)
+    res = dec.generate(PROMPTS, set(), forced_seg_lens=forced)
+    for r, row in zip(res, forced.tolist(), strict=True):
+        want = [row[t % 2] for t in range(len(r.seg_lens))]
+        want[-1] = 13 - sum(want[:-1])
+        assert r.seg_lens == want and len(r.tokens) == 13
+    # micro calls per macro step: the longest segment of the step minus one
+    steps = max(len(r.seg_lens) for r in res)
+    per_step = [max(r.seg_lens[t] for r in res if t < len(r.seg_lens)) - 1 for t in range(steps)]
+    assert dec.micro_calls == sum(per_step)
+    with pytest.raises(ValueError, match="holds 4 prompts"):
+        dec.generate(PROMPTS[:2])
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="decode must be one of"):
+        generate_batch(sharp_model(), PROMPTS, 4, decode="compiled")

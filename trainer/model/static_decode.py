@@ -1,0 +1,368 @@
+"""Static-shape batched greedy decoding for HAMburger and its base, optionally CUDA-graphed.
+
+Same results as `batched_decode` token for token, built for speed on a GPU, where eager decoding
+at small batch is bound by Python and kernel launches:
+- every KV cache is preallocated ([B, H, L, hd], written in place at a device-side column), so
+  every step has the same shapes and tensor addresses;
+- rows never leave the batch: a finished row, or one whose segment has ended, keeps computing
+  and its results are masked out, so each step is a fixed sequence of kernels;
+- all bookkeeping (segment tokens, lengths, budgets, stop decisions, EOS, outputs) stays on the
+  device; the host reads only the stop decisions (any row still in its segment? all done?);
+- with `graphs=True` on CUDA each step (base step, each micro step, the end-of-step
+  bookkeeping) is captured once as a CUDA graph and replayed. Without CUDA it runs the same
+  code eagerly ("static" mode).
+
+The base model goes through exactly the same machinery (`StaticBaseDecoder`), so speed ratios
+compare like with like. Layers are driven one by one (as the micro decoder always was), with an
+explicit additive mask, so no transformers mask or cache logic is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .compat import cache_kwargs
+from .decode import DecodeResult
+from .hamburger import HAMburgerModel
+
+
+class StaticKV:
+    """Preallocated keys and values of every layer; `update` writes at the columns `cols`.
+
+    Duck-types the one method a Hugging Face attention layer calls on its cache, in every
+    transformers version (extra arguments are ignored).
+    """
+
+    def __init__(self, config, layers: int, batch: int, length: int, dtype, device):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (batch, config.num_key_value_heads, length, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.cols = torch.zeros(1, dtype=torch.long, device=device)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.k[layer_idx].index_copy_(2, self.cols, key_states)
+        self.v[layer_idx].index_copy_(2, self.cols, value_states)
+        return self.k[layer_idx], self.v[layer_idx]
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, q, L] bool -> [B, 1, q, L] additive mask (0 where allowed)."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, low)[:, None]
+
+
+def run_stack(
+    layers: nn.ModuleList, rotary: nn.Module, norm: nn.Module, x, position_ids, mask, cache
+) -> list[torch.Tensor]:
+    """Hidden states as transformers reports them: [input, layer 1, ..., norm(layer n)]."""
+    pe = rotary(x, position_ids)
+    hs = [x]
+    for layer in layers:
+        out = layer(
+            x,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            position_embeddings=pe,
+            **cache_kwargs(layer, cache),
+        )
+        x = out[0] if isinstance(out, tuple) else out
+        hs.append(x)
+    hs[-1] = norm(x)
+    return hs
+
+
+class Step:
+    """A function of device state only; replayed as a CUDA graph when `graphs` (on CUDA)."""
+
+    def __init__(self, fn: Callable[[], None], graphs: bool, device: torch.device):
+        self.fn, self.graph = fn, None
+        if graphs and device.type == "cuda":
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up (allocator, lazy inits) off the capture
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                fn()
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.fn()
+
+
+class _Common:
+    """State shared by both decoders: the base cache, prompts, outputs and stop bookkeeping."""
+
+    def __init__(self, base_lm: nn.Module, batch: int, prompt_width: int, max_new: int, width_extra: int):
+        p = next(base_lm.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.base_lm, self.inner = base_lm, base_lm.model
+        cfg = base_lm.config
+        self.batch, self.width, self.max_new = batch, prompt_width, max_new
+        self.length = prompt_width + max_new  # KV columns: prompt + at most one per new token
+        self.kv = StaticKV(cfg, cfg.num_hidden_layers, batch, self.length, self.dtype, self.device)
+        dev, long = self.device, torch.long
+        self.col = torch.zeros(1, dtype=long, device=dev)  # the column the next step writes
+        self.kv.cols = self.col
+        self.valid = torch.zeros(batch, self.length, dtype=torch.bool, device=dev)
+        self.last_pos = torch.zeros(batch, dtype=long, device=dev)
+        self.emitted = torch.zeros(batch, dtype=long, device=dev)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.forwards = torch.ones(batch, dtype=long, device=dev)
+        self.kv_entries = torch.zeros(batch, dtype=long, device=dev)
+        self.out_tok = torch.zeros(batch, max_new + 2 * width_extra, dtype=long, device=dev)
+        self.junk = max_new + width_extra  # finished rows write here
+        self.eos_table = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
+        self.max_new_t = torch.tensor(max_new, device=dev)
+
+    def reset(self, prompts: list[list[int]], eos: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero the state for new prompts (left-padded); returns (ids, positions) for prefill."""
+        if len(prompts) != self.batch or max(len(p) for p in prompts) > self.width:
+            raise ValueError(
+                f"this static decoder holds {self.batch} prompts of <= {self.width} tokens, "
+                f"got {len(prompts)} of <= {max(len(p) for p in prompts)}"
+            )
+        ids = torch.zeros(self.batch, self.width, dtype=torch.long)
+        mask = torch.zeros(self.batch, self.width, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, self.width - len(p) :] = torch.tensor(p)
+            mask[i, self.width - len(p) :] = True
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self.valid.zero_()
+        self.valid[:, : self.width] = mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.last_pos.copy_(positions[:, -1])
+        self.col.fill_(self.width)
+        for t in (self.emitted, self.done, self.kv_entries, self.out_tok, self.eos_table):
+            t.zero_()
+        self.forwards.fill_(1)
+        if eos:
+            self.eos_table[torch.tensor(sorted(eos), device=self.device)] = True
+        return ids, positions
+
+    def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+        """The prompt, eagerly (one call, its own shapes): causal within each row's real tokens."""
+        w = self.width
+        q = torch.arange(w, device=self.device)
+        allowed = (q[None, :] <= q[:, None])[None] & self.valid[:, None, :w]
+        allowed = allowed | torch.eye(w, dtype=torch.bool, device=self.device)[None]  # pads: never NaN
+        allowed = torch.cat([allowed, allowed.new_zeros(self.batch, w, self.length - w)], dim=2)
+        self.kv.cols = q
+        mask = additive_mask(allowed, self.dtype)
+        hs = run_stack(self.inner.layers, self.inner.rotary_emb, self.inner.norm, x, positions, mask, self.kv)
+        self.kv.cols = self.col
+        return hs
+
+    def base_forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
+        """One step for every row: writes column `col`, attends to every valid column."""
+        self.valid.index_fill_(1, self.col, True)
+        mask = additive_mask(self.valid[:, None, :], self.dtype)
+        hs = run_stack(
+            self.inner.layers, self.inner.rotary_emb, self.inner.norm, x, position_ids, mask, self.kv
+        )
+        self.col.add_(1)
+        self.forwards.add_((~self.done).long())
+        return hs
+
+    def record(self, seg_tok: torch.Tensor, seg_len: torch.Tensor) -> None:
+        """Append each unfinished row's segment to its output; mark rows that end here."""
+        active = ~self.done
+        k = seg_tok.shape[1]
+        start = torch.where(active, self.emitted, torch.full_like(self.emitted, self.junk))
+        idx = start[:, None] + torch.arange(k, device=self.device)[None]
+        self.out_tok.scatter_(1, idx, seg_tok)
+        self.emitted.add_(torch.where(active, seg_len, torch.zeros_like(seg_len)))
+        last = seg_tok.gather(1, (seg_len - 1)[:, None])[:, 0]
+        fin = active & (self.eos_table[last] | (self.emitted >= self.max_new_t))
+        self.kv_entries.copy_(torch.where(fin, self.valid.sum(1), self.kv_entries))
+        self.done.logical_or_(fin)
+
+    def all_done(self) -> bool:
+        return bool(self.done.all())  # host sync: a stop decision
+
+
+class StaticBaseDecoder(_Common):
+    """Greedy decoding with the base model alone (one token per step), static shapes."""
+
+    def __init__(self, base_lm: nn.Module, batch: int, prompt_width: int, max_new: int, graphs: bool):
+        super().__init__(base_lm, batch, prompt_width, max_new, width_extra=1)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.ones = torch.ones(batch, dtype=torch.long, device=self.device)
+        self.step = Step(self._step, graphs, self.device)
+
+    def _head(self, h_last: torch.Tensor) -> None:
+        self.tok.copy_(self.base_lm.lm_head(h_last).argmax(-1)[:, None])
+        self.record(self.tok, self.ones)
+
+    def _step(self) -> None:
+        self.last_pos.add_(1)
+        x = self.inner.embed_tokens(self.tok)
+        hs = self.base_forward(x, self.last_pos[:, None])
+        self._head(hs[-1][:, -1])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], eos: set[int] | None = None) -> list[DecodeResult]:
+        ids, positions = self.reset(prompts, eos or set())
+        hs = self.prefill(self.inner.embed_tokens(ids), positions)
+        self._head(hs[-1][:, -1])
+        while not self.all_done():
+            self.step()
+        return self.results([[1] * n for n in self.emitted.tolist()], None)
+
+    def results(self, seg_lens: list[list[int]], by_head: list[list[bool]] | None) -> list[DecodeResult]:
+        toks, fw, kv = self.out_tok.tolist(), self.forwards.tolist(), self.kv_entries.tolist()
+        return [
+            DecodeResult(
+                tokens=toks[i][: sum(seg_lens[i])],
+                seg_lens=seg_lens[i],
+                forced_stop=[not b for b in by_head[i]] if by_head else [True] * len(seg_lens[i]),
+                base_forwards=fw[i],
+                kv_entries=kv[i],
+            )
+            for i in range(self.batch)
+        ]
+
+
+class StaticHAMburgerDecoder(StaticBaseDecoder):
+    """HAMburger greedy decoding, static shapes: base step, micro steps 1..K-1, bookkeeping.
+
+    `forced_seg_lens` (benchmarks and tests only) replaces the stop head by fixed segment
+    lengths: row r's segment at macro step t has forced_seg_lens[r, t % S] tokens (fewer only
+    when EOS or max_new cuts it).
+    """
+
+    def __init__(self, model: HAMburgerModel, batch: int, prompt_width: int, max_new: int, graphs: bool):
+        k = model.config.max_steps
+        _Common.__init__(self, model.base, batch, prompt_width, max_new, width_extra=k)
+        self.model, self.k = model, k
+        dev, long = self.device, torch.long
+        f = model.micro.num_features
+        self.micro_kv = StaticKV(
+            model.micro.config, len(model.micro.layers), batch, f + k - 1, self.dtype, dev
+        )
+        self.seg_tok = torch.zeros(batch, k, dtype=long, device=dev)
+        self.seg_len = torch.ones(batch, dtype=long, device=dev)
+        self.live = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.by_head = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.cap = torch.full((batch,), k, dtype=long, device=dev)  # forced lengths, else K
+        self.conf = torch.zeros((), dtype=torch.float64, device=dev)
+        d = model.base.config.hidden_size
+        self.feats = torch.zeros(batch, len(model.feature_layers), d, dtype=self.dtype, device=dev)
+        self.slots = torch.zeros(batch, f, d, dtype=self.dtype, device=dev)
+        self.stop = torch.zeros(batch, dtype=self.dtype, device=dev)
+        # + 4: CUDA-graph warm-up runs the end-of-step bookkeeping twice before any decoding
+        self.seg_log = torch.zeros(batch, max_new + 4, dtype=long, device=dev)
+        self.head_log = torch.zeros(batch, max_new + 4, dtype=torch.bool, device=dev)
+        self.t = torch.zeros(1, dtype=long, device=dev)  # macro step index
+        self.micro_calls = 0
+        self.macro_steps = 0
+        self.micro_plan = []
+        for j in range(1, k):  # micro step j feeds [slots, e(t_1)] (j = 1) or e(t_j); emits t_{j+1}
+            q = f + 1 if j == 1 else 1
+            start = 0 if j == 1 else f + j - 1
+            cols = torch.arange(start, start + q, device=dev)
+            allowed = torch.arange(f + k - 1, device=dev)[None, :] <= cols[:, None]
+            mask = additive_mask(allowed[None], self.dtype)
+            self.micro_plan.append((j, cols, cols[None].expand(batch, -1), mask))
+        self.base_step = Step(self._base_step, graphs, dev)
+        self.micro_steps = [Step(lambda p=p: self._micro(*p), graphs, dev) for p in self.micro_plan]
+        self.finish = Step(self._finish, graphs, dev)
+
+    # ------------------------------------------------------------------ device-side steps
+    def _head(self, feats: torch.Tensor) -> None:
+        """Token 1 of each segment from h_L, its stop decision, and the micro decoder's slots."""
+        m = self.model
+        self.feats.copy_(feats)
+        tok, stop = m.first_token(feats[:, -1])
+        self.seg_tok.zero_()
+        self.seg_tok[:, 0] = tok
+        self.seg_len.fill_(1)
+        self.slots.copy_(m.micro.features_in(feats))
+        self.live.copy_(~self.done)
+        self.by_head.zero_()
+        self._decide(tok, stop, 1)
+
+    def _decide(self, tok: torch.Tensor, stop: torch.Tensor, n: int) -> None:
+        """After a segment's n-th token: does each live row go on (as batched_decode decides)?"""
+        budget = torch.minimum((self.max_new_t - self.emitted).clamp(max=self.k), self.cap)
+        cont = (1 - torch.sigmoid(stop.float())).double()
+        forced = self.eos_table[tok] | (budget <= n)
+        head_stops = ~forced & (cont < self.conf)
+        self.by_head.logical_or_(self.live & head_stops)
+        self.live.logical_and_(~forced & ~head_stops)
+
+    def _micro(self, j: int, cols: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        m = self.model
+        emb = m.embed_tokens(self.seg_tok[:, j - 1 : j])
+        x = torch.cat([self.slots, emb], dim=1) if j == 1 else emb
+        self.micro_kv.cols = cols
+        mc = m.micro
+        o = run_stack(mc.layers, mc.rotary_emb, mc.norm, x, positions, mask, self.micro_kv)[-1][:, -1]
+        tok, stop = m.lm_head(o).argmax(-1), m.stop_head(o)
+        self.seg_tok[:, j] = torch.where(self.live, tok, self.seg_tok[:, j])
+        self.seg_len.add_(self.live.long())
+        self._decide(tok, stop, j + 1)
+
+    def _finish(self) -> None:
+        active = ~self.done
+        self.seg_log.index_copy_(1, self.t, torch.where(active, self.seg_len, 0)[:, None])
+        self.head_log.index_copy_(1, self.t, (self.by_head & active)[:, None])
+        self.record(self.seg_tok, self.seg_len)
+        self.t.add_(1)
+
+    def _base_step(self) -> None:
+        m = self.model
+        x = m.embedder.forward_dense(m.embed_tokens(self.seg_tok), self.seg_len)[:, None]
+        self.last_pos.add_(self.seg_len)  # a smashed segment sits at the position of its last token
+        hs = self.base_forward(x, self.last_pos[:, None])
+        self._head(torch.stack([h[:, -1] for h in m.features(hs)], dim=1))
+
+    # ------------------------------------------------------------------ host loop
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        eos: set[int] | None = None,
+        confidence: float = 0.9,
+        forced_seg_lens: torch.Tensor | None = None,
+    ) -> list[DecodeResult]:
+        ids, positions = self.reset(prompts, eos or set())
+        for t in (self.seg_log, self.head_log, self.t):
+            t.zero_()
+        self.conf.fill_(0.0 if forced_seg_lens is not None else confidence)
+        forced = None if forced_seg_lens is None else forced_seg_lens.to(self.device, torch.long)
+        self._set_cap(forced, 0)
+        hs = self.prefill(self.inner.embed_tokens(ids), positions)
+        self._head(torch.stack([h[:, -1] for h in self.model.features(hs)], dim=1))
+        step = 0
+        while True:
+            for micro in self.micro_steps:
+                if not bool(self.live.any()):  # host sync: a stop decision
+                    break
+                micro()
+                self.micro_calls += 1
+            self.finish()
+            self.macro_steps += 1
+            if self.all_done():
+                break
+            step += 1
+            self._set_cap(forced, step)
+            self.base_step()
+        n_steps = int(self.t)
+        seg = [[n for n in row if n] for row in self.seg_log[:, :n_steps].tolist()]
+        head = self.head_log[:, :n_steps].tolist()
+        return self.results(seg, [h[: len(s)] for h, s in zip(head, seg, strict=True)])
+
+    def _set_cap(self, forced: torch.Tensor | None, step: int) -> None:
+        if forced is not None:
+            self.cap.copy_(forced[:, step % forced.shape[1]])
