@@ -98,3 +98,78 @@ def test_marker_records_the_source(baseline, tmp_path):
     out = Path(export(str(baseline), str(tmp_path / "e"), base_only=True)["path"])
     marker = json.loads((out / EXPORT_MARKER).read_text())
     assert marker["step"] == 8 and marker["base_only"] is True and "step_000008" in marker["checkpoint"]
+
+
+# ---------------------------------------------------------------- data that does not fit the model
+def _samples(folder):
+    from trainer.data import load_samples
+
+    return load_samples(folder, "train")
+
+
+def test_data_labelled_with_a_larger_k_is_refused_before_training(setup):
+    from trainer.model import HAMburgerConfig
+    from trainer.runcheck import RunMismatch, check_data_fits_model
+
+    model = str(setup["base"] / "model")
+    assert check_data_fits_model(setup["data"], model, HAMburgerConfig(), _samples(setup["data"])) == []
+    with pytest.raises(RunMismatch, match=r"labelled with K=4 .* model\.hamburger\.max_steps=2"):
+        check_data_fits_model(setup["data"], model, HAMburgerConfig(max_steps=2), _samples(setup["data"]))
+
+
+def test_data_from_another_tokenizer_is_refused(setup, tmp_path):
+    from helpers import tiny_model_dir
+
+    from trainer.model import HAMburgerConfig
+    from trainer.runcheck import RunMismatch, check_data_fits_model
+
+    # Same vocabulary size, two entries swapped: training would run, on the wrong tokens.
+    other = tiny_model_dir(tmp_path / "other")
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = "hello", "world"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(RunMismatch, match=r"vocabulary differs from the model's"):
+        check_data_fits_model(setup["data"], str(other), HAMburgerConfig(), _samples(setup["data"]))
+
+    # A smaller vocabulary: ids in the shards fall outside it (an IndexError mid-step before).
+    small = tiny_model_dir(tmp_path / "small")
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["vocab_size"] = 64
+    (small / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RunMismatch, match=r"outside the model's vocabulary of 64 ids"):
+        check_data_fits_model(setup["data"], str(small), HAMburgerConfig(), _samples(setup["data"]))
+
+
+def test_resume_into_a_run_with_other_data_is_refused_and_leaves_it_untouched(setup, baseline, tmp_path):
+    from launcher import launch
+
+    from data_prep.config import LabelConfig, PrepConfig, SourceConfig
+    from data_prep.run import prepare
+    from helpers import write_jsonl
+
+    rows = [{"instruction": f"Say {i} twice.", "output": f"{i} {i}"} for i in range(40)]
+    other = prepare(
+        PrepConfig(
+            model=str(setup["base"] / "model"),
+            sources=[SourceConfig(path=str(write_jsonl(tmp_path / "twice.jsonl", rows)))],
+            output_root=str(tmp_path / "prep"),
+            heldout_fraction=0.15,
+            shard_rows=16,
+            label=LabelConfig(strategy="fixed", fixed_k=2),
+        )
+    )
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = launch(setup["cfg"], f"output_dir={run}", f"data.path={other}")
+    assert proc.returncode != 0
+    assert "belongs to another job" in proc.stderr and "data: checkpoint trained on prep" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing rewritten
+
+    # The same job again: the run is finished, nothing is retrained, logged or re-saved.
+    proc = launch(setup["cfg"], f"output_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "this run is finished" in proc.stdout
+    assert (run / "metrics.jsonl").read_bytes() == before[run / "metrics.jsonl"]

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data_prep.shards import load_manifest
+
 from .assets import resolve_model
 from .checkpoint import (
     check_world_size,
@@ -34,6 +36,7 @@ from .configio import load_config, to_flat_dict, to_yaml
 from .data import BatchPlan, eval_batches, load_samples, manifest_summary
 from .engine import Strategy
 from .model import collate, generate
+from .runcheck import check_data_fits_model, check_resume_matches
 from .tracking import Tracker, flatten_params
 
 
@@ -121,6 +124,7 @@ def save(strategy: Strategy, cfg: TrainConfig, pos: Position, run_id: str | None
                 "base_config": model.base.config.to_dict(),
                 "hamburger": model.config.to_dict(),
                 "data": cfg.data.path,  # set to the resolved prep folder in train()
+                "data_key_hash": load_manifest(cfg.data.path)["key_hash"],
             },
         )
         prune(root, cfg.keep_last)
@@ -163,20 +167,55 @@ def resolve_data(cfg: TrainConfig) -> Path:
     return prepare(load_config(PrepConfig, cfg.data.prep_config, cfg.data.prep_overrides))
 
 
+def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(checkpoint_root(cfg.output_dir))
+    ckpt = Path(cfg.resume)
+    if not ckpt.is_dir() or not (ckpt / "COMPLETE").is_file():
+        raise FileNotFoundError(f"resume={cfg.resume}: not a complete checkpoint folder")
+    return ckpt
+
+
+def set_aside_old_checkpoints(output_dir: str) -> None:
+    """resume=none in a folder that has checkpoints: keep them (renamed), so a fresh run's
+    checkpoints never mix with another run's and resume=auto never picks an old one."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir() and any(root.iterdir()):
+        aside = root.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        root.rename(aside)
+        print(f"[train] resume=none: moved the folder's earlier checkpoints to {aside}", flush=True)
+
+
 def train(cfg: TrainConfig) -> dict:
     strategy = Strategy(cfg)
     strategy.setup_distributed()
     rank0 = strategy.is_rank0
     out_dir = Path(cfg.output_dir)
-    if rank0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        (out_dir / "ds_config.json").write_text(json.dumps(strategy.ds_config, indent=1))
 
     data_dir = resolve_data(cfg)
     cfg.data.path = str(data_dir)
     train_samples = load_samples(data_dir, "train")
     eval_samples = load_samples(data_dir, cfg.data.eval_split, expand_copies=False)
+    if rank0:
+        resolve_model(cfg.model.base)  # converts the embedded model once
+    strategy.barrier()
+    # Checked before anything is built or written: a refused job leaves the run folder untouched.
+    for warning in check_data_fits_model(data_dir, cfg.model.base, cfg.model.hamburger, train_samples):
+        if rank0:
+            print(f"[train] warning: {warning}", flush=True)
+    ckpt = find_resume_checkpoint(cfg)
+    if ckpt is not None:
+        check_world_size(ckpt, strategy.world_size)
+        data_hash = load_manifest(data_dir)["key_hash"]
+        check_resume_matches(read_info(ckpt), ckpt, cfg.model.base, cfg.model.hamburger, data_hash)
+    if rank0:
+        if ckpt is None and cfg.resume == "none":
+            set_aside_old_checkpoints(cfg.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        (out_dir / "ds_config.json").write_text(json.dumps(strategy.ds_config, indent=1))
     plan = BatchPlan(
         train_samples,
         cfg.data.tokens_per_batch,
@@ -194,28 +233,27 @@ def train(cfg: TrainConfig) -> dict:
     total = steps_per_epoch * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
 
-    if rank0:
-        resolve_model(cfg.model.base)  # converts the embedded model once
-    strategy.barrier()
     model = strategy.build_model(resolve_model(cfg.model.base))
     strategy.prepare(model, total)
 
     pos, run_id = Position(), None
-    ckpt = None
-    if cfg.resume == "auto":
-        ckpt = latest_checkpoint(checkpoint_root(cfg.output_dir))
-    elif cfg.resume != "none":
-        ckpt = Path(cfg.resume)
-        if not ckpt.is_dir() or not (ckpt / "COMPLETE").is_file():
-            raise FileNotFoundError(f"resume={cfg.resume}: not a complete checkpoint folder")
     if ckpt is not None:
-        check_world_size(ckpt, strategy.world_size)
         client = strategy.load_checkpoint(str(ckpt.parent), ckpt.name)
         pos = Position(**client["position"])
         set_rng_state(client["rng"])
         run_id = read_info(ckpt).get("run_id")
         if rank0:
             print(f"[train] resumed from {ckpt} at step {pos.step}", flush=True)
+        if pos.step >= total:  # a finished run: retraining nothing would log NaNs and re-save
+            if rank0:
+                print(
+                    f"[train] {ckpt} is at step {pos.step} of {total}: this run is finished, nothing to do "
+                    "(another output_dir, or resume=none, starts a new run)",
+                    flush=True,
+                )
+            strategy.shutdown()
+            final = out_dir / "final_metrics.json"
+            return json.loads(final.read_text()) if final.is_file() else {}
 
     tracker = Tracker(
         cfg.output_dir,
