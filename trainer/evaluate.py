@@ -65,6 +65,9 @@ class EvalConfig:
     """Confidence levels c: a segment ends once P(continue) < c."""
     code_timeout_s: float = 10.0
     """Time limit of one pass@1 test run."""
+    decode: str = "eager"
+    """Decoder for both models: eager, static (static KV caches, no host sync but the stop
+    decisions) or graphed (static + CUDA graphs on a GPU; static on CPU). Same tokens."""
     dtype: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16; both models use it."""
     output_dir: str = "outputs/eval"
@@ -78,6 +81,8 @@ class EvalConfig:
             raise ValueError(f"confidences must lie in (0, 1], got {self.confidences}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes must be >= 1, got {self.batch_sizes}")
+        if self.decode not in ("eager", "static", "graphed"):
+            raise ValueError(f"decode must be eager, static or graphed, got {self.decode!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
@@ -293,7 +298,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     report["heldout_ce"] = heldout_ce(model, base, prompts)
     for bs in cfg.batch_sizes:
         base_res, base_s, base_ttft = run_decoder(
-            lambda ids, n: base_generate_batch(base, ids, n or cfg.max_new_tokens, no_stop, pad), prompts, bs
+            lambda ids, n: base_generate_batch(base, ids, n or cfg.max_new_tokens, no_stop, pad, cfg.decode),
+            prompts,
+            bs,
         )
         base_speed = {**speed(base_res, base_s, prompts), "ttft_s": base_ttft}
         base_tokens = [cut_at_eos(r.tokens, eos) for r in base_res]
@@ -302,7 +309,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         report["runs"].append({"decoder": "base", "batch_size": bs, **base_speed, **base_q})
         for conf in cfg.confidences:
             res, s, ttft = run_decoder(
-                lambda ids, n, c=conf: generate_batch(model, ids, n or cfg.max_new_tokens, c, no_stop, pad),
+                lambda ids, n, c=conf: generate_batch(
+                    model, ids, n or cfg.max_new_tokens, c, no_stop, pad, cfg.decode
+                ),
                 prompts,
                 bs,
             )

@@ -29,6 +29,27 @@ def _check_mode(decode: str) -> str:
     return decode
 
 
+_DECODERS: dict[tuple, object] = {}
+"""Recently used static decoders (their caches and CUDA graphs are built once per shape)."""
+_KEEP_DECODERS = 4
+_WIDTH_STEP = 32  # prompt widths are rounded up to this, so batches of similar prompts share one
+
+
+def _static_decoder(model, prompts: list[list[int]], max_new_tokens: int, decode: str):
+    """A static decoder for this model, batch size, padded prompt width and length (reused)."""
+    from .static_decode import StaticBaseDecoder, StaticHAMburgerDecoder
+
+    width = -(-max(len(p) for p in prompts) // _WIDTH_STEP) * _WIDTH_STEP
+    param = next(model.parameters())
+    key = (id(model), param.dtype, param.device, decode, len(prompts), width, max_new_tokens)
+    if key not in _DECODERS:
+        while len(_DECODERS) >= _KEEP_DECODERS:
+            _DECODERS.pop(next(iter(_DECODERS)))
+        cls = StaticHAMburgerDecoder if isinstance(model, HAMburgerModel) else StaticBaseDecoder
+        _DECODERS[key] = cls(model, len(prompts), width, max_new_tokens, graphs=decode == "graphed")
+    return _DECODERS[key]
+
+
 def _left_pad(
     prompts: list[list[int]], pad_id: int, device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,10 +80,7 @@ def generate_batch(
     """
     model.eval()
     if _check_mode(decode) != "eager":
-        from .static_decode import StaticHAMburgerDecoder
-
-        width = max(len(p) for p in prompts)
-        dec = StaticHAMburgerDecoder(model, len(prompts), width, max_new_tokens, graphs=decode == "graphed")
+        dec = _static_decoder(model, prompts, max_new_tokens, decode)
         return dec.generate(prompts, eos_token_ids, confidence)
     eos = eos_token_ids or set()
     device = next(model.parameters()).device
@@ -174,10 +192,7 @@ def base_generate_batch(
     the same `decode` modes as generate_batch."""
     base_lm.eval()
     if _check_mode(decode) != "eager":
-        from .static_decode import StaticBaseDecoder
-
-        width = max(len(p) for p in prompts)
-        dec = StaticBaseDecoder(base_lm, len(prompts), width, max_new_tokens, graphs=decode == "graphed")
+        dec = _static_decoder(base_lm, prompts, max_new_tokens, decode)
         return dec.generate(prompts, eos_token_ids)
     eos = eos_token_ids or set()
     device = next(base_lm.parameters()).device
