@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from fastapi import Request  # module level: the endpoints' annotations are resolved by name
 
 from .batcher import BaseStepper, ContinuousBatch, HAMburgerStepper, Sequence
 from .scheduler import QueueFull, Scheduler
@@ -378,7 +379,7 @@ def _overlap(text: str, stop: str) -> int:
 
 # ---------------------------------------------------------------------------- the app
 def create_app(engine: Engine, cfg: ServeConfig, scheduler: Scheduler):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title="HAMburger server")
@@ -471,16 +472,21 @@ def create_app(engine: Engine, cfg: ServeConfig, scheduler: Scheduler):
         }
 
     async def next_event(request: Request, job: Job, want: str | None = None):
-        """The job's next event (or its 'done' event); a disconnected client cancels the job."""
+        """The job's next event (or its 'done' event). The client is checked every 0.25 s, also
+        while events flow: one that disconnected cancels the job (its slot frees at the next
+        macro-step boundary)."""
+        checked = time.monotonic()
         while True:
             try:
                 kind, value = await asyncio.wait_for(job.events.get(), timeout=0.25)
             except asyncio.TimeoutError:
+                kind = None
+            if time.monotonic() - checked >= 0.25:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     job.seq.cancel("disconnected")
-                    raise asyncio.CancelledError from None
-                continue
-            if want is None or kind == want:
+                    raise asyncio.CancelledError
+            if kind is not None and (want is None or kind == want):
                 return kind, value
 
     async def stream(request: Request, job: Job, rid: str, chat: bool):

@@ -1,0 +1,345 @@
+"""The OpenAI-compatible server: continuous batching keeps greedy tokens, bounds answer 4xx.
+
+Servers run in this process (uvicorn on a thread, a free loopback port) over tiny random models
+with SmolLM2's real tokenizer, in float32. Where a test needs requests to overlap, the stepper is
+slowed down by a fixed sleep per macro step (the decoding itself is unchanged).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from helpers import tiny_model_dir
+from launcher import free_port
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from trainer.batcher import ContinuousBatch
+from trainer.model import HAMburgerConfig, HAMburgerModel, base_generate_batch, generate
+from trainer.scheduler import Scheduler
+from trainer.server import ServeConfig, create_app, load_engine
+
+PROMPTS = [
+    "Count from 1 to 9.",
+    "Write a haiku about bread and butter on a cold morning.",
+    "Hi",
+    "What is the capital of France? Answer in one word, then explain why in three sentences.",
+    "List five prime numbers.",
+    "def reverse(s):",
+]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve")
+    base_dir = tiny_model_dir(root / "base", seed=0, layers=2)
+    base = LlamaForCausalLM.from_pretrained(str(base_dir))
+    model = HAMburgerModel(base, HAMburgerConfig(embedder_head_dim=16, micro_layers=1, max_steps=4))
+    torch.manual_seed(7)
+    with torch.no_grad():  # a stop head that sometimes continues: segments of 1..4 tokens
+        model.embedder.o_proj.weight.normal_(0, 0.05)
+        for layer in model.stop_head.net:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0, 0.5)
+    ham = root / "ham"
+    model.save_pretrained(str(ham), tokenizer=AutoTokenizer.from_pretrained(str(base_dir)))
+    eos = base.config.eos_token_id
+    (ham / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": eos, "max_new_tokens": 32, "confidence": 0.5})
+    )
+    return {"ham": ham, "base": base_dir}
+
+
+class RecordingBatch(ContinuousBatch):
+    """Records every macro step's rows (by prompt) and joins that happen while rows are running."""
+
+    def __init__(self, *a, delay_s: float = 0.0, **kw):
+        super().__init__(*a, **kw)
+        self.delay_s, self.steps, self.joins_while_running = delay_s, [], 0
+
+    def join(self, seqs):
+        self.joins_while_running += bool(seqs) and len(self.rows) > 0
+        super().join(seqs)
+
+    def step(self):
+        self.steps.append((time.monotonic(), [tuple(s.prompt_ids) for s in self.rows]))
+        time.sleep(self.delay_s)
+        return super().step()
+
+
+class Server:
+    def __init__(self, folder: Path, delay_s: float = 0.0, **overrides):
+        import uvicorn
+
+        self.cfg = ServeConfig(model=str(folder), port=free_port(), **overrides)
+        self.engine = load_engine(self.cfg.model, name="tiny")
+        pad = self.engine.tokenizer.pad_token_id or 0
+        self.batch = RecordingBatch(self.engine.stepper, self.engine.eos, pad, delay_s=delay_s)
+        self.scheduler = Scheduler(self.batch, self.cfg.max_batch, self.cfg.max_queue).start()
+        app = create_app(self.engine, self.cfg, self.scheduler)
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.cfg.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.cfg.port}"
+
+    def post(self, path: str, body: dict, **kw) -> requests.Response:
+        return requests.post(self.url + path, json=body, timeout=kw.pop("timeout", 60), **kw)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.scheduler.close()
+
+
+@pytest.fixture
+def server_factory():
+    made = []
+
+    def make(folder, **kw) -> Server:
+        made.append(Server(folder, **kw))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def reference(engine, prompt: str, max_new: int, confidence: float) -> tuple[str, int, int]:
+    ids = engine.tokenizer(prompt)["input_ids"]
+    res = generate(engine.stepper.model, ids, max_new, confidence, engine.eos)
+    return engine.tokenizer.decode(res.tokens, skip_special_tokens=True), len(res.tokens), res.base_forwards
+
+
+def test_greedy_output_equals_generate_with_requests_arriving_mid_run(folders, server_factory):
+    srv = server_factory(folders["ham"], delay_s=0.01, max_batch=4)
+    jobs = [(p, 8 + 5 * i, (0.3, 0.5, 0.7, 0.9)[i % 4]) for i, p in enumerate(PROMPTS)]
+    answers: dict[int, dict] = {}
+
+    def ask(i: int) -> None:
+        p, n, c = jobs[i]
+        r = srv.post("/v1/completions", {"prompt": p, "max_tokens": n, "confidence": c})
+        answers[i] = r.json() if r.status_code == 200 else {"status": r.status_code, "body": r.text}
+
+    threads = []
+    for i in range(len(jobs)):  # staggered: each arrives while earlier ones are decoding
+        threads.append(threading.Thread(target=ask, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.06)
+    for t in threads:
+        t.join(60)
+    assert srv.batch.joins_while_running >= 2, (answers, srv.batch.steps)
+    assert max(len(rows) for _, rows in srv.batch.steps) >= 3
+    for i, (p, n, c) in enumerate(jobs):
+        text, tokens, steps = reference(srv.engine, p, n, c)
+        a = answers[i]
+        assert a["choices"][0]["text"] == text, (i, a)
+        assert a["usage"]["completion_tokens"] == tokens and a["hamburger"]["macro_steps"] == steps
+        assert a["hamburger"]["tokens_per_macro_step"] == pytest.approx(tokens / steps, abs=1e-4)
+    multi = [a for a in answers.values() if a["hamburger"]["tokens_per_macro_step"] > 1]
+    assert multi, "the test model must emit multi-token segments"
+
+
+def test_base_server_batches_the_same_way(folders, server_factory):
+    srv = server_factory(folders["base"], delay_s=0.01, max_batch=3)
+    answers: dict[int, dict] = {}
+
+    def ask(i: int) -> None:
+        answers[i] = srv.post("/v1/completions", {"prompt": PROMPTS[i], "max_tokens": 6 + 3 * i}).json()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+        time.sleep(0.04)
+    for t in threads:
+        t.join(60)
+    tok, lm = srv.engine.tokenizer, srv.engine.stepper.lm
+    for i in range(5):
+        ids = tok(PROMPTS[i])["input_ids"]
+        ref = base_generate_batch(lm, [ids], 6 + 3 * i, srv.engine.eos)[0]
+        assert answers[i]["choices"][0]["text"] == tok.decode(ref.tokens, skip_special_tokens=True)
+        assert answers[i]["hamburger"]["tokens_per_macro_step"] == 1.0
+    assert srv.batch.joins_while_running >= 1
+    r = srv.post("/v1/completions", {"prompt": "x", "confidence": 0.5})
+    assert r.status_code == 400 and "base model" in r.json()["error"]["message"]
+
+
+def test_streaming_gives_the_same_text_and_stop_strings_cut_both(folders, server_factory):
+    srv = server_factory(folders["ham"])
+    for body in (
+        {"prompt": PROMPTS[1], "max_tokens": 30, "confidence": 0.5},
+        {"prompt": PROMPTS[0], "max_tokens": 30, "confidence": 0.3},
+    ):
+        plain = srv.post("/v1/completions", body).json()["choices"][0]
+        full = plain["text"]
+        cut = full[len(full) // 2 : len(full) // 2 + 3]  # a stop string from the middle of the output
+        for extra in ({}, {"stop": [cut]}):
+            ref = srv.post("/v1/completions", {**body, **extra}).json()["choices"][0]
+            r = srv.post("/v1/completions", {**body, **extra, "stream": True}, stream=True)
+            events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            assert "".join(c["choices"][0]["text"] for c in chunks) == ref["text"]
+            assert chunks[-1]["choices"][0]["finish_reason"] == ref["finish_reason"]
+            if extra:
+                assert ref["text"] == full[: full.index(cut)] and ref["finish_reason"] == "stop"
+
+
+def test_openai_client_completion_chat_and_stream(folders, server_factory):
+    openai = pytest.importorskip("openai")
+    srv = server_factory(folders["ham"])
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    c = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    text, tokens, _ = reference(srv.engine, PROMPTS[0], 12, 0.5)
+    assert c.choices[0].text == text and c.usage.completion_tokens == tokens
+    messages = [{"role": "user", "content": PROMPTS[3]}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    ids = srv.engine.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    res = generate(srv.engine.stepper.model, list(ids["input_ids"]), 10, 0.5, srv.engine.eos)
+    assert chat.choices[0].message.content == srv.engine.tokenizer.decode(
+        res.tokens, skip_special_tokens=True
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == len(res.tokens)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, usage = [], None
+    for ev in stream:
+        parts += [ch.delta.content or "" for ch in ev.choices]
+        usage = ev.usage or usage
+    assert "".join(parts) == chat.choices[0].message.content and usage.completion_tokens == len(res.tokens)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=0.7)
+
+
+@pytest.fixture(scope="module")
+def capped_server(folders):
+    srv = Server(folders["ham"], max_tokens_cap=400)
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        ({"prompt": "x", "max_tokens": 401}, 400, "max_tokens: 401 is over this server's cap of 400"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens: must be an integer >= 1"),
+        ({"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens: must be an integer"),
+        ({"prompt": None}, 400, "prompt: required"),
+        ({"max_tokens": 3}, 400, "prompt: required"),
+        ({"prompt": ["a", "b"]}, 400, "one prompt per request"),
+        ({"prompt": [1, 10**9]}, 400, "prompt: token ids must lie in"),
+        ({"prompt": "x", "confidence": 0}, 400, "confidence: must be a number in (0, 1]"),
+        ({"prompt": "x", "confidence": 1.5}, 400, "confidence: must be a number in (0, 1]"),
+        ({"prompt": "x", "temperature": 1}, 400, "temperature: only 0"),
+        ({"prompt": "x", "n": 2}, 400, "n: only 1 is supported"),
+        ({"prompt": "x", "stop": [""]}, 400, "stop: a non-empty string"),
+        ({"prompt": "x", "bogus": 1}, 400, "bogus: unknown field"),
+        ({"prompt": "x", "stream": "yes"}, 400, "stream: must be true or false"),
+        ({"prompt": "x", "model": "other"}, 404, "'other' is not served here"),
+        ({"prompt": "x", "timeout": -1}, 400, "timeout: seconds in"),
+        ({"prompt": "x " * 600, "max_tokens": 400}, 400, "exceeds the model's context of 512"),
+        ([1, 2], 400, "the body must be a JSON object"),
+    ],
+)
+def test_bad_requests_are_4xx_with_the_field_named(capped_server, body, status, fragment):
+    r = capped_server.post("/v1/completions", body)
+    assert r.status_code == status and fragment in r.json()["error"]["message"], r.text
+
+
+def test_malformed_and_oversized_bodies(folders, server_factory):
+    srv = server_factory(folders["ham"])
+    r = requests.post(srv.url + "/v1/completions", data=b"{not json", timeout=10)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = requests.post(srv.url + "/v1/completions", data=b"x" * (2 << 20), timeout=10)
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+    r = srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]})
+    assert r.status_code == 400 and "messages[0].content" in r.json()["error"]["message"]
+    assert requests.get(srv.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def _slow_request(srv: Server, prompt: str, out: dict, key: str, **extra) -> threading.Thread:
+    def go():
+        r = srv.post("/v1/completions", {"prompt": prompt, "max_tokens": 300, **extra})
+        out[key] = (r.status_code, r.json())
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t
+
+
+def _wait_running(srv: Server, n: int, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while srv.scheduler.stats()["running"] + srv.scheduler.stats()["waiting"] < n:
+        assert time.monotonic() < end, srv.scheduler.stats()
+        time.sleep(0.01)
+
+
+def test_queue_full_is_429_and_a_deadline_frees_the_slot_within_one_macro_step(folders, server_factory):
+    srv = server_factory(folders["ham"], delay_s=0.05, max_batch=1, max_queue=1)
+    out: dict = {}
+    a = _slow_request(srv, PROMPTS[0], out, "a", timeout=1.0)  # runs, then passes its deadline
+    _wait_running(srv, 1)
+    b = _slow_request(srv, PROMPTS[1], out, "b", max_tokens=4)  # waits for a's slot
+    _wait_running(srv, 2)
+    r = srv.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 429 and "queue is full" in r.json()["error"]["message"]
+    a.join(30)
+    b.join(30)
+    assert out["a"][0] == 504 and "deadline of 1 s" in out["a"][1]["error"]["message"]
+    assert out["b"][0] == 200 and out["b"][1]["usage"]["completion_tokens"] >= 1
+    first_b = _assert_handover(srv, PROMPTS[0], PROMPTS[1])
+    a_ids = tuple(srv.engine.tokenizer(PROMPTS[0])["input_ids"])
+    a_times = [t for t, rows in srv.batch.steps if a_ids in rows]
+    assert a_times[-1] - a_times[0] < 1.0 + 0.2 and first_b > 0  # freed within a step of its deadline
+
+
+def test_disconnected_client_frees_its_slot_within_one_macro_step(folders, server_factory):
+    srv = server_factory(folders["ham"], delay_s=0.05, max_batch=1, max_queue=4)
+    out: dict = {}
+    body = {"prompt": PROMPTS[2], "max_tokens": 300, "stream": True}
+    r = requests.post(srv.url + "/v1/completions", json=body, stream=True, timeout=30)
+    lines = r.iter_lines()
+    next(lines), next(lines)  # a streaming client that reads a little, then hangs up
+    b = _slow_request(srv, PROMPTS[4], out, "b", max_tokens=3)
+    _wait_running(srv, 2)
+    r.close()
+    gone = time.monotonic()
+    b.join(30)
+    assert out["b"][0] == 200
+    first_b = _assert_handover(srv, PROMPTS[2], PROMPTS[4])
+    assert srv.batch.steps[first_b][0] - gone < 1.5, "the slot was not freed promptly"
+    # a non-streaming client that gives up (read timeout) frees its slot too
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        srv.post("/v1/completions", {"prompt": PROMPTS[5], "max_tokens": 300}, timeout=0.5)
+    end = time.monotonic() + 3
+    while srv.scheduler.stats()["running"] and time.monotonic() < end:
+        time.sleep(0.05)
+    assert srv.scheduler.stats()["running"] == 0
+
+
+def _assert_handover(srv: Server, first: str, second: str) -> int:
+    """The step after `first`'s last step already runs `second` (it was waiting): the freed slot
+    was refilled at the next macro-step boundary. Returns the index of `second`'s first step."""
+    ids = {p: tuple(srv.engine.tokenizer(p)["input_ids"]) for p in (first, second)}
+    steps = [rows for _, rows in srv.batch.steps]
+    last_a = max(i for i, rows in enumerate(steps) if ids[first] in rows)
+    first_b = min(i for i, rows in enumerate(steps) if ids[second] in rows)
+    assert first_b == last_a + 1, [len(r) for r in steps[last_a - 1 : first_b + 1]]
+    return first_b
