@@ -343,7 +343,9 @@ def model_card(ckpt: Path, info: dict, base_only: bool, confidence: float) -> st
 
 
 def register_model(path: Path, name: str, info: dict, ckpt: Path, tracking_uri: str = "") -> dict:
-    """Log the folder to the training run as a pyfunc and register it; lineage goes in tags."""
+    """Log the folder to the training run as a pyfunc and register it; lineage goes in tags.
+
+    The pyfunc is logged as MLflow "models from code" (trainer/pyfunc_model.py) with a signature."""
     import os
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -351,7 +353,7 @@ def register_model(path: Path, name: str, info: dict, ckpt: Path, tracking_uri: 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     import mlflow
 
-    from .serving import HAMburgerPyfunc
+    from .serving import pyfunc_spec
 
     run_info_file = ckpt.parent.parent / "run_info.json"
     uri = tracking_uri or (
@@ -374,8 +376,7 @@ def register_model(path: Path, name: str, info: dict, ckpt: Path, tracking_uri: 
         with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run():
             model_info = mlflow.pyfunc.log_model(
                 name="hamburger_model",
-                python_model=HAMburgerPyfunc(),
-                artifacts={"model": str(path)},
+                **pyfunc_spec(path),  # models from code: loading runs trainer/pyfunc_model.py, no pickle
                 registered_model_name=name,
                 pip_requirements=_pip_requirements(),
             )

@@ -22,14 +22,14 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from fastapi import Request  # module level: the endpoints' annotations are resolved by name
 
-from .batcher import BaseStepper, ContinuousBatch, HAMburgerStepper, Sequence
+from .batcher import Sequence
 from .scheduler import QueueFull, Scheduler
+from .serving import Engine, load_engine
 
 MAX_BODY_BYTES = 1 << 20
 MAX_STOPS = 4
@@ -92,61 +92,6 @@ class APIError(Exception):
         return {
             "error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}
         }
-
-
-@dataclass
-class Engine:
-    """A loaded model with what the HTTP layer needs to know about it."""
-
-    stepper: object
-    tokenizer: object
-    eos: set[int]
-    name: str
-    kind: str
-    max_positions: int
-    default_max_tokens: int
-    default_confidence: float | None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    def batch(self) -> ContinuousBatch:
-        pad = self.tokenizer.pad_token_id
-        return ContinuousBatch(self.stepper, self.eos, pad if pad is not None else 0, self.device)
-
-
-def load_engine(spec: str, dtype: str = "float32", device: str = "", name: str = "") -> Engine:
-    """A HAMburger folder, a plain HF causal-LM folder, or an MLflow model URI."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .model import HAMburgerModel
-    from .serving import DEFAULT_CONFIDENCE, resolve_folder
-
-    path = resolve_folder(spec)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = getattr(torch, dtype)
-    cfg = json.loads((path / "config.json").read_text())
-    gen_file = path / "generation_config.json"
-    defaults = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if cfg.get("model_type") == "hamburger":
-        model = HAMburgerModel.from_pretrained(str(path), dtype=dt).to(dev).eval()
-        stepper, kind, base_cfg = HAMburgerStepper(model), "hamburger", model.base.config
-        confidence = defaults.get("confidence", DEFAULT_CONFIDENCE)
-    else:
-        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt).to(dev).eval()
-        stepper, kind, base_cfg, confidence = BaseStepper(lm), "base", lm.config, None
-    eos = defaults.get("eos_token_id", tokenizer.eos_token_id)
-    eos_set = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
-    return Engine(
-        stepper=stepper,
-        tokenizer=tokenizer,
-        eos=eos_set,
-        name=name or path.name,
-        kind=kind,
-        max_positions=int(getattr(base_cfg, "max_position_embeddings", 1 << 30)),
-        default_max_tokens=int(defaults.get("max_new_tokens", 256)),
-        default_confidence=confidence,
-        device=dev,
-    )
 
 
 # ---------------------------------------------------------------------------- request parsing

@@ -1,21 +1,33 @@
-"""Loading an exported model to generate text: the one-line loader and the MLflow pyfunc.
+"""Loading an exported model to generate text: the one-line loader, the serving engine and the
+MLflow pyfunc.
 
 from trainer.serving import load
 gen = load("exports/my-model")          # or an MLflow URI: "models:/NAME/VERSION"
 gen.generate("Write a haiku about bread.")
+
+`load_engine` loads a HAMburger folder or a plain HF folder (the base) for continuous batching
+(trainer/batcher.py); the OpenAI server (trainer/server.py) and the pyfunc both use it. The
+pyfunc is logged as MLflow "models from code" (trainer/pyfunc_model.py): loading a registered
+model runs this project's code, never an unpickled object.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .batcher import BaseStepper, ContinuousBatch, HAMburgerStepper, Sequence, decode_all
 from .model import HAMburgerModel, generate
 
 DEFAULT_CONFIDENCE = 0.9
+MAX_NEW_TOKENS_CAP = 1024
+"""The pyfunc's cap on max_new_tokens (a request over it is refused, never run)."""
+PYFUNC_MAX_BATCH = 16
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 @dataclass
@@ -44,13 +56,7 @@ class HAMburgerGenerator:
         self.eos = set(eos if isinstance(eos, list) else [eos])
 
     def encode(self, prompt: str | list[dict]) -> list[int]:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        if getattr(self.tokenizer, "chat_template", None):
-            out = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-            return list(out["input_ids"])
-        return self.tokenizer(messages[-1]["content"])["input_ids"]
+        return encode_prompt(self.tokenizer, prompt)
 
     def generate(
         self, prompt: str | list[dict], max_new_tokens: int | None = None, confidence: float | None = None
@@ -60,6 +66,17 @@ class HAMburgerGenerator:
         res = generate(self.model, self.encode(prompt), max_new, conf, self.eos)
         text = self.tokenizer.decode(res.tokens, skip_special_tokens=True)
         return Generation(text=text, tokens=len(res.tokens), macro_steps=res.base_forwards)
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """A string is one user turn through the chat template (when the tokenizer has one)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(out["input_ids"])
+    return tokenizer(messages[-1]["content"])["input_ids"]
 
 
 def is_uri(spec: str) -> bool:
@@ -93,41 +110,183 @@ def load(path_or_uri: str, **kw) -> HAMburgerGenerator:
     return HAMburgerGenerator(path, **kw)
 
 
+@dataclass
+class Engine:
+    """A loaded model (HAMburger or plain base) with what serving needs to know about it."""
+
+    stepper: object
+    tokenizer: object
+    eos: set[int]
+    name: str
+    kind: str
+    max_positions: int
+    default_max_tokens: int
+    default_confidence: float | None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def batch(self) -> ContinuousBatch:
+        pad = self.tokenizer.pad_token_id
+        return ContinuousBatch(self.stepper, self.eos, pad if pad is not None else 0, self.device)
+
+
+def load_engine(spec: str, dtype: str = "float32", device: str = "", name: str = "") -> Engine:
+    """A HAMburger folder, a plain HF causal-LM folder, or an MLflow model URI."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_folder(spec)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = getattr(torch, dtype)
+    cfg = json.loads((path / "config.json").read_text())
+    gen_file = path / "generation_config.json"
+    defaults = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if cfg.get("model_type") == "hamburger":
+        model = HAMburgerModel.from_pretrained(str(path), dtype=dt).to(dev).eval()
+        stepper, kind, base_cfg = HAMburgerStepper(model), "hamburger", model.base.config
+        confidence = defaults.get("confidence", DEFAULT_CONFIDENCE)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt).to(dev).eval()
+        stepper, kind, base_cfg, confidence = BaseStepper(lm), "base", lm.config, None
+    eos = defaults.get("eos_token_id", tokenizer.eos_token_id)
+    eos_set = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
+    return Engine(
+        stepper=stepper,
+        tokenizer=tokenizer,
+        eos=eos_set,
+        name=name or path.name,
+        kind=kind,
+        max_positions=int(getattr(base_cfg, "max_position_embeddings", 1 << 30)),
+        default_max_tokens=int(defaults.get("max_new_tokens", 256)),
+        default_confidence=confidence,
+        device=dev,
+    )
+
+
+def pyfunc_signature():
+    """Input: `prompt` (string), optional `max_new_tokens` and `confidence`. max_new_tokens is
+    declared double on purpose: a row that omits it arrives as NaN (and gets the default) and 2.5
+    arrives as 2.5 (and is refused); a long column would fail the whole request on the first and
+    silently truncate the second."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = Schema(
+        [
+            ColSpec("string", "prompt"),
+            ColSpec("double", "max_new_tokens", required=False),
+            ColSpec("double", "confidence", required=False),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec("string", "text"),
+            ColSpec("long", "tokens"),
+            ColSpec("long", "macro_steps"),
+            ColSpec("double", "tokens_per_step"),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def pyfunc_spec(folder: str | Path) -> dict:
+    """Keyword arguments of mlflow.pyfunc.log_model / save_model for a model folder: models from
+    code (the file trainer/pyfunc_model.py, no pickle), the folder as an artifact, the signature."""
+    return {
+        "python_model": str(MODEL_CODE),
+        "artifacts": {"model": str(folder)},
+        "signature": pyfunc_signature(),
+    }
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _bad_input(message: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)  # a 400 under `mlflow models serve`
+
+
+def check_max_new_tokens(v, where: str) -> int:
+    ok = (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer()
+    )
+    if not ok or not 1 <= v <= MAX_NEW_TOKENS_CAP:
+        raise _bad_input(
+            f"{where}: max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_CAP}], got {v!r}"
+        )
+    return int(v)
+
+
+def check_confidence(v, where: str) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or not 0 < v <= 1:
+        raise _bad_input(f"{where}: confidence must be a number in (0, 1], got {v!r}")
+    return float(v)
+
+
+def pyfunc_rows(model_input) -> list[dict]:
+    """Rows as dicts from a DataFrame, a list of strings or dicts, or one string."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if "prompt" not in model_input.columns:
+            raise _bad_input(f"the input has no `prompt` column (columns: {list(model_input.columns)})")
+        return model_input.to_dict("records")
+    items = model_input if isinstance(model_input, list) else [model_input]
+    return [item if isinstance(item, dict) else {"prompt": item} for item in items]
+
+
 try:
     import mlflow.pyfunc
 
     class HAMburgerPyfunc(mlflow.pyfunc.PythonModel):
         """Text in, text out plus tokens-per-step stats. Input: a DataFrame with a `prompt`
-        column (optional `max_new_tokens`, `confidence` columns), or a list of strings."""
+        column (optional `max_new_tokens`, `confidence` columns), or a list of strings.
+        Request-level `params` (max_new_tokens, confidence) fill rows that omit a field. All
+        rows are validated first (a bad one fails the request with a 400 naming row and field),
+        then decoded together by continuous batching, each row with its own settings."""
 
         def load_context(self, context) -> None:
-            self.generator = HAMburgerGenerator(context.artifacts["model"])
+            self.engine = load_engine(context.artifacts["model"])
+
+        def _sequence(self, i: int, row: dict, params: dict) -> Sequence:
+            prompt = row.get("prompt")
+            if _missing(prompt) or not isinstance(prompt, str) or not prompt:
+                raise _bad_input(f"row {i}: prompt must be a non-empty string, got {prompt!r}")
+            n = row.get("max_new_tokens")
+            n = params.get("max_new_tokens") if _missing(n) else n
+            n = min(self.engine.default_max_tokens, MAX_NEW_TOKENS_CAP) if _missing(n) else n
+            conf = row.get("confidence")
+            conf = params.get("confidence") if _missing(conf) else conf
+            if _missing(conf):
+                conf = self.engine.default_confidence if self.engine.default_confidence is not None else 1.0
+            ids = encode_prompt(self.engine.tokenizer, prompt)
+            return Sequence(ids, check_max_new_tokens(n, f"row {i}"), check_confidence(conf, f"row {i}"))
 
         def predict(self, context, model_input, params=None):
             import pandas as pd
 
-            params = params or {}
-            if isinstance(model_input, pd.DataFrame):
-                rows = model_input.to_dict("records")
-            else:
-                rows = [
-                    {"prompt": p} for p in (model_input if isinstance(model_input, list) else [model_input])
-                ]
-            out = []
-            for row in rows:
-                g = self.generator.generate(
-                    str(row["prompt"]),
-                    max_new_tokens=int(row.get("max_new_tokens") or params.get("max_new_tokens") or 128),
-                    confidence=row.get("confidence") or params.get("confidence"),
-                )
-                out.append(
+            params = dict(params or {})
+            for key, check in (("max_new_tokens", check_max_new_tokens), ("confidence", check_confidence)):
+                if not _missing(params.get(key)):
+                    params[key] = check(params[key], "params")
+            seqs = [self._sequence(i, row, params) for i, row in enumerate(pyfunc_rows(model_input))]
+            decode_all(self.engine.batch(), seqs, PYFUNC_MAX_BATCH)
+            tok = self.engine.tokenizer
+            return pd.DataFrame(
+                [
                     {
-                        "text": g.text,
-                        "tokens": g.tokens,
-                        "macro_steps": g.macro_steps,
-                        "tokens_per_step": g.tokens_per_step,
+                        "text": tok.decode(s.tokens, skip_special_tokens=True),
+                        "tokens": len(s.tokens),
+                        "macro_steps": s.macro_steps,
+                        "tokens_per_step": s.tokens_per_step,
                     }
-                )
-            return pd.DataFrame(out)
+                    for s in seqs
+                ],
+                columns=["text", "tokens", "macro_steps", "tokens_per_step"],
+            )
 except ImportError:  # mlflow is a dependency; this keeps the loader usable without it
     HAMburgerPyfunc = None  # type: ignore[assignment,misc]
