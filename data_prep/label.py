@@ -2,7 +2,9 @@
 predictive distribution and the probability of the actual token.
 
 Batches are sorted by length so that padding stays small; the LM head runs only on response
-positions (the prompt's logits are never needed).
+positions (the prompt's logits are never needed), a chunk of positions at a time: the fp32
+logits of a whole batch would not fit (65,536 tokens x a 128k vocabulary is 31 GiB per
+tensor), while a chunk of `chunk_elements` logits bounds the extra memory whatever the batch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -47,11 +48,37 @@ def length_batches(lengths: list[int], batch_tokens: int, max_padding: float = 0
     return batches
 
 
+CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk: 128 MiB (256 positions at a 128k vocabulary)
+
+
+def entropy_and_prob(
+    hidden: torch.Tensor, lm_head, targets: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: entropy of softmax(lm_head(h)) and the probability of its target, in fp32.
+
+    Positions go through the LM head `chunk_elements // vocab` at a time (a loop over chunks,
+    not tokens), so peak extra memory is a few chunk-sized tensors, independent of batch size."""
+    vocab = lm_head.weight.shape[0]
+    rows = max(1, chunk_elements // vocab)
+    entropy = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    prob = torch.empty_like(entropy)
+    for start in range(0, hidden.shape[0], rows):
+        z = lm_head(hidden[start : start + rows]).float()
+        lse = torch.logsumexp(z, dim=-1)
+        p = torch.exp(z - lse[:, None])
+        entropy[start : start + rows] = lse - torch.einsum("ij,ij->i", p, z)
+        picked = z.gather(1, targets[start : start + rows, None]).squeeze(1)
+        prob[start : start + rows] = torch.exp(picked - lse)
+        del z, p
+    return entropy, prob
+
+
 class Scorer:
-    def __init__(self, model, device: torch.device, pad_id: int = 0):
+    def __init__(self, model, device: torch.device, pad_id: int = 0, chunk_elements: int = CHUNK_ELEMENTS):
         self.model = model.eval()
         self.device = device
         self.pad_id = pad_id
+        self.chunk_elements = chunk_elements
         self.stats = BatchStats()
 
     @torch.no_grad()
@@ -80,9 +107,9 @@ class Scorer:
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
         ).last_hidden_state
         r, c = torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)
-        logp = F.log_softmax(self.model.lm_head(hidden[r, c]).float(), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        prob = logp.gather(1, torch.cat(targets).to(self.device)[:, None]).squeeze(1).exp()
+        entropy, prob = entropy_and_prob(
+            hidden[r, c], self.model.lm_head, torch.cat(targets).to(self.device), self.chunk_elements
+        )
         entropy, prob = entropy.cpu().numpy(), prob.cpu().numpy()
         out, start = [], 0
         for x, p in batch:

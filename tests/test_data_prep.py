@@ -405,3 +405,35 @@ def test_rows_read_back_by_locator_equal_a_direct_read(tmp_path):
         assert len(src) == 7 and src.locator.dtype == np.int64
         got = [(c.messages[-1]["content"], c.response) for c in src.rows[::-1]]  # any order
         assert got == [(r["q"], r["a"]) for r in rows[::-1]], cfg.path or cfg.hf_name
+
+
+def test_scoring_memory_is_bounded_by_the_chunk_and_equals_the_reference():
+    """Issue 11.2: the LM head runs on a chunk of positions at a time, so the largest logits
+    tensor is chunk-sized however big the batch; values equal a plain per-sample forward."""
+    import random
+
+    from conftest import tiny_base
+
+    from data_prep.label import Scorer
+
+    vocab = 4096
+    model = tiny_base(seed=3, vocab_size=vocab, num_hidden_layers=2)
+    rng = random.Random(0)
+    samples = [([rng.randrange(3, vocab) for _ in range(n)], 7) for n in (60, 55, 48, 40, 33, 20)]
+    response_tokens = sum(len(ids) - p for ids, p in samples)
+    seen: list[tuple[int, int]] = []
+    hook = model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    chunk_rows = 16
+    scorer = Scorer(model, torch.device("cpu"), pad_id=2, chunk_elements=chunk_rows * vocab)
+    scores = scorer.score(samples, batch_tokens=4096)
+    hook.remove()
+    assert max(rows for rows, _ in seen) <= chunk_rows  # never a whole batch of logits
+    assert sum(rows for rows, _ in seen) == response_tokens
+    assert len(seen) >= response_tokens // chunk_rows  # the batch really was bigger than a chunk
+    with torch.no_grad():
+        for (ids, p), sc in zip(samples, scores, strict=True):
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, p - 1 : -1].float(), -1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            prob = logp.gather(1, torch.tensor(ids[p:])[:, None]).squeeze(1).exp()
+            np.testing.assert_allclose(sc.entropy, entropy.numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(sc.prob, prob.numpy(), rtol=1e-4, atol=1e-7)
