@@ -343,3 +343,98 @@ def _assert_handover(srv: Server, first: str, second: str) -> int:
     first_b = min(i for i, rows in enumerate(steps) if ids[second] in rows)
     assert first_b == last_a + 1, [len(r) for r in steps[last_a - 1 : first_b + 1]]
     return first_b
+
+
+# ---------------------------------------------------------------------------- the MLflow pyfunc
+@pytest.fixture(scope="module")
+def pyfunc_model(folders, tmp_path_factory):
+    import mlflow.pyfunc
+
+    from trainer.serving import pyfunc_spec
+
+    path = tmp_path_factory.mktemp("pyfunc") / "model"
+    mlflow.pyfunc.save_model(str(path), **pyfunc_spec(folders["ham"]))
+    return path
+
+
+def test_pyfunc_is_models_from_code_with_a_signature(pyfunc_model):
+    import yaml
+
+    assert not list(pyfunc_model.rglob("*.pkl")), "the model must not be a pickled object"
+    flavor = yaml.safe_load((pyfunc_model / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["model_code_path"].endswith("pyfunc_model.py")
+    sig = yaml.safe_load((pyfunc_model / "MLmodel").read_text())["signature"]
+    assert [c["name"] for c in json.loads(sig["inputs"])] == ["prompt", "max_new_tokens", "confidence"]
+
+
+def test_pyfunc_decodes_rows_as_one_batch_with_defaults_for_omitted_fields(folders, pyfunc_model):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from trainer.serving import HAMburgerGenerator
+
+    model = mlflow.pyfunc.load_model(str(pyfunc_model))
+    rows = [
+        {"prompt": PROMPTS[0], "max_new_tokens": 9, "confidence": 0.3},
+        {"prompt": PROMPTS[1]},  # both optional fields omitted: the defaults, never NaN
+        {"prompt": PROMPTS[2], "confidence": 0.7},
+        {"prompt": PROMPTS[3], "max_new_tokens": 5},
+    ]
+    out = model.predict(pd.DataFrame(rows))
+    gen = HAMburgerGenerator(folders["ham"])
+    for row, (_, got) in zip(rows, out.iterrows(), strict=True):
+        ref = gen.generate(row["prompt"], row.get("max_new_tokens", 32), row.get("confidence", 0.5))
+        assert (got["text"], got["tokens"], got["macro_steps"]) == (ref.text, ref.tokens, ref.macro_steps)
+
+
+@pytest.mark.parametrize(
+    "records, fragment",
+    [
+        ([{"prompt": None, "max_new_tokens": 3}], "row 0: prompt must be a non-empty string, got None"),
+        ([{"prompt": "a"}, {"max_new_tokens": 3}], "row 1: prompt must be a non-empty string"),
+        (
+            [{"prompt": "a", "max_new_tokens": 2.5}],
+            "row 0: max_new_tokens must be an integer in [1, 1024], got 2.5",
+        ),
+        ([{"prompt": "a", "max_new_tokens": 0}], "row 0: max_new_tokens must be an integer"),
+        ([{"prompt": "a", "max_new_tokens": 10**9}], "row 0: max_new_tokens must be an integer in [1, 1024]"),
+        (
+            [{"prompt": "a"}, {"prompt": "b", "confidence": 1.5}],
+            "row 1: confidence must be a number in (0, 1]",
+        ),
+        ([{"prompt": "a", "confidence": 0}], "row 0: confidence must be a number in (0, 1]"),
+    ],
+)
+def test_pyfunc_rest_input_is_validated_naming_row_and_field(pyfunc_model, records, fragment):
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    model = _loaded(pyfunc_model)
+    body = json.dumps({"dataframe_records": records})
+    with pytest.raises(MlflowException) as e:  # what `mlflow models serve` runs for POST /invocations
+        scoring_server.invocations(body, "application/json", model, model.metadata.get_input_schema())
+    assert e.value.get_http_status_code() == 400 and fragment in e.value.message
+
+
+def test_pyfunc_rest_rows_omitting_optional_fields_get_defaults(pyfunc_model):
+    from mlflow.pyfunc import scoring_server
+
+    model = _loaded(pyfunc_model)
+    records = [{"prompt": "a", "max_new_tokens": 3}, {"prompt": "b"}, {"prompt": "c", "confidence": 0.9}]
+    body = json.dumps({"dataframe_records": records, "params": {"max_new_tokens": 4}})
+    r = scoring_server.invocations(body, "application/json", model, model.metadata.get_input_schema())
+    assert r.status == 200, r.response
+    rows = json.loads(r.response)["predictions"]
+    assert [row["tokens"] for row in rows] == [3, 4, 4]  # random tiny model: no EOS this early
+
+
+_LOADED: dict = {}
+
+
+def _loaded(path):
+    """The pyfunc loaded once per module (loading runs trainer/pyfunc_model.py)."""
+    import mlflow.pyfunc
+
+    if str(path) not in _LOADED:
+        _LOADED[str(path)] = mlflow.pyfunc.load_model(str(path))
+    return _LOADED[str(path)]

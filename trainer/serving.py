@@ -166,9 +166,9 @@ def pyfunc_signature():
     """Input: `prompt` (string), optional `max_new_tokens` and `confidence`. max_new_tokens is
     declared double on purpose: a row that omits it arrives as NaN (and gets the default) and 2.5
     arrives as 2.5 (and is refused); a long column would fail the whole request on the first and
-    silently truncate the second."""
+    silently truncate the second. Request-level params (same names) fill rows that omit them."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema(
         [
@@ -185,7 +185,8 @@ def pyfunc_signature():
             ColSpec("double", "tokens_per_step"),
         ]
     )
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    params = ParamSchema([ParamSpec("max_new_tokens", "long", None), ParamSpec("confidence", "double", None)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def pyfunc_spec(folder: str | Path) -> dict:
