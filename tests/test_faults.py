@@ -173,3 +173,39 @@ def test_resume_into_a_run_with_other_data_is_refused_and_leaves_it_untouched(se
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "this run is finished" in proc.stdout
     assert (run / "metrics.jsonl").read_bytes() == before[run / "metrics.jsonl"]
+
+
+# ---------------------------------------------------------------- hygiene: artifacts, model-written code
+def test_run_artifacts_stay_beside_the_run_store(baseline):
+    import mlflow
+
+    info = json.loads((baseline / "run_info.json").read_text())
+    run = mlflow.MlflowClient(info["tracking_uri"]).get_run(info["run_id"])
+    assert run.info.artifact_uri.startswith((baseline / "mlartifacts").resolve().as_uri())
+    assert (baseline / "mlartifacts").is_dir()
+    root = Path(__file__).resolve().parents[1]  # the folder training was launched from
+    assert not list(root.glob(f"mlruns/*/{info['run_id']}")), "the run's artifacts left its output folder"
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return status.is_file() and "\nState:\tZ" not in status.read_text()
+
+
+def test_model_written_code_runs_in_a_throwaway_folder_and_dies_whole(tmp_path, monkeypatch):
+    from trainer.evaluate import passes_tests
+
+    monkeypatch.chdir(tmp_path)
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import subprocess, pathlib\n"
+        "pathlib.Path('written_by_model.txt').write_text('x')\n"
+        "p = subprocess.Popen(['sleep', '60'])\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(p.pid))\n"
+        "def f():\n    import time; time.sleep(60)\n"
+    )
+    assert not passes_tests(code, "def check(g):\n    g()", "f", 2.0)
+    assert not (tmp_path / "written_by_model.txt").exists()  # it wrote into its own temporary folder
+    pid = int(pid_file.read_text())
+    assert not _alive(pid), "a process started by model-written code outlived the timeout"
+    assert passes_tests("def f():\n    return 1", "def check(g):\n    assert g() == 1", "f", 5.0)

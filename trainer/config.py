@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from .configio import ConfigError, check_range
 from .model.config import HAMburgerConfig
 
 
@@ -104,26 +106,38 @@ class TrainConfig:
     """Collective timeout: a rank that stops answering fails the job after this, naming itself."""
 
     def validate(self) -> None:
+        """Every value that could make a run meaningless is refused here, naming its key."""
         self.model.hamburger.validate()
         if not (self.data.path or self.data.prep_config):
-            raise ValueError("data: set data.path (a prep folder) or data.prep_config (a prep YAML)")
-        if self.data.tokens_per_batch < 1 or self.data.row_capacity < 1:
-            raise ValueError("data.tokens_per_batch and data.row_capacity must be >= 1")
-        if self.data.row_capacity > self.data.tokens_per_batch:
-            raise ValueError(
-                f"data.row_capacity ({self.data.row_capacity}) must not exceed data.tokens_per_batch "
-                f"({self.data.tokens_per_batch})"
-            )
-        if self.optim.grad_accum < 1:
-            raise ValueError(f"optim.grad_accum must be >= 1, got {self.optim.grad_accum}")
-        for name in ("lr_base", "lr_new", "min_lr"):
-            if getattr(self.optim, name) < 0:
-                raise ValueError(f"optim.{name} must be >= 0")
-        if len(self.optim.betas) != 2:
-            raise ValueError(f"optim.betas must have two values, got {self.optim.betas}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.resume not in ("auto", "none") and not self.resume:
-            raise ValueError("resume must be auto, none or a checkpoint path")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise ConfigError("data: set data.path (a prep folder) or data.prep_config (a prep YAML)")
+        d, o = self.data, self.optim
+        check_range("data.tokens_per_batch", d.tokens_per_batch, d.tokens_per_batch >= 1, ">= 1")
+        check_range("data.row_capacity", d.row_capacity, d.row_capacity >= 1, ">= 1")
+        check_range(
+            "data.row_capacity",
+            d.row_capacity,
+            d.row_capacity <= d.tokens_per_batch,
+            f"<= data.tokens_per_batch ({d.tokens_per_batch})",
+        )
+        for name in ("lr_base", "lr_new", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(o, name)
+            check_range(f"optim.{name}", value, math.isfinite(value) and value >= 0, "a finite number >= 0")
+        check_range("optim.eps", o.eps, math.isfinite(o.eps) and o.eps > 0, "a finite number > 0")
+        check_range("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0")
+        check_range("optim.grad_accum", o.grad_accum, o.grad_accum >= 1, ">= 1")
+        check_range("optim.betas", o.betas, len(o.betas) == 2, "two values")
+        for i, beta in enumerate(o.betas):
+            check_range(f"optim.betas.{i}", beta, 0 <= beta < 1, "in [0, 1)")
+        check_range(
+            "precision", self.precision, self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"
+        )
+        check_range("resume", self.resume, bool(self.resume), "auto, none or a checkpoint path")
+        check_range("epochs", self.epochs, self.epochs >= 1, ">= 1")
+        check_range(
+            "max_steps", self.max_steps, self.max_steps == -1 or self.max_steps >= 1, "-1 (off) or >= 1"
+        )
+        check_range("log_every", self.log_every, self.log_every >= 1, ">= 1")
+        for name in ("eval_every", "save_every", "eval_max_batches"):
+            check_range(name, getattr(self, name), getattr(self, name) >= 0, ">= 0 (0: off)")
+        check_range("keep_last", self.keep_last, self.keep_last >= 1, ">= 1")
+        check_range("dist_timeout_s", self.dist_timeout_s, self.dist_timeout_s >= 1, ">= 1")

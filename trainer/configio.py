@@ -10,7 +10,7 @@ from dataclasses import is_dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -29,7 +29,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _load_yaml_mapping(path))
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -45,6 +45,26 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if callable(validate):
         validate()
     return obj
+
+
+def _load_yaml_mapping(path: str | Path):
+    """The file's top level must be a mapping of config keys; anything else is named with the file."""
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({type(e).__name__}: {e})") from None
+    if not isinstance(loaded, DictConfig):
+        kind = "a list" if isinstance(loaded, ListConfig) else type(loaded).__name__
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys, but it is {kind}")
+    return loaded
+
+
+def check_range(key: str, value, ok: bool, must: str) -> None:
+    """Raise ConfigError naming the key unless `ok`; `must` says what the value must be."""
+    if not ok:
+        raise ConfigError(f"config key {key!r}: must be {must}, got {value!r}")
 
 
 def _check_plain_value(key: str, value: str) -> None:

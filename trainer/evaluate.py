@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from .assets import resolve_model
 from .config import MLflowConfig
-from .configio import load_config, to_flat_dict
+from .configio import check_range, load_config, to_flat_dict
 from .model import HAMburgerModel, Sample, base_generate_batch, collate, generate_batch
 
 DEFINITIONS = {
@@ -85,6 +86,9 @@ class EvalConfig:
             raise ValueError(f"decode must be eager, static or graphed, got {self.decode!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        check_range("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1")
+        check_range("max_prompts", self.max_prompts, self.max_prompts >= 1, ">= 1")
+        check_range("code_timeout_s", self.code_timeout_s, self.code_timeout_s > 0, "> 0")
 
 
 @dataclass
@@ -116,12 +120,7 @@ def load_prompts(cfg: EvalConfig, tokenizer, default_data: str) -> list[Prompt]:
         raise ValueError("data: no prompt file or prep folder given, and the model records none")
     if data.endswith(".jsonl"):
         out = []
-        for n, line in enumerate(Path(data).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if not isinstance(rec.get("prompt"), str):
-                raise ValueError(f"{data}: line {n}: field 'prompt' must be a string")
+        for _line, rec in read_prompt_records(Path(data)):
             ids = tokenizer.apply_chat_template(
                 [{"role": "user", "content": rec["prompt"]}],
                 add_generation_prompt=True,
@@ -144,6 +143,36 @@ def load_prompts(cfg: EvalConfig, tokenizer, default_data: str) -> list[Prompt]:
     ]
 
 
+def read_prompt_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of a .jsonl prompt file; every malformed line is named."""
+    if not path.is_file():
+        raise ValueError(f"data={path}: no such prompt file")
+    records = []
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not UTF-8 text (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}: line {n}: expected a JSON object, got {type(rec).__name__}")
+            if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+                raise ValueError(f"{path}: line {n}: field 'prompt' must be a non-empty string")
+            for field_name in ("answer", "test", "entry_point"):
+                if rec.get(field_name) is not None and not isinstance(rec[field_name], str):
+                    raise ValueError(f"{path}: line {n}: field {field_name!r} must be a string")
+            records.append((n, rec))
+    if not records:
+        raise ValueError(f"{path}: no prompts (the file has no records)")
+    return records
+
+
 # ---------------------------------------------------------------- quality
 def extract_code(text: str) -> str:
     blocks = re.findall(r"```(?:python)?\n(.*?)(?:```|$)", text, flags=re.S)
@@ -151,19 +180,50 @@ def extract_code(text: str) -> str:
 
 
 def passes_tests(code: str, test: str, entry_point: str, timeout_s: float) -> bool:
-    """Run the candidate and the task's tests in a fresh isolated interpreter with a timeout."""
+    """Run model-written code and the task's tests: this executes untrusted code, so it runs in
+    a fresh isolated interpreter (-I), in a throw-away temporary folder that is its working and
+    home directory, with an empty environment, a CPU-time and memory limit, and a wall-clock
+    timeout after which its whole process group is killed (children included)."""
     program = f"{code}\n\n{test}\n\ncheck({entry_point})\n"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="hamburger-pass1-") as tmp:
         path = Path(tmp) / "candidate.py"
         path.write_text(program)
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp, "no_proxy": "*", "NO_PROXY": "*"}
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": tmp,
+            "TMPDIR": tmp,
+            "no_proxy": "*",
+            "NO_PROXY": "*",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-I", str(path)],
+            cwd=tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=lambda: _limit_resources(timeout_s),
+        )
         try:
-            proc = subprocess.run(
-                [sys.executable, "-I", str(path)], cwd=tmp, env=env, capture_output=True, timeout=timeout_s
-            )
+            return proc.wait(timeout=timeout_s) == 0
         except subprocess.TimeoutExpired:
             return False
-    return proc.returncode == 0
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever it started dies with it
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def _limit_resources(timeout_s: float) -> None:
+    """In the child before exec: CPU seconds and address space (4 GiB) are capped."""
+    import resource
+
+    cpu = int(timeout_s) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 
 
 def normalise(text: str) -> str:
@@ -418,10 +478,11 @@ def log_mlflow(cfg: EvalConfig, report: dict, out_dir: Path, lineage: dict) -> N
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     import mlflow
 
-    from .tracking import default_tracking_uri, flatten_params
+    from .tracking import default_tracking_uri, experiment_id, flatten_params
 
-    mlflow.set_tracking_uri(default_tracking_uri(str(out_dir), cfg.mlflow.tracking_uri))
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    uri = default_tracking_uri(str(out_dir), cfg.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(uri), cfg.mlflow.experiment, uri))
     with mlflow.start_run(run_name=cfg.mlflow.run_name or "eval") as run:
         mlflow.set_tags(
             {
@@ -455,9 +516,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = sys.argv[1:] if argv is None else argv
     if not args or "=" in args[0]:
         raise SystemExit("usage: ./launch.sh eval MODEL [key=value ...]")
-    cfg = load_config(EvalConfig, None, [f"model={args[0]}", *args[1:]])
+    try:
+        cfg = load_config(EvalConfig, None, [f"model={args[0]}", *args[1:]])
+    except ValueError as e:
+        raise SystemExit(f"[eval] config error: {e}") from None
     torch.set_grad_enabled(False)
-    return evaluate(cfg)
+    try:
+        return evaluate(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad inputs: the message names file, line and field
+        raise SystemExit(f"[eval] error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -30,6 +30,23 @@ def default_tracking_uri(output_dir: str, configured: str = "") -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its runs' artifacts. For a local database store: beside the
+    database (MLflow's default is `./mlruns` of whatever folder the job happened to start in, so
+    a run's artifacts would leave its output folder). A tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, creating it (with its artifacts beside a local store) if needed."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
 def flatten_params(prefix: str, data: dict) -> dict[str, str]:
     out: dict[str, str] = {}
 
@@ -84,8 +101,7 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         if run_id is None:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = experiment_id(self.client, experiment, self.uri)
             self.run_id = self.client.create_run(exp_id, run_name=run_name or None).info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")

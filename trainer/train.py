@@ -36,7 +36,7 @@ from .configio import load_config, to_flat_dict, to_yaml
 from .data import BatchPlan, eval_batches, load_samples, manifest_summary
 from .engine import Strategy
 from .model import collate, generate
-from .runcheck import check_data_fits_model, check_resume_matches
+from .runcheck import RunMismatch, check_data_fits_model, check_resume_matches
 from .tracking import Tracker, flatten_params
 
 
@@ -368,12 +368,15 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     if not args or "=" in args[0]:
         raise SystemExit("usage: ./launch.sh train CONFIG.yaml [key=value ...]")
-    cfg = load_config(TrainConfig, args[0], args[1:])
+    try:
+        cfg = load_config(TrainConfig, args[0], args[1:])
+    except ValueError as e:  # ConfigError and range checks: the message names the key
+        raise SystemExit(f"[train] config error: {e}") from None
     try:
         train(cfg)
     except Exception as e:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if isinstance(e, NonFiniteLoss):
+        if isinstance(e, NonFiniteLoss | RunMismatch):
             print(f"[train] rank {rank}: stopped: {e}", file=sys.stderr, flush=True)
         else:
             print(
