@@ -143,11 +143,11 @@ def test_data_from_another_tokenizer_is_refused(setup, tmp_path):
 
 
 def test_resume_into_a_run_with_other_data_is_refused_and_leaves_it_untouched(setup, baseline, tmp_path):
+    from helpers import write_jsonl
     from launcher import launch
 
     from data_prep.config import LabelConfig, PrepConfig, SourceConfig
     from data_prep.run import prepare
-    from helpers import write_jsonl
 
     rows = [{"instruction": f"Say {i} twice.", "output": f"{i} {i}"} for i in range(40)]
     other = prepare(
