@@ -26,6 +26,10 @@ class HAMburgerConfig:
     """Weight of KL(frozen base || model) on response tokens; 0 disables the teacher entirely."""
     kl_temperature: float = 1.0
     """Softmax temperature for the KL term."""
+    packed_attention: str = "auto"
+    """Training attention over packed rows: dense (block-diagonal SDPA mask, O(L^2) memory),
+    flex (FlexAttention block mask from the sample ids; CUDA only for training), or auto (flex
+    on CUDA, dense elsewhere). Same results; needs model.attn_implementation sdpa for flex."""
 
     def validate(self) -> None:
         """Fail early with the field's name, before any weights are built."""
@@ -40,6 +44,10 @@ class HAMburgerConfig:
         for name in ("stop_weight", "kl_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"hamburger.{name} must be >= 0, got {getattr(self, name)}")
+        if self.packed_attention not in ("auto", "dense", "flex"):
+            raise ValueError(
+                f"hamburger.packed_attention must be auto, dense or flex, got {self.packed_attention!r}"
+            )
         if self.kl_temperature <= 0:
             raise ValueError(f"hamburger.kl_temperature must be > 0, got {self.kl_temperature}")
 

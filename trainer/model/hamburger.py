@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .batch import PackedBatch, packed_causal_mask
+from . import packed_attention
+from .batch import PackedBatch
 from .config import HAMburgerConfig
 from .embedder import CompositionalEmbedder
 from .micro_decoder import MicroDecoder, StopHead
@@ -69,6 +70,7 @@ class HAMburgerModel(nn.Module):
             rotary_cls=type(base.model.rotary_emb),
         )
         self.stop_head = StopHead(d)
+        packed_attention.prepare_base(base, config.packed_attention)
         if config.kl_weight > 0 and teacher is None:
             raise ValueError("hamburger.kl_weight > 0 needs a frozen teacher (pass the base model again)")
         # Kept out of state_dict/parameters() bookkeeping by freezing; never saved.
@@ -148,9 +150,12 @@ class HAMburgerModel(nn.Module):
         x = self.smash(batch.group_tokens, batch.group_lens)
         d = x.shape[-1]
         inputs = x.new_zeros(rows * width, d).index_copy(0, batch.group_pos, x).view(rows, width, d)
+        flex = self.base.config._attn_implementation == packed_attention.IMPL and packed_attention.use_flex(
+            self.config.packed_attention, inputs.device
+        )
         out = self.base.model(
             inputs_embeds=inputs,
-            attention_mask=packed_causal_mask(batch.seq_ids, inputs.dtype),
+            attention_mask=packed_attention.packed_mask(batch.seq_ids, inputs.dtype, flex),
             position_ids=batch.position_ids,
             output_hidden_states=True,
             use_cache=False,
