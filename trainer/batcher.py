@@ -47,6 +47,8 @@ class Sequence:
     """Called (on the decoding thread) with each new segment; a returned reason finishes the sequence."""
     on_finish: Callable[[Sequence], None] | None = None
     cancel_reason: str | None = None
+    ignore_eos: bool = False
+    """Benchmarks: decode exactly max_new_tokens (EOS still ends a segment, not the sequence)."""
     deadline: float = float("inf")
     """time.monotonic() after which the scheduler cancels it ('deadline')."""
 
@@ -258,7 +260,7 @@ class ContinuousBatch:
             s.seg_lens.append(len(seg))
             s.forced_stop.append(not by_head[row])
             said = s.on_step(s, seg) if s.on_step is not None else None
-            if seg[-1] in self.eos or said == "stop":
+            if (seg[-1] in self.eos and not s.ignore_eos) or said == "stop":
                 reason = "stop"
             elif len(s.tokens) >= s.max_new_tokens:
                 reason = "length"
@@ -307,7 +309,9 @@ class ContinuousBatch:
             return
         trimmed = self.stepper.new_cache()
         for idx, layer in enumerate(self.cache.layers):
-            trimmed.update(layer.keys[:, :, start:].contiguous(), layer.values[:, :, start:].contiguous(), idx)
+            trimmed.update(
+                layer.keys[:, :, start:].contiguous(), layer.values[:, :, start:].contiguous(), idx
+            )
         self.cache = trimmed
         self.mask = self.mask[:, start:]
 

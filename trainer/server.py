@@ -9,7 +9,9 @@ server, batched the same way) or an MLflow URI (models:/NAME/VERSION). Endpoints
 
 Decoding is greedy (temperature 0; anything else is a 400). `confidence` (HAMburger only, in
 (0, 1]) is the stop threshold of the micro decoder. Every response carries `usage` and a
-`hamburger` object: macro steps (base forward passes) and tokens per macro step. Requests are
+`hamburger` object: macro steps (base forward passes) and tokens per macro step. Extensions:
+`confidence`, `timeout` (seconds, at most --timeout-s), `ignore_eos` (benchmarks: decode
+exactly max_tokens). Requests are
 continuously batched by trainer/scheduler.py; bounds: --max-batch rows, --max-queue waiting
 (then 429), --max-tokens-cap (over it: 400), --timeout-s per request (then the slot is freed
 within one macro step and the client gets a 504), and a client that disconnects frees its slot.
@@ -104,6 +106,7 @@ class Params:
     stream: bool
     include_usage: bool
     timeout_s: float
+    ignore_eos: bool = False
 
 
 def _is_int(v) -> bool:
@@ -171,12 +174,31 @@ def parse_params(
     timeout = body.get("timeout", cfg.timeout_s)
     if not _is_number(timeout) or not 0 < timeout <= cfg.timeout_s:
         raise APIError(400, f"timeout: seconds in (0, {cfg.timeout_s}], got {timeout!r}", "timeout")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, "ignore_eos: must be true or false", "ignore_eos")
     return Params(
-        prompt_ids, max_tokens, stops, confidence, stream, bool(options.get("include_usage")), timeout
+        prompt_ids,
+        max_tokens,
+        stops,
+        confidence,
+        stream,
+        bool(options.get("include_usage")),
+        timeout,
+        ignore_eos,
     )
 
 
-COMMON = {"max_tokens", "max_completion_tokens", "stop", "temperature", "confidence", "stream", "timeout"}
+COMMON = {
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "temperature",
+    "confidence",
+    "stream",
+    "timeout",
+    "ignore_eos",
+}
 
 
 def completion_prompt(body: dict, engine: Engine) -> list[int]:
@@ -250,6 +272,7 @@ class Job:
             on_step=self._on_step,
             on_finish=self._on_finish,
             deadline=time.monotonic() + params.timeout_s,
+            ignore_eos=params.ignore_eos,
         )
 
     def _push(self, item) -> None:
