@@ -48,7 +48,7 @@ def length_batches(lengths: list[int], batch_tokens: int, max_padding: float = 0
     return batches
 
 
-CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk: 128 MiB (256 positions at a 128k vocabulary)
+CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk: 64 MiB (128 positions at a 128k vocabulary)
 
 
 def entropy_and_prob(
