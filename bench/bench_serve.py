@@ -41,7 +41,8 @@ SECTION = "Serving: OpenAI server with continuous batching vs base vs pyfunc (CP
 def build_models(work: Path, layers: int) -> dict[str, Path]:
     import mlflow.pyfunc
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from trainer.assets import smollm2_dir
     from trainer.model import HAMburgerConfig, HAMburgerModel
@@ -49,7 +50,12 @@ def build_models(work: Path, layers: int) -> dict[str, Path]:
 
     src = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(str(src))
-    base = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    config = AutoConfig.from_pretrained(str(src))
+    if hasattr(config, "quantization_config"):  # the cached conversion still names its GGUF source
+        del config.quantization_config
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    base.load_state_dict(load_file(str(src / "model.safetensors")), strict=False)  # tied head not stored
+    base.tie_weights()
     if layers < base.config.num_hidden_layers:
         base.model.layers = base.model.layers[:layers]
         base.config.num_hidden_layers = layers
@@ -411,8 +417,8 @@ def report(rows: list[dict], soak_stats: dict | None, args) -> str:
             lines += ["", "Failed requests said: " + "; ".join(f"`{e}`" for e in errors[:5])]
         lines += [
             "",
-            "TTFT of the pyfunc = its latency (no streaming). `mlflow models serve` answers one request at a "
-            "time (its predict blocks the event loop), so concurrency only queues requests there.",
+            "TTFT of the pyfunc = its latency (no streaming). `mlflow models serve` (one worker) runs each "
+            "request's predict on its own thread: concurrent requests decode side by side, each as a batch of one.",
         ]
     if soak_stats:
         s = soak_stats
