@@ -7,6 +7,7 @@
 #   ./launch.sh train CONFIG [key=value ...] [--hostfile F] [--nprocs N] [launcher args]
 #   ./launch.sh export RUN_OR_CHECKPOINT --out DIR [--base-only] [--register NAME] [--overwrite]
 #   ./launch.sh eval MODEL [key=value ...]          (MODEL: export folder, models:/NAME/VERSION, run folder)
+#   ./launch.sh serve MODEL [--host 127.0.0.1 --port 8000 --max-batch 16 ...]   OpenAI-compatible server
 #   ./launch.sh label-view SHARDS_DIR [--n 5] [--html out.html]
 #   ./launch.sh setup                               only create/refresh the environment
 #
@@ -106,11 +107,14 @@ case "$cmd" in
   eval)
     ensure_env
     exec "$PY" -m trainer.evaluate "$@" ;;
+  serve)
+    ensure_env
+    exec "$PY" -m trainer.server "$@" ;;
   label-view)
     ensure_env
     exec "$PY" -m data_prep.view "$@" ;;
   help|-h|--help)
-    sed -n '2,17p' "$0" ;;
+    sed -n '2,/^set -e/{/^#/p}' "$0" ;;
   *)
-    log "unknown command '$cmd'"; sed -n '2,17p' "$0"; exit 2 ;;
+    log "unknown command '$cmd'"; sed -n '2,/^set -e/{/^#/p}' "$0"; exit 2 ;;
 esac
