@@ -11,10 +11,12 @@ Decoding is greedy (temperature 0; anything else is a 400). `confidence` (HAMbur
 (0, 1]) is the stop threshold of the micro decoder. Every response carries `usage` and a
 `hamburger` object: macro steps (base forward passes) and tokens per macro step. Extensions:
 `confidence`, `timeout` (seconds, at most --timeout-s), `ignore_eos` (benchmarks: decode
-exactly max_tokens). Requests are
-continuously batched by trainer/scheduler.py; bounds: --max-batch rows, --max-queue waiting
-(then 429), --max-tokens-cap (over it: 400), --timeout-s per request (then the slot is freed
-within one macro step and the client gets a 504), and a client that disconnects frees its slot.
+exactly max_tokens).
+
+Requests are continuously batched by trainer/scheduler.py. Bounds: --max-batch rows,
+--max-queue waiting (then 429), --max-tokens-cap (over it: 400), --timeout-s per request (then
+the slot is freed within one macro step and the client gets a 504), and a client that
+disconnects frees its slot.
 """
 
 from __future__ import annotations
