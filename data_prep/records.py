@@ -40,6 +40,7 @@ class DataError(ValueError):
         self.reason = reason
 
 
+BOM = b"\xef\xbb\xbf"
 Opener = Callable[..., IO[bytes]]
 Scanned = tuple[int, int, object]  # (row, locator, record dict or DataError)
 
@@ -101,6 +102,8 @@ class JsonlFile(RecordFile):
         with self.opener(self.label, "rb") as f:
             for line_no, raw in enumerate(f, 1):
                 start, offset = offset, offset + len(raw)
+                if line_no == 1 and raw.startswith(BOM):  # a UTF-8 byte-order mark is not data
+                    raw, start = raw[len(BOM) :], start + len(BOM)
                 if raw.strip():
                     yield line_no, start, _json_line(raw, self.label, line_no)
 
@@ -144,6 +147,8 @@ class CsvFile(RecordFile):
                 raise DataError(f"{self.label}: line 1: unreadable CSV header ({e})") from None
             if state["bad"]:
                 raise state["bad"]
+            if self.header:
+                self.header[0] = self.header[0].removeprefix("\ufeff")  # a UTF-8 byte-order mark
             while True:
                 start, start_line = state["pos"], state["line"] + 1
                 try:

@@ -437,3 +437,11 @@ def test_scoring_memory_is_bounded_by_the_chunk_and_equals_the_reference():
             prob = logp.gather(1, torch.tensor(ids[p:])[:, None]).squeeze(1).exp()
             np.testing.assert_allclose(sc.entropy, entropy.numpy(), rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(sc.prob, prob.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_utf8_byte_order_mark_is_not_data(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"instruction": "q", "output": "a"}\n')
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfinstruction,output\nq,a\n")
+    for name in ("bom.jsonl", "bom.csv"):
+        rows = index_source(SourceConfig(path=str(tmp_path / name))).rows
+        assert [(r.messages[-1]["content"], r.response) for r in rows] == [("q", "a")]
