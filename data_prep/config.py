@@ -141,7 +141,7 @@ class PrepConfig:
     bad_rows: str = "error"
     """error: stop at the first malformed row, naming file, row and field; skip: count and go on."""
     heldout_fraction: float = 0.05
-    """Share of rows (chosen by a hash of source and row) kept for evaluation."""
+    """Share of rows (chosen by a hash of source and row) kept for evaluation; in (0, 1)."""
     seed: int = 0
     """Seed of the held-out split, subsampling and shard mixing."""
     shard_rows: int = 256
