@@ -1,0 +1,650 @@
+"""The GPU check: every number the GPU goals need, from one call, written as JSON + markdown.
+
+    bash bench/gpu_check.sh                 # on the GPU machine (system python3, no network)
+    python bench/gpu_check.py --tiny --out DIR   # the same code at tiny shapes (CI, CPU)
+
+Models are built from the SmolLM2-135M and Llama-3.2-1B configurations with random weights
+(speed does not depend on the values; no weights travel). Sections, in order of importance,
+each skipped (and reported as skipped) once --deadline-s has passed:
+- checks: FlexAttention vs the dense mask (loss and gradients; loss only on CPU, where flex has
+  no backward) and graphed vs eager decoding (token for token), on a tiny fp32 model;
+- decode: per-step costs t_base, t_micro, t_embed at each batch size, static without and with
+  CUDA graphs, and tokens/s of HAMburger against the base at forced segment lengths
+  (tau = 1.5, 2.0, 2.5; the decoder's benchmark-only `forced_seg_lens` switch), each case
+  with the bound tau * t_base / (t_base + t_embed + m * t_micro), m = micro-decoder calls per
+  macro step actually run; rows of equal lengths and rows drawing lengths independently;
+- label: data_prep's scorer at the paper's batch_tokens and vocabulary (tokens/s, peak memory)
+  against a plain forward of the same batches;
+- train: HAMburger (K=4) vs plain SFT (K=1) under ZeRO-3 on one device, bf16 on GPU, one packed
+  row of row_capacity macro positions per step, dense mask vs FlexAttention (tokens/s, peak
+  memory, MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.model import HAMburgerConfig, HAMburgerModel, Sample, collate  # noqa: E402
+from trainer.model.static_decode import StaticBaseDecoder, StaticHAMburgerDecoder, Step  # noqa: E402
+
+SHAPES = {
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=4096,
+    ),
+}
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0}
+"""Dense bf16 peak by card name (first match), for MFU."""
+DEMO_COMPRESSION = 1.58
+"""Tokens per segment of the demo's labelled data (docs/BENCHMARKS.md, demo prep); the segment
+length distribution used when no --manifest is given is a geometric one with this mean."""
+
+
+# ---------------------------------------------------------------- shared helpers
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, n: int, device: torch.device) -> float:
+    """Mean seconds per call of fn over n calls (after the caller's warm-up)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def llama_config(shape: str, attn: str = "sdpa"):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, **SHAPES[shape]
+    )
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def random_base(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlamaForCausalLM(llama_config(shape)).to(dtype).eval()
+
+
+def random_hamburger(shape: str, device, dtype, **hcfg) -> HAMburgerModel:
+    base = random_base(shape, device, dtype)
+    model = HAMburgerModel(base, HAMburgerConfig(**hcfg))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def segment_distribution(manifest: str, k: int) -> list[float]:
+    """P(segment length = 1..k): the labelled data's histogram, or geometric with the demo's mean."""
+    if manifest:
+        hist = json.loads(Path(manifest).read_text())["segment_histogram"]
+        counts = [float(hist.get(str(n), 0)) for n in range(1, k + 1)]
+        return [c / sum(counts) for c in counts]
+    q = 1 - 1 / DEMO_COMPRESSION  # geometric on 1..inf with this mean, then cut at k
+    probs = [(1 - q) * q ** (n - 1) for n in range(1, k + 1)]
+    return [p / sum(probs) for p in probs]
+
+
+def tilted(probs: list[float], mean: float) -> list[float]:
+    """The distribution p_n * exp(lam * n) with the given mean (same shape, shifted by lam)."""
+    lo, hi = -30.0, 30.0
+    for _ in range(100):
+        lam = (lo + hi) / 2
+        w = [p * math.exp(lam * (n + 1)) for n, p in enumerate(probs)]
+        m = sum((n + 1) * x for n, x in enumerate(w)) / sum(w)
+        lo, hi = (lam, hi) if m < mean else (lo, lam)
+    return [x / sum(w) for x in w]
+
+
+def draw(rng: random.Random, probs: list[float], n: int) -> list[int]:
+    return rng.choices(range(1, len(probs) + 1), weights=probs, k=n)
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- checks
+def section_checks(args, device) -> dict:
+    """Correctness on this device, tiny fp32 model: flex == dense (losses, grads), graphed == eager."""
+    from trainer.model import base_generate_batch, generate_batch
+
+    out: dict = {}
+    model = random_hamburger("tiny", device, torch.float32, packed_attention="flex", micro_layers=2)
+    with torch.no_grad():
+        model.stop_head.net[-1].bias.fill_(3.0)  # segments of several tokens
+    rng = random.Random(0)
+    samples = [
+        Sample([rng.randrange(3, 500) for _ in range(p + r)], p, s, i)
+        for i, (p, r, s) in enumerate([(5, 7, [3, 1, 3]), (3, 9, [4, 4, 1]), (8, 4, [2, 2])])
+    ]
+    batch = collate(samples, 4, row_capacity=48).to(device)
+    grads_ok = device.type == "cuda"  # FlexAttention has no backward on CPU
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = {}
+    for mode in ("flex", "dense"):
+        model.config.packed_attention = mode
+        with torch.set_grad_enabled(grads_ok):
+            loss = model(batch).loss
+        g = torch.autograd.grad(loss, params, allow_unused=True) if grads_ok else []
+        res[mode] = (float(loss), g)
+    out["flex_loss_diff"] = abs(res["flex"][0] - res["dense"][0])
+    if grads_ok:
+        diffs = [
+            (a - b).abs().max().item()
+            for a, b in zip(res["flex"][1], res["dense"][1], strict=True)
+            if b is not None
+        ]
+        out["flex_grad_max_abs_diff"] = max(diffs)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 9, 3, 7)]
+    eager = generate_batch(model, prompts, 16, 0.5)
+    graphed = generate_batch(model, prompts, 16, 0.5, decode="graphed")
+    out["graphed_equals_eager"] = [r.tokens for r in eager] == [r.tokens for r in graphed]
+    out["graphed_equals_eager_base"] = [r.tokens for r in base_generate_batch(model.base, prompts, 16)] == [
+        r.tokens for r in base_generate_batch(model.base, prompts, 16, decode="graphed")
+    ]
+    out["ok"] = (
+        out["flex_loss_diff"] < 1e-4
+        and out.get("flex_grad_max_abs_diff", 0.0) < 1e-3
+        and out["graphed_equals_eager"]
+        and out["graphed_equals_eager_base"]
+    )
+    if not out["ok"]:
+        raise AssertionError(f"correctness checks failed: {out}")
+    return out
+
+
+# ---------------------------------------------------------------- decode
+def forced_table(case: str, tau: float, batch: int, probs: list[float], rng: random.Random) -> torch.Tensor:
+    """[batch, 512] forced segment lengths with mean tau: equal rows, or drawn per row and step."""
+    if case == "equal":
+        lo = math.floor(tau)
+        pattern = [lo] if tau == lo else [lo, lo + 1]  # 1.5 -> 1,2,1,2...; 2.5 -> 2,3,...
+        return torch.tensor([pattern * (512 // len(pattern))] * batch)
+    p = tilted(probs, tau)
+    return torch.tensor([draw(rng, p, 512) for _ in range(batch)])
+
+
+def decode_costs(model, base_dec, ham_dec, graphs: bool, device, n: int) -> dict:
+    """Seconds per call of: a base step, HAMburger's macro base step, a micro step, the embedder."""
+    m = model
+    emb_out = torch.zeros(ham_dec.batch, m.base.config.hidden_size, dtype=ham_dec.dtype, device=device)
+
+    def embed():
+        emb_out.copy_(m.embedder.forward_dense(m.embed_tokens(ham_dec.seg_tok), ham_dec.seg_len))
+
+    embed_step = Step(embed, graphs, device)
+    costs = {}
+    for name, dec, fn in (
+        ("t_base", base_dec, base_dec.step),
+        ("t_hamburger_step", ham_dec, ham_dec.base_step),
+        ("t_micro", ham_dec, ham_dec.micro_steps[min(1, len(ham_dec.micro_steps) - 1)]),
+        ("t_embed", ham_dec, embed_step),
+    ):
+        dec.col.fill_(dec.width)  # every row is done: steps only rewrite columns past the prompt
+        fn()
+        dec.col.fill_(dec.width)
+        costs[name] = timed(fn, n, device)
+    return costs
+
+
+def section_decode(args, device, shape: str) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_hamburger(shape, device, dtype)
+    k = model.config.max_steps
+    probs = segment_distribution(args.manifest, k)
+    rng = random.Random(0)
+    vocab = model.base.config.vocab_size
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(batch)]
+        for graphs in (False, True):
+            if graphs and device.type != "cuda":
+                continue  # no CUDA graphs on CPU: "graphed" is the static path itself
+            mode = "graphed" if graphs else "static"
+            base_dec = StaticBaseDecoder(model.base, batch, args.prompt_len, args.max_new, graphs)
+            ham_dec = StaticHAMburgerDecoder(model, batch, args.prompt_len, args.max_new, graphs)
+            base_dec.generate(prompts)  # warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            base_dec.generate(prompts)
+            sync(device)
+            base_tps = batch * args.max_new / (time.perf_counter() - t0)
+            costs = decode_costs(model, base_dec, ham_dec, graphs, device, min(32, args.max_new - 1))
+            for case in ("equal", "drawn"):
+                for tau in args.taus:
+                    table = forced_table(case, tau, batch, probs, rng)
+                    ham_dec.generate(prompts, forced_seg_lens=table)  # warm-up
+                    ham_dec.micro_calls = ham_dec.macro_steps = 0
+                    sync(device)
+                    t0 = time.perf_counter()
+                    res = ham_dec.generate(prompts, forced_seg_lens=table)
+                    sync(device)
+                    seconds = time.perf_counter() - t0
+                    m = ham_dec.micro_calls / ham_dec.macro_steps
+                    tau_run = sum(len(r.tokens) / len(r.seg_lens) for r in res) / batch
+                    bound = (
+                        tau_run
+                        * costs["t_base"]
+                        / (costs["t_base"] + costs["t_embed"] + m * costs["t_micro"])
+                    )
+                    tps = batch * args.max_new / seconds
+                    rows.append(
+                        {
+                            "model": shape,
+                            "batch": batch,
+                            "mode": mode,
+                            "case": case,
+                            "tau": tau,
+                            "tau_measured": tau_run,
+                            "m": m,
+                            "tokens_per_s": tps,
+                            "base_tokens_per_s": base_tps,
+                            "speedup": tps / base_tps,
+                            "bound": bound,
+                            "speedup_over_bound": tps / base_tps / bound,
+                            **costs,
+                        }
+                    )
+            del base_dec, ham_dec
+            free(device)
+    del model
+    free(device)
+    return {
+        "rows": rows,
+        "segment_distribution": probs,
+        "prompt_len": args.prompt_len,
+        "max_new": args.max_new,
+    }
+
+
+# ---------------------------------------------------------------- label
+def section_label(args, device, shape: str) -> dict:
+    from data_prep.label import Scorer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = random_base(shape, device, dtype)
+    rng = random.Random(0)
+    vocab = base.config.vocab_size
+    length, prompt = args.label_len, args.label_len // 4
+    n = max(2, 2 * args.label_batch_tokens // length)  # two full batches
+    samples = [([rng.randrange(3, vocab) for _ in range(length)], prompt) for _ in range(n)]
+    weights = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**30
+    scorer = Scorer(base, device, pad_id=0)
+    with torch.no_grad():
+        scorer.score(samples[:2], args.label_batch_tokens)  # warm-up
+        free(device)
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        scorer.score(samples, args.label_batch_tokens)
+        sync(device)
+        label_s = time.perf_counter() - t0
+        label_peak = peak_gib(device)
+        per_batch = max(1, args.label_batch_tokens // length)
+        plain = {"batch_tokens": per_batch * length}
+        try:
+            free(device)
+            reset_peak(device)
+            plain_s = _plain_forward(base, samples, per_batch, device)
+        except torch.cuda.OutOfMemoryError:  # full-vocabulary logits of the whole batch
+            free(device)
+            per_batch = max(1, 8192 // length)
+            plain = {"batch_tokens": per_batch * length, "note": "the paper batch ran out of memory"}
+            reset_peak(device)
+            plain_s = _plain_forward(base, samples, per_batch, device)
+        plain["peak_gib"] = peak_gib(device)
+    tokens = n * length
+    out = {
+        "model": shape,
+        "batch_tokens": args.label_batch_tokens,
+        "vocab": vocab,
+        "tokens": tokens,
+        "weights_gib": weights,
+        "label_tokens_per_s": tokens / label_s,
+        "label_peak_gib": label_peak,
+        "plain_forward_tokens_per_s": tokens / plain_s,
+        "plain_forward": plain,
+        "ratio": plain_s / label_s,
+    }
+    del base, scorer
+    free(device)
+    return out
+
+
+def _plain_forward(base, samples, per_batch: int, device) -> float:
+    """Seconds for a plain forward (full-vocabulary logits) over all samples, per_batch at a time."""
+    ids = torch.tensor([s for s, _ in samples], device=device)
+    _ = base(input_ids=ids[:1]).logits  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(ids), per_batch):
+        _ = base(input_ids=ids[i : i + per_batch]).logits
+    sync(device)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- train
+def train_samples(k: int, capacity: int, probs: list[float], vocab: int, seed: int) -> list[Sample]:
+    """Samples filling one row of `capacity` macro positions (K=1: every segment one token)."""
+    rng = random.Random(seed)
+    out: list[Sample] = []
+    used = 0
+    while True:
+        n = rng.randint(max(8, capacity // 16), max(16, capacity // 4))
+        prompt = max(1, n // 4)
+        segs = draw(rng, probs, n) if k > 1 else [1] * n
+        segs = _cut(segs, n - prompt)
+        s = Sample([rng.randrange(3, vocab) for _ in range(prompt + sum(segs))], prompt, segs, len(out))
+        if used + s.macro_len > capacity:
+            return out or [s]
+        out.append(s)
+        used += s.macro_len
+
+
+def _cut(segs: list[int], total: int) -> list[int]:
+    """Segments whose lengths sum to exactly total (the last one shortened)."""
+    out, left = [], total
+    for s in segs:
+        if left <= 0:
+            break
+        out.append(min(s, left))
+        left -= out[-1]
+    return out
+
+
+def model_flops(cfg, hcfg: HAMburgerConfig, samples: list[Sample], k: int) -> float:
+    """Training FLOPs (3x forward) of one step: matmuls of the base layers, attention within each
+    sample, LM head and stop head on every response token, micro-decoder layers and attention."""
+    d, ff, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q_dim, kv_dim = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    per_layer = 2 * (d * q_dim + 2 * d * kv_dim + q_dim * d + 3 * d * ff)  # forward FLOPs per position
+
+    def attn(n: int) -> float:  # forward attention FLOPs of one causal sequence of n positions
+        return 4 * q_dim * n * (n + 1) / 2
+
+    macro = sum(s.macro_len for s in samples)
+    resp = sum(len(s.input_ids) - s.prompt_len for s in samples)
+    fwd = layers * (per_layer * macro + sum(attn(s.macro_len) for s in samples))
+    fwd += resp * (2 * d * cfg.vocab_size + (k > 1) * 2 * (2 * d * d + d))
+    if k > 1:
+        f = len(hcfg.resolved_feature_layers(layers))
+        for s in samples:
+            for n in s.seg_lens:
+                if n > 1:
+                    fwd += hcfg.micro_layers * (per_layer * (f + n - 1) + attn(f + n - 1))
+    return 3 * fwd
+
+
+def section_train(args, device, shape: str) -> dict:
+    from trainer.config import TrainConfig
+    from trainer.engine import Strategy
+
+    base_dir = Path(args.work) / f"base-{shape}"
+    if not (base_dir / "config.json").exists():
+        random_base(
+            shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32
+        ).save_pretrained(base_dir)
+        free(device)
+    cfg = llama_config(shape)
+    probs = segment_distribution(args.manifest, 4)
+    attentions = ["dense", "flex"] if device.type == "cuda" else ["dense"]  # flex: no CPU backward
+    peak = peak_tflops(device)
+    rows = []
+    for k in (4, 1):
+        tcfg = TrainConfig()
+        tcfg.model.hamburger.max_steps = k
+        tcfg.precision = "bf16" if device.type == "cuda" else "fp32"
+        tcfg.optim.warmup_steps = 0
+        st = Strategy(tcfg)
+        st.setup_distributed()
+        model = st.build_model(str(base_dir))
+        st.prepare(model, total_steps=1000)
+        st.train()
+        samples = train_samples(k, args.row_capacity, probs, cfg.vocab_size, seed=1)
+        batch = collate(samples, k, row_capacity=args.row_capacity)
+        tokens = sum(len(s.input_ids) for s in samples)
+        flops = model_flops(cfg, st.model.config, samples, k)
+        for attention in attentions:
+            st.model.config.packed_attention = attention
+            for _ in range(args.train_warmup):
+                _train_step(st, batch)
+            free(device)
+            reset_peak(device)
+            seconds = timed(lambda st=st, batch=batch: _train_step(st, batch), args.train_steps, device)
+            rows.append(
+                {
+                    "model": shape,
+                    "K": k,
+                    "attention": attention,
+                    "row_capacity": args.row_capacity,
+                    "macro_positions": sum(s.macro_len for s in samples),
+                    "tokens": tokens,
+                    "samples": len(samples),
+                    "step_s": seconds,
+                    "tokens_per_s": tokens / seconds,
+                    "peak_gib": peak_gib(device),
+                    "model_tflops_per_step": flops / 1e12,
+                    "mfu": flops / seconds / (peak * 1e12) if peak else None,
+                }
+            )
+        if hasattr(st.engine, "destroy"):  # drops DeepSpeed's hooks and buffers
+            st.engine.destroy()
+        del st, model
+        free(device)
+    return {"rows": rows, "peak_bf16_tflops": peak, "segment_distribution": probs}
+
+
+def _train_step(st, batch) -> None:
+    out = st.forward(batch)
+    st.backward(out.loss)
+    st.step()
+
+
+# ---------------------------------------------------------------- report
+def markdown(report: dict) -> str:
+    env = report["env"]
+    lines = [
+        f"# GPU check: {env['device']}",
+        "",
+        f"torch {env['torch']}, transformers {env['transformers']}, "
+        f"{'tiny shapes (dry run)' if env['tiny'] else 'full shapes'}, {report['seconds']:.0f} s",
+        "",
+    ]
+    for name, sec in report["sections"].items():
+        lines.append(f"## {name}")
+        lines.append("")
+        if "error" in sec or "skipped" in sec:
+            lines += [
+                f"**{'skipped' if 'skipped' in sec else 'failed'}**: {sec.get('skipped') or sec['error']}",
+                "",
+            ]
+            continue
+        if name.startswith("checks"):
+            lines += [f"- {k}: {v}" for k, v in sec.items()] + [""]
+        elif name.startswith("decode"):
+            lines += [
+                "| batch | mode | case | tau | m | tokens/s | base tokens/s | speed-up | bound | measured/bound "
+                "| t_base ms | t_micro ms | t_embed ms |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in sec["rows"]:
+                lines.append(
+                    f"| {r['batch']} | {r['mode']} | {r['case']} | {r['tau_measured']:.2f} | {r['m']:.2f} | "
+                    f"{r['tokens_per_s']:.0f} | {r['base_tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
+                    f"{r['bound']:.2f}x | {r['speedup_over_bound']:.2f} | {1e3 * r['t_base']:.3f} | "
+                    f"{1e3 * r['t_micro']:.3f} | {1e3 * r['t_embed']:.3f} |"
+                )
+            lines.append("")
+        elif name.startswith("label"):
+            lines += [f"- {k}: {v}" for k, v in sec.items()] + [""]
+        elif name.startswith("train"):
+            lines += [
+                "| K | attention | tokens/step | step s | tokens/s | peak GiB | MFU |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in sec["rows"]:
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+                peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
+                lines.append(
+                    f"| {r['K']} | {r['attention']} | {r['tokens']} | {r['step_s']:.3f} | "
+                    f"{r['tokens_per_s']:.0f} | {peak} | {mfu} |"
+                )
+            lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "outputs/gpu_check"))
+    ap.add_argument("--work", default="/tmp/hamburger-gpu-check", help="scratch folder (random base models)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes: the CI dry run of this same script")
+    ap.add_argument("--sections", default="checks,decode,label,train")
+    ap.add_argument("--deadline-s", type=float, default=420.0, help="skip what would start after this")
+    ap.add_argument(
+        "--manifest", default="", help="a prep manifest.json whose segment histogram to draw from"
+    )
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.decode_models, args.train_models, args.label_models = ["tiny"], ["tiny"], ["tiny"]
+        args.batch_sizes, args.prompt_len, args.max_new = [1, 3], 8, 12
+        args.label_batch_tokens, args.label_len = 256, 64
+        args.row_capacity, args.train_steps, args.train_warmup = 96, 1, 1
+    else:
+        args.decode_models = ["llama-3.2-1b", "smollm2-135m"]
+        args.train_models = ["llama-3.2-1b", "smollm2-135m"]
+        args.label_models = ["llama-3.2-1b"]
+        args.batch_sizes, args.prompt_len, args.max_new = [1, 8, 32], 64, 128
+        args.label_batch_tokens, args.label_len = 65536, 1024
+        args.row_capacity, args.train_steps, args.train_warmup = 8192, 4, 2
+    args.taus = [1.5, 2.0, 2.5]
+    return args
+
+
+def plan(args) -> list[tuple[str, callable, tuple]]:
+    """(name, function, extra args) in the order they run: the most important first."""
+    wanted = set(args.sections.split(","))
+    units = [("checks", section_checks, ())] if "checks" in wanted else []
+    first, rest = args.decode_models[0], args.decode_models[1:]
+    if "decode" in wanted:
+        units.append((f"decode {first}", section_decode, (first,)))
+    if "label" in wanted:
+        units += [(f"label {m}", section_label, (m,)) for m in args.label_models]
+    if "train" in wanted:
+        units += [(f"train {m}", section_train, (m,)) for m in args.train_models]
+    if "decode" in wanted:
+        units += [(f"decode {m}", section_decode, (m,)) for m in rest]
+    return units
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import transformers
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    report = {
+        "env": {
+            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tiny": args.tiny,
+        },
+        "sections": {},
+    }
+    failed = False
+    for name, fn, extra in plan(args):
+        elapsed = time.perf_counter() - t_start
+        if elapsed > args.deadline_s:
+            report["sections"][name] = {"skipped": f"deadline ({elapsed:.0f} s > {args.deadline_s:.0f} s)"}
+            continue
+        print(f"[gpu_check] {name} (at {elapsed:.0f} s)", flush=True)
+        t0 = time.perf_counter()
+        try:
+            report["sections"][name] = fn(args, device, *extra)
+        except Exception as exc:  # keep every other number; fail at the end
+            traceback.print_exc()
+            report["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed = True
+            free(device)
+        report["sections"][name]["seconds"] = time.perf_counter() - t0
+        report["seconds"] = time.perf_counter() - t_start
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1))  # after every section
+    report["seconds"] = time.perf_counter() - t_start
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    md = markdown(report)
+    (out / "gpu_check.md").write_text(md)
+    print(md, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

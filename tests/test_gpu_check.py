@@ -1,0 +1,48 @@
+"""The GPU check's dry run: bench/gpu_check.sh at tiny shapes on CPU, the same code as on a GPU.
+
+So the one-call GPU check cannot rot between the (rare) runs on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--tiny", "--work", str(tmp_path / "work")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    sections = report["sections"]
+    assert set(sections) == {"checks", "decode tiny", "label tiny", "train tiny"}
+    assert sections["checks"]["ok"] is True
+    decode = sections["decode tiny"]["rows"]
+    assert {(r["case"], r["tau"]) for r in decode} == {
+        (c, t) for c in ("equal", "drawn") for t in (1.5, 2.0, 2.5)
+    }
+    for r in decode:
+        assert r["tokens_per_s"] > 0 and r["base_tokens_per_s"] > 0 and r["bound"] > 0
+        assert min(r["t_base"], r["t_micro"], r["t_embed"]) > 0
+        if r["case"] == "equal" and r["batch"] == 1 and r["tau"] == 2.0:
+            assert r["m"] == 1.0 and r["tau_measured"] == 2.0  # at batch 1, m = tau - 1
+    label = sections["label tiny"]
+    assert label["label_tokens_per_s"] > 0 and label["plain_forward_tokens_per_s"] > 0
+    train = sections["train tiny"]["rows"]
+    assert {(r["K"], r["attention"]) for r in train} == {(4, "dense"), (1, "dense")}
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops_per_step"] > 0 for r in train)
+    md = (out / "gpu_check.md").read_text()
+    assert "## decode tiny" in md and "| K | attention |" in md
