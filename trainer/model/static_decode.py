@@ -258,8 +258,6 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self.conf = torch.zeros((), dtype=torch.float64, device=dev)
         d = model.base.config.hidden_size
         self.feats = torch.zeros(batch, len(model.feature_layers), d, dtype=self.dtype, device=dev)
-        self.slots = torch.zeros(batch, f, d, dtype=self.dtype, device=dev)
-        self.stop = torch.zeros(batch, dtype=self.dtype, device=dev)
         # + 4: CUDA-graph warm-up runs the end-of-step bookkeeping twice before any decoding
         self.seg_log = torch.zeros(batch, max_new + 4, dtype=long, device=dev)
         self.head_log = torch.zeros(batch, max_new + 4, dtype=torch.bool, device=dev)
@@ -280,14 +278,13 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
 
     # ------------------------------------------------------------------ device-side steps
     def _head(self, feats: torch.Tensor) -> None:
-        """Token 1 of each segment from h_L, its stop decision, and the micro decoder's slots."""
+        """Token 1 of each segment from h_L and its stop decision (features kept for micro step 1)."""
         m = self.model
         self.feats.copy_(feats)
         tok, stop = m.first_token(feats[:, -1])
         self.seg_tok.zero_()
         self.seg_tok[:, 0] = tok
         self.seg_len.fill_(1)
-        self.slots.copy_(m.micro.features_in(feats))
         self.live.copy_(~self.done)
         self.by_head.zero_()
         self._decide(tok, stop, 1)
@@ -304,7 +301,7 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
     def _micro(self, j: int, cols: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
         m = self.model
         emb = m.embed_tokens(self.seg_tok[:, j - 1 : j])
-        x = torch.cat([self.slots, emb], dim=1) if j == 1 else emb
+        x = torch.cat([m.micro.features_in(self.feats), emb], dim=1) if j == 1 else emb
         self.micro_kv.cols = cols
         mc = m.micro
         o = run_stack(mc.layers, mc.rotary_emb, mc.norm, x, positions, mask, self.micro_kv)[-1][:, -1]
