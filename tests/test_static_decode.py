@@ -85,3 +85,11 @@ def test_forced_segment_lengths():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="decode must be one of"):
         generate_batch(sharp_model(), PROMPTS, 4, decode="compiled")
+
+
+def test_eval_config_decode_field():
+    from trainer.evaluate import EvalConfig
+
+    EvalConfig(model="m", decode="graphed").validate()
+    with pytest.raises(ValueError, match="decode must be eager, static or graphed"):
+        EvalConfig(model="m", decode="compiled").validate()
