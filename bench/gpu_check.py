@@ -494,6 +494,7 @@ def section_train(args, device, shape: str) -> dict:
         tcfg.model.hamburger.max_steps = k
         tcfg.precision = "bf16" if device.type == "cuda" else "fp32"
         tcfg.optim.warmup_steps = 0
+        start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
         st = Strategy(tcfg)
         st.setup_distributed()
         model = st.build_model(str(base_dir))
@@ -522,6 +523,7 @@ def section_train(args, device, shape: str) -> dict:
                     "step_s": seconds,
                     "tokens_per_s": tokens / seconds,
                     "peak_gib": peak_gib(device),
+                    "allocated_before_build_gib": start_gib,
                     "model_tflops_per_step": flops / 1e12,
                     "mfu": flops / seconds / (peak * 1e12) if peak else None,
                 }
