@@ -445,3 +445,40 @@ def test_utf8_byte_order_mark_is_not_data(tmp_path):
     for name in ("bom.jsonl", "bom.csv"):
         rows = index_source(SourceConfig(path=str(tmp_path / name))).rows
         assert [(r.messages[-1]["content"], r.response) for r in rows] == [("q", "a")]
+
+
+PEAK_SCRIPT = """
+import json, random, resource, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from data_prep.label import Scorer
+torch.set_num_threads(1)
+torch.manual_seed(0)
+vocab = 32768
+cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+model = LlamaForCausalLM(cfg).eval()
+rng = random.Random(0)
+samples = [([rng.randrange(3, vocab) for _ in range(520)], 20) for _ in range(8)]  # 4000 response tokens
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out = {}
+for name, chunk in (("chunked", 1 << 22), ("whole", 1 << 40)):
+    scorer = Scorer(model, torch.device("cpu"), pad_id=0, chunk_elements=chunk)
+    scorer.score(samples[:1], 1 << 20)  # warm-up
+    before = peak()
+    scorer.score(samples, 1 << 20)  # one batch of 8 x 520 tokens
+    out[name] = peak() - before
+print(json.dumps(out))
+"""
+
+
+def test_scoring_peak_memory_does_not_grow_with_the_batch():
+    """Issue 11.2, measured: peak RSS while scoring a 4,000-response-token batch at a 32k
+    vocabulary. Whole-batch fp32 logits are 500 MiB per tensor; chunks of 2^22 logits are 16 MiB."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert growth["chunked"] < 150, growth  # MiB: a few chunk-sized tensors
+    assert growth["whole"] > 900, growth  # the measurement sees the unchunked tensors
