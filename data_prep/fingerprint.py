@@ -66,3 +66,18 @@ def fingerprint(path: str, cache: DigestCache) -> str:
         elif f.suffix in WEIGHT_SUFFIXES:
             h.update(f"{f.name}:{cache.digest(f)}".encode())
     return h.hexdigest()
+
+
+def vocab_fingerprint(tokenizer) -> dict:
+    """What a trained model's tokenizer must match for these shards to mean the same tokens:
+    the sha256 of its vocabulary (token -> id) and its special ids. Unlike the folder
+    fingerprint this ignores the weights, so the trainer can compare it with any model's
+    tokenizer (a fine-tuned model keeps its base's vocabulary)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode())
+    return {
+        "vocab_sha256": h.hexdigest(),
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }

@@ -29,7 +29,7 @@ from trainer.assets import resolve_model
 from trainer.configio import load_config
 
 from .config import PrepConfig
-from .fingerprint import DigestCache, fingerprint
+from .fingerprint import DigestCache, fingerprint, vocab_fingerprint
 from .label import Scorer, difficulty
 from .shards import MANIFEST, SCHEMA_VERSION, atomic_write_text, finished_shard, load_manifest, write_shard
 from .sources import Conversation, DataError, SourceIndex, index_source
@@ -307,6 +307,7 @@ def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
     barrier()
     if rank == 0:
         manifest = build_manifest(folder, work, sources, key, digest, cfg)
+        manifest["tokenizer_check"] = vocab_fingerprint(tokenizer)
         atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
         print_summary(folder, manifest)
     barrier()

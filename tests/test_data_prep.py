@@ -18,6 +18,7 @@ from launcher import free_port
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from data_prep.config import PrepConfig, SourceConfig
+from data_prep.fingerprint import vocab_fingerprint
 from data_prep.run import prepare
 from data_prep.shards import ShardError, load_manifest, read_split
 from data_prep.sources import DataError, index_source, load_source
@@ -64,6 +65,7 @@ def test_end_to_end_shards_and_manifest(tiny_dir, corpus, tmp_path):
     assert sum(m["segment_histogram"].values()) == m["segments"]
     assert m["key"]["label"]["strategy"] == "decreasing_v2" and m["key"]["max_len"] == 256
     tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    assert m["tokenizer_check"] == vocab_fingerprint(tok) and m["tokenizer_check"]["vocab_size"] == len(tok)
     chat = ChatTokenizer(tok)
     by_row = {r["origin"]: r for split in all_rows(folder).values() for r in split}
     src = load_source(cfg.sources[0])
