@@ -360,14 +360,18 @@ def main() -> None:
         plan += [("pyfunc", folders["pyfunc"], ask_pyfunc, [None])]
     servers: dict[str, Server] = {}
     try:
+        # All servers up at once, then each concurrency level on every server in turn: a change in
+        # the machine's load (it is shared) falls on all of them alike rather than on one.
         for kind, folder, ask, conf_list in [] if args.skip_load else plan:
-            servers[kind] = srv = Server(kind, folder, work / f"{kind}.log")
-            ask(srv.url, prompts[0], 4, conf_list[0])  # warm-up
-            for conf in conf_list:
-                for c in levels:
-                    res = run_load(ask, srv.url, prompts, c, args.max_tokens, conf)
+            servers[kind] = Server(kind, folder, work / f"{kind}.log")
+            ask(servers[kind].url, prompts[0], 4, conf_list[0])  # warm-up
+        for c in [] if args.skip_load else levels:
+            for kind, _folder, ask, conf_list in plan:
+                for conf in conf_list:
+                    res = run_load(ask, servers[kind].url, prompts, c, args.max_tokens, conf)
                     rows.append({"server": kind, "confidence": conf, "concurrency": c, **res})
-                    print(json.dumps(rows[-1]), flush=True)
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "errors"}), flush=True)
+        for kind in list(servers):
             servers.pop(kind).stop()
         if args.soak_s > 0:
             srv = Server("hamburger", folders["ham"], work / "soak.log")
@@ -386,7 +390,8 @@ def main() -> None:
 
 def report(rows: list[dict], soak_stats: dict | None, args) -> str:
     lines = [
-        f"SmolLM2-135M-Instruct ({args.layers} layers) on loopback, fp32; {args.requests} requests per row, "
+        f"SmolLM2-135M-Instruct ({args.layers} layers) on loopback, fp32, all servers up at once and each "
+        "concurrency level run on every server in turn; {args.requests} requests per row, "
         f"{args.max_tokens} new tokens each (chatterbot questions through the chat template); servers with "
         "--max-batch 16. HAMburger = the same base + **untrained** HAMburger modules: confidence 0.9 gives "
         "one-token segments (serving overhead only), 0.3 gives K=4-token segments (the mechanics' upper bound, "

@@ -211,6 +211,7 @@ def test_openai_client_completion_chat_and_stream(folders, server_factory):
         res.tokens, skip_special_tokens=True
     )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == len(res.tokens)
+    assert chat.model_extra["hamburger"]["macro_steps"] >= 1
     stream = client.chat.completions.create(
         model="tiny",
         messages=messages,
@@ -438,3 +439,37 @@ def _loaded(path):
     if str(path) not in _LOADED:
         _LOADED[str(path)] = mlflow.pyfunc.load_model(str(path))
     return _LOADED[str(path)]
+
+
+def test_launch_serve_cli_serves_an_mlflow_model_folder(pyfunc_model, tmp_path):
+    """`python -m trainer.server` (what `./launch.sh serve` runs) on a logged MLflow model: the
+    HAMburger folder is found among its artifacts; /health and a completion answer."""
+    import subprocess
+    import sys
+
+    from launcher import ROOT, env
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.server", str(pyfunc_model), "--port", str(port), "--max-batch", "2"],
+        cwd=ROOT,
+        env={**env(), "OMP_NUM_THREADS": "2"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url, end, health = f"http://127.0.0.1:{port}", time.monotonic() + 120, None
+        while time.monotonic() < end and proc.poll() is None and health is None:
+            try:
+                health = requests.get(url + "/health", timeout=5).json()
+            except requests.RequestException:
+                time.sleep(0.3)
+        assert health is not None, (tmp_path / "serve.log").read_text()[-3000:]
+        assert health["kind"] == "hamburger" and health["max_batch"] == 2
+        r = requests.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 5}, timeout=60).json()
+        assert r["usage"]["completion_tokens"] == 5 and r["model"] == health["model"]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()

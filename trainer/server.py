@@ -284,6 +284,8 @@ class Job:
             pass
 
     def _on_step(self, seq: Sequence, seg: list[int]) -> str | None:
+        if not self.params.stream and not self.params.stops:
+            return None  # nothing to look at before the end: decode once, in _on_finish
         text = self.engine.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         reason, hold = None, 0
         for stop in self.params.stops:
@@ -292,8 +294,7 @@ class Job:
                 text, reason = text[:at], "stop"
         if reason is None:
             hold = max((_overlap(text, s) for s in self.params.stops), default=0)
-            while hold < len(text) and text[len(text) - hold - 1 : len(text) - hold] == "\ufffd":
-                hold += 1
+            hold = len(text) - len(text[: len(text) - hold].rstrip("\ufffd"))  # + a partial character
         self.text = text
         if self.params.stream and len(text) - hold > self.sent:
             self._push(("delta", text[self.sent : len(text) - hold]))
@@ -301,6 +302,8 @@ class Job:
         return reason
 
     def _on_finish(self, seq: Sequence) -> None:
+        if not self.params.stream and not self.params.stops:
+            self.text = self.engine.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         if self.params.stream and len(self.text) > self.sent:
             self._push(("delta", self.text[self.sent :]))
             self.sent = len(self.text)
@@ -388,10 +391,14 @@ def create_app(engine: Engine, cfg: ServeConfig, scheduler: Scheduler):
     async def read_body(request: Request) -> dict:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body of {size} bytes is over the limit of {MAX_BODY_BYTES}")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body of {len(raw)} bytes is over the limit of {MAX_BODY_BYTES}")
+            raise APIError(413, f"request body of {size} bytes is over the limit of {MAX_BODY_BYTES} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # also bounds a body sent without a Content-Length
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise APIError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -568,8 +575,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _check_folder(path: str) -> None:
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
+    if not (Path(path) / "config.json").is_file() and not (Path(path) / "MLmodel").is_file():
+        raise FileNotFoundError(
+            f"{path}: not a model folder (no config.json) nor an MLflow model (no MLmodel)"
+        )
 
 
 if __name__ == "__main__":

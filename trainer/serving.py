@@ -84,16 +84,20 @@ def is_uri(spec: str) -> bool:
 
 
 def resolve_folder(spec: str | Path) -> Path:
-    """The model folder behind an export folder or an MLflow URI (models:/NAME/VERSION, runs:/...).
+    """The model folder behind an export folder, an MLflow URI (models:/NAME/VERSION, runs:/...)
+    or a local MLflow model folder (one with an MLmodel file).
 
     Inside a downloaded MLflow model the HAMburger folder wins; a plain HF folder (a config.json
     with a model_type) is taken otherwise."""
     spec = str(spec)
+    local = Path(spec)
     if not is_uri(spec):
-        return Path(spec)
-    import mlflow
+        if (local / "config.json").is_file() or not (local / "MLmodel").is_file():
+            return local
+    else:  # an MLflow model: its artifacts hold the model folder
+        import mlflow
 
-    local = Path(mlflow.artifacts.download_artifacts(spec))
+        local = Path(mlflow.artifacts.download_artifacts(spec))
     configs = sorted(local.rglob("config.json"))
     hamburger = [p for p in configs if '"hamburger"' in p.read_text()[:200]]
     plain = [p for p in configs if "model_type" in p.read_text()]
