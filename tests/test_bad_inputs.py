@@ -135,12 +135,13 @@ def test_prep_config_value_names_the_key(overrides, fragment):
 
 
 # ================================================================ data prep: whole runs
-# (JSONL rows as text, config keys, message fragment): runs that would give an untrainable prep
+# (JSONL rows as text, config keys, message fragment): runs that would give an untrainable prep.
+# Which rows are held out hashes the (temporary) file path: a case must hold whatever the split.
 # fmt: off
 PREP_RUN_CASES = [
-    ("".join(f'{{"instruction": "q{i}", "output": "a"}}\n' for i in range(5)), {"heldout_fraction": 0.01}, "heldout_fraction=0.01 held out none of the 5 rows"),
+    ("".join(f'{{"instruction": "q{i}", "output": "a"}}\n' for i in range(5)), {"heldout_fraction": 1e-9}, "heldout_fraction=1e-09 held out none of the 5 rows"),
     ('{"instruction": "q"}\n' * 3, {"bad_rows": "skip"}, "no usable rows (3 read, skipped {'bad_row': 3})"),
-    (('{"instruction": "q", "output": "' + "w " * 300 + '"}\n') * 6, {"max_len": 64, "heldout_fraction": 0.3}, "the train split has no rows after tokenisation (skipped: {'too_long': 6})"),
+    (('{"instruction": "q", "output": "' + "w " * 300 + '"}\n') * 12, {"max_len": 64, "heldout_fraction": 0.5}, "the train split has no rows after tokenisation (skipped: {'too_long': 12})"),
 ]
 # fmt: on
 

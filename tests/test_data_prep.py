@@ -170,11 +170,11 @@ def test_overlong_skip_and_truncate(tiny_dir, tmp_path):
         ],
     )
     m = load_manifest(
-        prepare(make_cfg(tiny_dir, tmp_path / "a", SourceConfig(path=str(data)), heldout_fraction=0.3))
+        prepare(make_cfg(tiny_dir, tmp_path / "a", SourceConfig(path=str(data)), heldout_fraction=0.5))
     )
     assert m["rows_out"] == 11 and m["skipped"] == {"too_long": 1, "prompt_too_long": 1}
     cfg = make_cfg(
-        tiny_dir, tmp_path / "b", SourceConfig(path=str(data)), heldout_fraction=0.3, overlong="truncate"
+        tiny_dir, tmp_path / "b", SourceConfig(path=str(data)), heldout_fraction=0.5, overlong="truncate"
     )
     folder = prepare(cfg)
     m = load_manifest(folder)
