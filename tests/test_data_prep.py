@@ -303,7 +303,12 @@ def test_hf_dataset_path_on_a_local_folder(tmp_path):
 
 def test_subsampling_is_counted_once(tiny_dir, corpus, tmp_path):
     m = load_manifest(
-        prepare(make_cfg(tiny_dir, tmp_path / "out", SourceConfig(path=str(corpus), weight=0.5)))
+        prepare(
+            # ~15 rows kept: hold out half, so that both splits have rows whatever the (path-hashed) split
+            make_cfg(
+                tiny_dir, tmp_path / "out", SourceConfig(path=str(corpus), weight=0.5), heldout_fraction=0.5
+            )
+        )
     )
     assert m["rows_in"] == 30
     assert 5 <= m["skipped"]["subsampled"] <= 25
