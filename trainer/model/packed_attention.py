@@ -16,6 +16,7 @@ decoding and everything else keep their behaviour. FlexAttention has no backward
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -50,7 +51,21 @@ def packed_mask(seq_ids: torch.Tensor, dtype: torch.dtype, flex: bool):
         return ((seq_ids[b, q] == seq_ids[b, kv]) & (kv <= q)) | (q == kv)
 
     rows, length = seq_ids.shape
-    return create_block_mask(allowed, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=seq_ids.device)
+    kw = dict(B=rows, H=None, Q_LEN=length, KV_LEN=length, device=seq_ids.device)
+    if seq_ids.is_cuda and not _COMPILE_FAILED:
+        # Compiled, the block mask is built block by block; uncompiled it first materialises
+        # rows x L x L booleans (and int64 intermediates): about 1 GiB per 8192-position row.
+        try:
+            return create_block_mask(allowed, **kw, _compile=True)
+        except Exception as exc:  # any compile failure: fall back, and say so once
+            _COMPILE_FAILED.append(repr(exc))
+            warnings.warn(
+                f"compiled block-mask creation failed, building it uncompiled: {exc!r}", stacklevel=2
+            )
+    return create_block_mask(allowed, **kw)
+
+
+_COMPILE_FAILED: list[str] = []
 
 
 @functools.cache
