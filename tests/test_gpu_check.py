@@ -49,3 +49,12 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["model_tflops_per_step"] > 0 for r in train)
     md = (out / "gpu_check.md").read_text()
     assert "## decode tiny" in md and "| K | attention |" in md
+
+
+def test_wheels_folder_is_ignored_and_small():
+    """bench/wheels/ travels to the GPU machine beside the tree: never committed, at most 60 MiB."""
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench/wheels/x.whl"], cwd=ROOT)
+    assert ignored.returncode == 0
+    wheels = ROOT / "bench" / "wheels"
+    if wheels.is_dir():  # filled by bench/gpu_wheels.sh
+        assert sum(f.stat().st_size for f in wheels.iterdir()) <= 60 * 2**20
