@@ -62,6 +62,10 @@ def test_decoder_is_reusable_and_counts_micro_calls():
     again = dec.generate(PROMPTS, set(), 0.5)
     assert [fields(r) for r in first] == [fields(r) for r in again]
     assert dec.macro_steps > 0 and dec.micro_calls >= 0
+    shorter = dec.generate(PROMPTS, {2}, 0.5, max_new=6)  # one decoder serves shorter runs too
+    assert [fields(r) for r in shorter] == [fields(r) for r in generate_batch(model, PROMPTS, 6, 0.5, {2})]
+    with pytest.raises(ValueError, match="<= 10 new tokens"):
+        dec.generate(PROMPTS, max_new=11)
 
 
 def test_forced_segment_lengths():

@@ -31,22 +31,26 @@ def _check_mode(decode: str) -> str:
 
 _DECODERS: dict[tuple, object] = {}
 """Recently used static decoders (their caches and CUDA graphs are built once per shape)."""
-_KEEP_DECODERS = 4
+_KEEP_DECODERS = 16
 _WIDTH_STEP = 32  # prompt widths are rounded up to this, so batches of similar prompts share one
+_MIN_CAPACITY = 256  # new-token capacity: at least this, else the next power of two
 
 
 def _static_decoder(model, prompts: list[list[int]], max_new_tokens: int, decode: str):
-    """A static decoder for this model, batch size, padded prompt width and length (reused)."""
+    """A static decoder for this model, batch size, padded prompt width and new-token capacity
+    (reused: a warm-up of 2 tokens builds the decoder, and captures the graphs, that the real
+    runs of up to 256 tokens use)."""
     from .static_decode import StaticBaseDecoder, StaticHAMburgerDecoder
 
     width = -(-max(len(p) for p in prompts) // _WIDTH_STEP) * _WIDTH_STEP
+    capacity = max(_MIN_CAPACITY, 1 << (max_new_tokens - 1).bit_length())
     param = next(model.parameters())
-    key = (id(model), param.dtype, param.device, decode, len(prompts), width, max_new_tokens)
+    key = (id(model), param.dtype, param.device, decode, len(prompts), width, capacity)
     if key not in _DECODERS:
         while len(_DECODERS) >= _KEEP_DECODERS:
             _DECODERS.pop(next(iter(_DECODERS)))
         cls = StaticHAMburgerDecoder if isinstance(model, HAMburgerModel) else StaticBaseDecoder
-        _DECODERS[key] = cls(model, len(prompts), width, max_new_tokens, graphs=decode == "graphed")
+        _DECODERS[key] = cls(model, len(prompts), width, capacity, graphs=decode == "graphed")
     return _DECODERS[key]
 
 
@@ -81,7 +85,7 @@ def generate_batch(
     model.eval()
     if _check_mode(decode) != "eager":
         dec = _static_decoder(model, prompts, max_new_tokens, decode)
-        return dec.generate(prompts, eos_token_ids, confidence)
+        return dec.generate(prompts, eos_token_ids, confidence, max_new=max_new_tokens)
     eos = eos_token_ids or set()
     device = next(model.parameters()).device
     base = model.base.model
@@ -193,7 +197,7 @@ def base_generate_batch(
     base_lm.eval()
     if _check_mode(decode) != "eager":
         dec = _static_decoder(base_lm, prompts, max_new_tokens, decode)
-        return dec.generate(prompts, eos_token_ids)
+        return dec.generate(prompts, eos_token_ids, max_new=max_new_tokens)
     eos = eos_token_ids or set()
     device = next(base_lm.parameters()).device
     ids, mask, positions = _left_pad(prompts, pad_id, device)

@@ -125,13 +125,21 @@ class _Common:
         self.eos_table = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
         self.max_new_t = torch.tensor(max_new, device=dev)
 
-    def reset(self, prompts: list[list[int]], eos: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero the state for new prompts (left-padded); returns (ids, positions) for prefill."""
-        if len(prompts) != self.batch or max(len(p) for p in prompts) > self.width:
+    def reset(
+        self, prompts: list[list[int]], eos: set[int], max_new: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero the state for new prompts (left-padded); returns (ids, positions) for prefill.
+
+        max_new (default: the capacity) is device state, so one decoder (and its graphs) serves
+        every length up to the capacity it was built for."""
+        max_new = self.max_new if max_new is None else max_new
+        if len(prompts) != self.batch or max(len(p) for p in prompts) > self.width or max_new > self.max_new:
             raise ValueError(
-                f"this static decoder holds {self.batch} prompts of <= {self.width} tokens, "
-                f"got {len(prompts)} of <= {max(len(p) for p in prompts)}"
+                f"this static decoder holds {self.batch} prompts of <= {self.width} tokens and "
+                f"<= {self.max_new} new tokens, got {len(prompts)} of <= {max(len(p) for p in prompts)} "
+                f"and {max_new}"
             )
+        self.max_new_t.fill_(max_new)
         ids = torch.zeros(self.batch, self.width, dtype=torch.long)
         mask = torch.zeros(self.batch, self.width, dtype=torch.bool)
         for i, p in enumerate(prompts):
@@ -211,8 +219,10 @@ class StaticBaseDecoder(_Common):
         self._head(hs[-1][:, -1])
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], eos: set[int] | None = None) -> list[DecodeResult]:
-        ids, positions = self.reset(prompts, eos or set())
+    def generate(
+        self, prompts: list[list[int]], eos: set[int] | None = None, max_new: int | None = None
+    ) -> list[DecodeResult]:
+        ids, positions = self.reset(prompts, eos or set(), max_new)
         hs = self.prefill(self.inner.embed_tokens(ids), positions)
         self._head(hs[-1][:, -1])
         while not self.all_done():
@@ -332,8 +342,9 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         eos: set[int] | None = None,
         confidence: float = 0.9,
         forced_seg_lens: torch.Tensor | None = None,
+        max_new: int | None = None,
     ) -> list[DecodeResult]:
-        ids, positions = self.reset(prompts, eos or set())
+        ids, positions = self.reset(prompts, eos or set(), max_new)
         for t in (self.seg_log, self.head_log, self.t):
             t.zero_()
         self.conf.fill_(0.0 if forced_seg_lens is not None else confidence)
