@@ -430,6 +430,10 @@ def print_summary(folder: Path, m: dict) -> None:
         )
     for name, s in m["sources"].items():
         print(f"[prep]   source {name}: {s['rows_out']} rows, compression {s['compression']:.3f}")
+        for example in s["skip_examples"][:3]:  # skipped rows are reported, never silent
+            print(f"[prep]     skipped: {example}")
+        if len(s["skip_examples"]) > 3:
+            print(f"[prep]     ... {len(s['skip_examples']) - 3} more examples in {folder / MANIFEST}")
     print(
         f"[prep] segment lengths: {m['segment_histogram']}; compression {m['compression']:.3f} "
         f"({m['compression_definition']})"

@@ -353,7 +353,7 @@ def test_weight_digests_are_cached_by_path_size_and_mtime(tmp_path):
     assert fingerprint(str(model), changed) != key and changed.hashed == 1
 
 
-def test_template_tokens_in_text_are_counted_never_cut(tiny_dir, corpus, tmp_path):
+def test_template_tokens_in_text_are_counted_never_cut(tiny_dir, corpus, tmp_path, capsys):
     """Issue 13.6: a response holding '<|im_end|>' was cut there silently, and a prompt holding
     '<|im_start|>' injected a fake turn. Such rows now stop the run (naming file, row, field) or,
     under bad_rows: skip, are counted in the manifest with examples."""
@@ -364,6 +364,7 @@ def test_template_tokens_in_text_are_counted_never_cut(tiny_dir, corpus, tmp_pat
     with pytest.raises(DataError, match=r"special.jsonl: row 4: field 'output' contains .*'<\|im_end\|>'"):
         prepare(make_cfg(tiny_dir, tmp_path / "a", SourceConfig(path=str(data))))
     folder = prepare(make_cfg(tiny_dir, tmp_path / "b", SourceConfig(path=str(data)), bad_rows="skip"))
+    assert "skipped: " + str(data) + ": row 4: field 'output' contains" in capsys.readouterr().out
     m = load_manifest(folder)
     assert m["skipped"] == {"special_token_text": 2} and m["rows_out"] == 28
     examples = m["sources"]["special"]["skip_examples"]
