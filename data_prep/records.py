@@ -20,6 +20,7 @@ import csv
 import gzip
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import IO
 
@@ -45,16 +46,18 @@ Opener = Callable[..., IO[bytes]]
 Scanned = tuple[int, int, object]  # (row, locator, record dict or DataError)
 
 
-class RecordFile:
+class RecordFile(ABC):
     """One file (or dataset) of records: scan all, then fetch any by its locator."""
 
     label: str  # the name used in messages and in shard origins
 
+    @abstractmethod
     def scan(self) -> Iterator[Scanned]:
-        raise NotImplementedError
+        """Every record in order: (row, locator, record dict or the row's DataError)."""
 
+    @abstractmethod
     def get(self, locator: int) -> dict:
-        raise NotImplementedError
+        """The record a scan yielded with this locator (a usable row: it parsed before)."""
 
 
 class MemoryRecords(RecordFile):
