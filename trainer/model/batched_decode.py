@@ -33,17 +33,19 @@ _DECODERS: dict[tuple, object] = {}
 """Recently used static decoders (their caches and CUDA graphs are built once per shape)."""
 _KEEP_DECODERS = 16
 _WIDTH_STEP = 32  # prompt widths are rounded up to this, so batches of similar prompts share one
-_MIN_CAPACITY = 256  # new-token capacity: at least this, else the next power of two
+_MIN_CAPACITY = 256  # graphed new-token capacity: at least this, else the next power of two
 
 
 def _static_decoder(model, prompts: list[list[int]], max_new_tokens: int, decode: str):
     """A static decoder for this model, batch size, padded prompt width and new-token capacity
-    (reused: a warm-up of 2 tokens builds the decoder, and captures the graphs, that the real
-    runs of up to 256 tokens use)."""
+    (reused; graphed: a warm-up of 2 tokens builds the decoder, and captures the graphs, that
+    the real runs of up to 256 tokens use)."""
     from .static_decode import StaticBaseDecoder, StaticHAMburgerDecoder
 
     width = -(-max(len(p) for p in prompts) // _WIDTH_STEP) * _WIDTH_STEP
-    capacity = max(_MIN_CAPACITY, 1 << (max_new_tokens - 1).bit_length())
+    capacity = max_new_tokens  # static: building a decoder costs a few allocations
+    if decode == "graphed":  # graphed: capturing costs, and attending to spare columns is cheap on a GPU
+        capacity = max(_MIN_CAPACITY, 1 << (max_new_tokens - 1).bit_length())
     param = next(model.parameters())
     key = (id(model), param.dtype, param.device, decode, len(prompts), width, capacity)
     if key not in _DECODERS:
