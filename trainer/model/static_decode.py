@@ -80,6 +80,7 @@ def run_stack(
 class Step:
     """A function of device state only; replayed as a CUDA graph when `graphs` (on CUDA)."""
 
+    @torch.no_grad()  # decoding never needs autograd, and a captured graph must not record it
     def __init__(self, fn: Callable[[], None], graphs: bool, device: torch.device):
         self.fn, self.graph = fn, None
         if graphs and device.type == "cuda":
@@ -93,6 +94,7 @@ class Step:
             with torch.cuda.graph(self.graph):
                 fn()
 
+    @torch.no_grad()
     def __call__(self) -> None:
         if self.graph is not None:
             self.graph.replay()
