@@ -476,7 +476,7 @@ def model_flops(cfg, hcfg: HAMburgerConfig, samples: list[Sample], k: int) -> fl
 
 def section_train(args, device, shape: str) -> dict:
     from trainer.config import TrainConfig
-    from trainer.engine import Strategy
+    from trainer.engine import Engine
 
     base_dir = Path(args.work) / f"base-{shape}"
     if not (base_dir / "config.json").exists():
@@ -495,7 +495,7 @@ def section_train(args, device, shape: str) -> dict:
         tcfg.precision = "bf16" if device.type == "cuda" else "fp32"
         tcfg.optim.warmup_steps = 0
         start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        st = Strategy(tcfg)
+        st = Engine(tcfg)
         st.setup_distributed()
         model = st.build_model(str(base_dir))
         st.prepare(model, total_steps=1000)
@@ -532,7 +532,14 @@ def section_train(args, device, shape: str) -> dict:
             st.engine.destroy()
         del st, model
         free(device)
-    return {"rows": rows, "peak_bf16_tflops": peak, "segment_distribution": probs}
+    from trainer.model.packed_attention import COMPILE_FAILURES
+
+    return {
+        "rows": rows,
+        "peak_bf16_tflops": peak,
+        "segment_distribution": probs,
+        "flex_compile_failures": COMPILE_FAILURES,
+    }
 
 
 def _train_step(st, batch) -> None:
@@ -595,6 +602,15 @@ def markdown(report: dict) -> str:
                     f"| {r['K']} | {r['attention']} | {r['tokens']} | {r['step_s']:.3f} | "
                     f"{r['tokens_per_s']:.0f} | {peak} | {mfu} |"
                 )
+            by = {(r["K"], r["attention"]): r["tokens_per_s"] for r in sec["rows"]}
+            for att in sorted({r["attention"] for r in sec["rows"]}):
+                if (4, att) in by and (1, att) in by:
+                    lines.append(
+                        f"- {att}: HAMburger / plain SFT tokens/s = {by[(4, att)] / by[(1, att)]:.2f}x"
+                    )
+            failures = {k: v for k, v in sec.get("flex_compile_failures", {}).items() if v}
+            if failures:
+                lines.append(f"**FlexAttention ran uncompiled** (compile failed): {failures}")
             lines.append("")
     return "\n".join(lines)
 

@@ -52,29 +52,43 @@ def packed_mask(seq_ids: torch.Tensor, dtype: torch.dtype, flex: bool):
 
     rows, length = seq_ids.shape
     kw = dict(B=rows, H=None, Q_LEN=length, KV_LEN=length, device=seq_ids.device)
-    if seq_ids.is_cuda and not _COMPILE_FAILED:
+    if seq_ids.is_cuda and not COMPILE_FAILURES["block_mask"]:
         # Compiled, the block mask is built block by block; uncompiled it first materialises
         # rows x L x L booleans (and int64 intermediates): about 1 GiB per 8192-position row.
         try:
             return create_block_mask(allowed, **kw, _compile=True)
         except Exception as exc:  # any compile failure: fall back, and say so once
-            _COMPILE_FAILED.append(repr(exc))
+            COMPILE_FAILURES["block_mask"].append(repr(exc))
             warnings.warn(
                 f"compiled block-mask creation failed, building it uncompiled: {exc!r}", stacklevel=2
             )
     return create_block_mask(allowed, **kw)
 
 
-_COMPILE_FAILED: list[str] = []
+COMPILE_FAILURES: dict[str, list[str]] = {"block_mask": [], "flex_attention": []}
+"""Compile errors met so far (each falls back to the uncompiled, slower form, with a warning)."""
 
 
 @functools.cache
-def _flex_fn(device_type: str):
+def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    # Compiled, flex_attention is one fused kernel; uncompiled (CPU) it is a reference
-    # implementation that materialises the scores.
-    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(query, key, value, block_mask, scale) -> torch.Tensor:
+    """Compiled on CUDA (one fused kernel); uncompiled (CPU, or if compiling fails) it is a
+    reference implementation that materialises the scores: correct, slower."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    kw = dict(block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+    if query.is_cuda and not COMPILE_FAILURES["flex_attention"]:
+        try:
+            return _compiled_flex()(query, key, value, **kw)
+        except Exception as exc:  # any compile failure: fall back, and say so once
+            COMPILE_FAILURES["flex_attention"].append(repr(exc))
+            warnings.warn(f"compiling FlexAttention failed, running it uncompiled: {exc!r}", stacklevel=2)
+    return flex_attention(query, key, value, **kw)
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -82,14 +96,7 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     from torch.nn.attention.flex_attention import BlockMask
 
     if isinstance(attention_mask, BlockMask):
-        out = _flex_fn(query.device.type)(
-            query,
-            key,
-            value,
-            block_mask=attention_mask,
-            scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1],
-        )
+        out = _flex(query, key, value, attention_mask, scaling)
         return out.transpose(1, 2).contiguous(), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
