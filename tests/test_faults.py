@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -207,5 +208,8 @@ def test_model_written_code_runs_in_a_throwaway_folder_and_dies_whole(tmp_path, 
     assert not passes_tests(code, "def check(g):\n    g()", "f", 2.0)
     assert not (tmp_path / "written_by_model.txt").exists()  # it wrote into its own temporary folder
     pid = int(pid_file.read_text())
+    deadline = time.time() + 10  # SIGKILL is delivered asynchronously
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
     assert not _alive(pid), "a process started by model-written code outlived the timeout"
     assert passes_tests("def f():\n    return 1", "def check(g):\n    assert g() == 1", "f", 5.0)

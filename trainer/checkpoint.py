@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +44,52 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def mark_complete(ckpt: Path, info: dict) -> None:
-    tmp = ckpt / (COMPLETE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1, default=str))
-    tmp.replace(ckpt / COMPLETE)
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint is, written by rank 0 into its COMPLETE marker once every rank's files
+    are on disk. Export and resume read this record, never DeepSpeed's own files, to know which
+    model, data and run a checkpoint belongs to."""
+
+    step: int
+    world_size: int
+    run_id: str | None
+    base: str
+    """model.base as configured (a hub name, a folder or builtin:smollm2)."""
+    base_path: str
+    """The folder it resolved to (the tokenizer is copied from here on export)."""
+    base_architecture: str
+    base_config: dict
+    hamburger: dict
+    data: str
+    """The prep folder trained on."""
+    data_key_hash: str = ""
+    """Its manifest's key hash: the data's identity even when the folder moves."""
+
+    def write(self, ckpt: Path) -> None:
+        tmp = ckpt / (COMPLETE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1, default=str))
+        tmp.replace(ckpt / COMPLETE)
+
+    @classmethod
+    def read(cls, ckpt: Path) -> CheckpointInfo:
+        """The record of a complete checkpoint; NotOurCheckpoint if the marker is not ours."""
+        try:
+            data = json.loads((ckpt / COMPLETE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise NotOurCheckpoint(f"{ckpt}: unreadable {COMPLETE} marker ({e})") from None
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        if not isinstance(data, dict) or not required <= set(data):
+            missing = sorted(required - set(data)) if isinstance(data, dict) else sorted(required)
+            raise NotOurCheckpoint(
+                f"{ckpt}: its {COMPLETE} marker holds no model description (missing {missing}); "
+                "not a checkpoint of this trainer"
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def read_info(ckpt: Path) -> dict:
-    return json.loads((ckpt / COMPLETE).read_text())
+class NotOurCheckpoint(ValueError):
+    pass
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -82,10 +122,32 @@ def set_rng_state(state: dict) -> None:
 
 
 def check_world_size(ckpt: Path, world_size: int) -> None:
-    saved = read_info(ckpt).get("world_size")
-    if saved is not None and saved != world_size:
+    saved = CheckpointInfo.read(ckpt).world_size
+    if saved != world_size:
         raise RuntimeError(
             f"{ckpt} was written by {saved} ranks; this job has {world_size}. Resuming on a different "
             "world size is not supported (ZeRO-3 optimiser partitions and the data plan are per rank). "
             f"Relaunch with {saved} ranks, or export it (./launch.sh export) and train from the export."
         )
+
+
+def find_resume_checkpoint(resume: str, output_dir: str) -> Path | None:
+    """resume=auto: the newest complete checkpoint of output_dir (None: a new run); none; or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(checkpoint_root(output_dir))
+    ckpt = Path(resume)
+    if not ckpt.is_dir() or not (ckpt / COMPLETE).is_file():
+        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder")
+    return ckpt
+
+
+def set_aside_old_checkpoints(output_dir: str) -> None:
+    """resume=none in a folder that has checkpoints: keep them (renamed), so a fresh run's
+    checkpoints never mix with another run's and resume=auto never picks an old one."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir() and any(root.iterdir()):
+        aside = root.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        root.rename(aside)
+        print(f"[train] resume=none: moved the folder's earlier checkpoints to {aside}", flush=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from data_prep.shards import load_manifest, read_split
 
+from .config import DataConfig
 from .model import Sample
 
 
@@ -98,3 +99,15 @@ def eval_batches(samples: list[Sample], tokens_per_batch: int, world_size: int, 
     while len(out) < per_rank:
         out.append((plan[0], 0.0))
     return out
+
+
+def resolve_data(cfg: DataConfig) -> Path:
+    """data.path, or the folder data.prep_config prepares (every rank joins; finished shards are reused)."""
+    if cfg.path:
+        return Path(cfg.path)
+    from data_prep.config import PrepConfig
+    from data_prep.run import prepare
+
+    from .configio import load_config
+
+    return prepare(load_config(PrepConfig, cfg.prep_config, cfg.prep_overrides))

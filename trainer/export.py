@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import COMPLETE, latest_checkpoint, read_info
+from . import engine
+from .checkpoint import COMPLETE, CheckpointInfo, NotOurCheckpoint, latest_checkpoint
 from .model import folder
 
 EXPORT_MARKER = ".hamburger-export.json"  # written into every export; --overwrite replaces only such folders
@@ -43,79 +43,19 @@ def resolve_checkpoint(src: str | Path) -> Path:
     else:
         ckpt = p
     if not (ckpt / COMPLETE).is_file():
-        if any(ckpt.glob("*_model_states.pt")):
+        if engine.has_rank_files(ckpt):
             raise ExportError(
                 f"{ckpt}: incomplete checkpoint (no {COMPLETE} marker: the save was interrupted)"
             )
         raise ExportError(
             f"{ckpt}: not a checkpoint of this trainer (no {COMPLETE} marker, no DeepSpeed files)"
         )
-    info = read_info(ckpt)
-    if "hamburger" not in info or "base_config" not in info:
-        raise ExportError(
-            f"{ckpt}: its {COMPLETE} marker holds no model description; not a checkpoint of ours"
-        )
-    if not (ckpt.parent / "latest").is_file():
-        raise ExportError(
-            f"{ckpt.parent}: missing DeepSpeed's `latest` file; the checkpoint folder is incomplete"
-        )
-    for f in rank_files(ckpt, info["world_size"]):
-        check_safe_to_unpickle(f)
-    return ckpt
-
-
-def rank_files(ckpt: Path, world_size: int) -> list[Path]:
-    """DeepSpeed's per-rank model and optimiser files of one checkpoint; a missing one is named."""
-    files = []
-    for r in range(world_size):
-        for kind in ("model_states", "optim_states"):
-            names = [f"zero_pp_rank_{r}_mp_rank_00_{kind}.pt", f"bf16_zero_pp_rank_{r}_mp_rank_00_{kind}.pt"]
-            found = [ckpt / n for n in names if (ckpt / n).is_file()]
-            if not found:
-                raise ExportError(f"{ckpt}: missing rank file {names[0]} (written by {world_size} ranks)")
-            files.append(found[0])
-    return files
-
-
-def _safe_globals() -> list:
-    """The only non-tensor classes a DeepSpeed ZeRO checkpoint of this trainer pickles: numpy
-    arrays (RNG state), DeepSpeed's stage enum and loss scalers. Nothing here runs code."""
-    import numpy as np
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
-    dtypes = [getattr(np.dtypes, n) for n in np.dtypes.__all__]
-    return [
-        core.multiarray._reconstruct,
-        np.ndarray,
-        np.dtype,
-        *dtypes,
-        ZeroStageEnum,
-        LossScaler,
-        DynamicLossScaler,
-    ]
-
-
-def check_safe_to_unpickle(path: Path) -> None:
-    """Refuse a rank file that is truncated or whose unpickling would build anything beyond
-    tensors and the allow-listed classes. DeepSpeed's consolidation loads these files with
-    `weights_only=False`; reading each one first with torch's restricted unpickler means a
-    crafted checkpoint is refused before any of its code could run."""
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, OSError...
-        text = str(e)
-        found = re.search(
-            r"(unsupported global: GLOBAL \S+|unsupported GLOBAL \S+|but got [^\n]*)", text, re.I
-        )
-        detail = found.group(1) if found else (text.strip().splitlines() or [""])[0][:200]
-        raise ExportError(
-            f"{path}: refused: not a readable checkpoint file of this trainer ({type(e).__name__}: {detail}). "
-            "Rank files are read with torch's restricted unpickler; a file that needs anything else "
-            "(truncated, or crafted to run code) is never loaded."
-        ) from None
+        info = CheckpointInfo.read(ckpt)
+        engine.verify_zero_files(ckpt, info.world_size)
+    except (NotOurCheckpoint, engine.ZeroFileError) as e:
+        raise ExportError(str(e)) from None
+    return ckpt
 
 
 def check_output_folder(out: Path, ckpt: Path, overwrite: bool) -> None:
@@ -175,13 +115,11 @@ def _alive(pid: int) -> bool:
 
 
 def consolidated(ckpt: Path) -> dict:
-    """Lazy fp32 tensors (materialised on .contiguous()) of the whole model, by name."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    """Lazy fp32 tensors of the model (materialised on .contiguous()), the frozen teacher left out."""
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
-    except Exception as e:  # noqa: BLE001 - torch.load / DeepSpeed raise many kinds on bad files
-        raise ExportError(f"{ckpt}: cannot consolidate the checkpoint ({type(e).__name__}: {e})") from None
+        state = engine.consolidated_zero_state(ckpt)
+    except engine.ZeroFileError as e:
+        raise ExportError(str(e)) from None
     return {k: v for k, v in state.items() if not k.startswith("teacher.")}
 
 
@@ -200,15 +138,15 @@ def export(
     confidence: float = 0.9,
 ) -> dict:
     ckpt = resolve_checkpoint(src)
-    info = read_info(ckpt)
+    info = CheckpointInfo.read(ckpt)
     out_path = Path(out)
     check_output_folder(out_path, ckpt, overwrite)
     remove_stale_temporaries(out_path)
     meta = {
         "model_type": folder.MODEL_TYPE,
-        "base_architecture": info["base_architecture"],
-        "base_config": info["base_config"],
-        "hamburger": info["hamburger"],
+        "base_architecture": info.base_architecture,
+        "base_config": info.base_config,
+        "hamburger": info.hamburger,
     }
     expected, tied = folder.expected_shapes(meta)
     state = consolidated(ckpt)
@@ -240,21 +178,21 @@ def export(
                 meta["base_config"],
                 meta["hamburger"],
                 lineage={
-                    "base": info["base"],
-                    "source_run_id": info.get("run_id"),
-                    "checkpoint_step": info["step"],
-                    "data": info.get("data", ""),
+                    "base": info.base,
+                    "source_run_id": info.run_id,
+                    "checkpoint_step": info.step,
+                    "data": info.data,
                 },
             )
-        _copy_tokenizer(info["base_path"], tmp)
-        eos = info["base_config"].get("eos_token_id")
+        _copy_tokenizer(info.base_path, tmp)
+        eos = info.base_config.get("eos_token_id")
         gen = {"eos_token_id": eos, "max_new_tokens": 256}
         if not base_only:
             gen["confidence"] = confidence
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=1))
         (tmp / "README.md").write_text(model_card(ckpt, info, base_only, confidence))
         (tmp / EXPORT_MARKER).write_text(
-            json.dumps({"checkpoint": str(ckpt), "step": info["step"], "base_only": base_only}, indent=1)
+            json.dumps({"checkpoint": str(ckpt), "step": info.step, "base_only": base_only}, indent=1)
         )
         replace_folder(tmp, out_path)
     except BaseException:
@@ -263,10 +201,10 @@ def export(
     result = {
         "path": str(out_path),
         "checkpoint": str(ckpt),
-        "step": info["step"],
-        "run_id": info.get("run_id"),
+        "step": info.step,
+        "run_id": info.run_id,
     }
-    print(f"[export] wrote {out_path} from {ckpt} (step {info['step']})", flush=True)
+    print(f"[export] wrote {out_path} from {ckpt} (step {info.step})", flush=True)
     if register:
         result.update(register_model(out_path, register, info, ckpt, tracking_uri))
     return result
@@ -278,13 +216,13 @@ def _copy_tokenizer(base_path: str, dest: Path) -> None:
     AutoTokenizer.from_pretrained(base_path).save_pretrained(dest)
 
 
-def model_card(ckpt: Path, info: dict, base_only: bool, confidence: float) -> str:
+def model_card(ckpt: Path, info: CheckpointInfo, base_only: bool, confidence: float) -> str:
     run_dir = ckpt.parent.parent
     metrics = {}
     if (run_dir / "final_metrics.json").is_file():
         metrics = json.loads((run_dir / "final_metrics.json").read_text())
     manifest = {}
-    data = Path(info.get("data", ""))
+    data = Path(info.data)
     if (data / "manifest.json").is_file():
         m = json.loads((data / "manifest.json").read_text())
         manifest = {
@@ -296,10 +234,9 @@ def model_card(ckpt: Path, info: dict, base_only: bool, confidence: float) -> st
             "segment_histogram": m["segment_histogram"],
         }
     lines = [
-        f"# {'Base model' if base_only else 'HAMburger model'} fine-tuned from `{info['base']}`",
+        f"# {'Base model' if base_only else 'HAMburger model'} fine-tuned from `{info.base}`",
         "",
-        f"Exported from `{ckpt}` (step {info['step']}, {info['world_size']} ranks, MLflow run "
-        f"`{info.get('run_id')}`).",
+        f"Exported from `{ckpt}` (step {info.step}, {info.world_size} ranks, MLflow run `{info.run_id}`).",
         "",
         "## Load",
         "",
@@ -323,7 +260,7 @@ def model_card(ckpt: Path, info: dict, base_only: bool, confidence: float) -> st
         "## HAMburger settings",
         "",
         "```json",
-        json.dumps(info["hamburger"], indent=1),
+        json.dumps(info.hamburger, indent=1),
         "```",
         "",
     ]
@@ -342,7 +279,7 @@ def model_card(ckpt: Path, info: dict, base_only: bool, confidence: float) -> st
     return "\n".join(lines) + "\n"
 
 
-def register_model(path: Path, name: str, info: dict, ckpt: Path, tracking_uri: str = "") -> dict:
+def register_model(path: Path, name: str, info: CheckpointInfo, ckpt: Path, tracking_uri: str = "") -> dict:
     """Log the folder to the training run as a pyfunc and register it; lineage goes in tags.
 
     The pyfunc is logged as MLflow "models from code" (trainer/pyfunc_model.py) with a signature."""
@@ -363,16 +300,20 @@ def register_model(path: Path, name: str, info: dict, ckpt: Path, tracking_uri: 
         if uri:
             mlflow.set_tracking_uri(uri)
         manifest_hash = ""
-        data = Path(info.get("data", ""))
+        data = Path(info.data)
         if (data / "manifest.json").is_file():
             manifest_hash = json.loads((data / "manifest.json").read_text())["key_hash"]
         tags = {
-            "source_run_id": str(info.get("run_id")),
-            "checkpoint_step": str(info["step"]),
+            "source_run_id": str(info.run_id),
+            "checkpoint_step": str(info.step),
             "checkpoint": str(ckpt),
             "data_manifest_hash": manifest_hash,
         }
-        run_id = info.get("run_id")
+        run_id = info.run_id
+        if not run_id:  # a run without tracking: a new run, its artifacts beside a local store
+            from .tracking import experiment_id
+
+            mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(), "hamburger", uri))
         with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run():
             model_info = mlflow.pyfunc.log_model(
                 name="hamburger_model",

@@ -15,6 +15,7 @@ from pathlib import Path
 from data_prep.shards import load_manifest
 
 from .assets import resolve_model
+from .checkpoint import CheckpointInfo
 from .model import HAMburgerConfig, Sample
 
 ARCHITECTURE_KEYS = ("max_steps", "micro_layers", "feature_layers", "num_features", "embedder_head_dim")
@@ -96,20 +97,22 @@ def _compare_tokenizers(key: dict, base_path: str) -> tuple[list[str], list[str]
     return [], warnings
 
 
-def check_resume_matches(info: dict, ckpt: Path, base: str, hcfg: HAMburgerConfig, data_hash: str) -> None:
+def check_resume_matches(
+    info: CheckpointInfo, ckpt: Path, base: str, hcfg: HAMburgerConfig, data_hash: str
+) -> None:
     """A checkpoint resumes only the job that wrote it: same base model, same HAMburger
     settings, same data (by the prep manifest's key hash, so a moved prep folder still matches)."""
     differ = []
-    if info.get("base") != base:
-        differ.append(f"model.base: checkpoint {info.get('base')!r}, this job {base!r}")
-    saved = info.get("hamburger", {})
+    if info.base != base:
+        differ.append(f"model.base: checkpoint {info.base!r}, this job {base!r}")
+    saved = info.hamburger
     for k, v in hcfg.to_dict().items():  # the modules' shapes; loss weights may change on resume
         if k in ARCHITECTURE_KEYS and k in saved and saved[k] != v:
             differ.append(f"model.hamburger.{k}: checkpoint {saved[k]!r}, this job {v!r}")
-    saved_hash = info.get("data_key_hash")
+    saved_hash = info.data_key_hash
     if saved_hash and saved_hash != data_hash:
         differ.append(
-            f"data: checkpoint trained on prep {saved_hash[:12]} ({info.get('data')}), this job's is {data_hash[:12]}"
+            f"data: checkpoint trained on prep {saved_hash[:12]} ({info.data}), this job's is {data_hash[:12]}"
         )
     if differ:
         raise RunMismatch(
