@@ -473,3 +473,21 @@ def test_launch_serve_cli_serves_an_mlflow_model_folder(pyfunc_model, tmp_path):
         proc.terminate()
         proc.wait(20)
         log.close()
+
+
+def test_a_failing_model_step_answers_500_and_the_server_carries_on(folders, server_factory):
+    srv = server_factory(folders["ham"])
+    real_step = srv.batch.step
+
+    def broken():
+        raise RuntimeError("simulated out-of-memory")
+
+    srv.batch.step = broken
+    r = srv.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4})
+    assert (
+        r.status_code == 500
+        and "decoding failed: RuntimeError: simulated out-of-memory" in r.json()["error"]["message"]
+    )
+    srv.batch.step = real_step
+    r = srv.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

@@ -4,8 +4,8 @@ At every macro-step boundary it (1) cancels rows past their deadline and drops c
 (deadline, client gone), (2) expires queued requests the same way, (3) admits waiting requests
 into the free slots (prefill + merge, see trainer/batcher.py) and (4) runs one macro step. A
 freed slot is therefore refilled within one macro step. Submitting past `max_queue` raises
-QueueFull (the HTTP layer answers 429); an exception inside the model fails the rows it hit,
-with the message, and the scheduler carries on with an empty batch.
+QueueFull (the HTTP layer answers 429); an exception inside the model fails the running batch
+and the joining requests, with the message, and the scheduler carries on with an empty batch.
 """
 
 from __future__ import annotations

@@ -67,6 +67,9 @@ class ServeConfig:
     model_name: str = ""
     dtype: str = "float32"
     device: str = ""
+    threads: int = 0
+    """torch threads (0: torch's default). On a CPU shared with other work, 1 avoids threads
+    waiting on a descheduled partner at every barrier of the small decode kernels."""
 
     def validate(self) -> None:
         checks = {
@@ -77,6 +80,7 @@ class ServeConfig:
             "port": 0 <= self.port < 65536,
             "confidence": self.confidence is None or 0 < self.confidence <= 1,
             "dtype": self.dtype in ("float32", "bfloat16", "float16"),
+            "threads": self.threads >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -531,6 +535,10 @@ def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
     cfg.validate()
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     engine = load_engine(cfg.model, cfg.dtype, cfg.device, cfg.model_name)
     scheduler = Scheduler(engine.batch(), cfg.max_batch, cfg.max_queue).start()
     app = create_app(engine, cfg, scheduler)
@@ -559,6 +567,7 @@ def main(argv: list[str] | None = None) -> None:
         "model_name",
         "dtype",
         "device",
+        "threads",
     ):
         value = getattr(defaults, name)
         ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
