@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_prep.fingerprint import vocab_fingerprint
 from data_prep.shards import load_manifest
 
 from .assets import resolve_model
@@ -47,7 +48,7 @@ def check_data_fits_model(
     if top >= vocab:
         problems.append(f"token id {top} in the shards is outside the model's vocabulary of {vocab} ids")
 
-    tok_problem, tok_warning = _compare_tokenizers(key, base_path)
+    tok_problem, tok_warning = _compare_tokenizers(manifest, base_path)
     problems += tok_problem
     warnings += tok_warning
     if problems:
@@ -55,12 +56,13 @@ def check_data_fits_model(
     return warnings
 
 
-def _compare_tokenizers(key: dict, base_path: str) -> tuple[list[str], list[str]]:
+def _compare_tokenizers(manifest: dict, base_path: str) -> tuple[list[str], list[str]]:
     """Same vocabulary, same special tokens; the chat template only warns (a data set may use
     'plain' or its own template on purpose, but serving will use the tokenizer's)."""
     from transformers import AutoTokenizer
 
     base_tok = AutoTokenizer.from_pretrained(base_path)
+    key = manifest["key"]
     template = key.get("chat_template") or ""
     warnings = []
     if base_tok.chat_template and template and template != base_tok.chat_template:
@@ -68,6 +70,21 @@ def _compare_tokenizers(key: dict, base_path: str) -> tuple[list[str], list[str]
             "the data was tokenised with a chat template other than the base tokenizer's; "
             "generation will use the tokenizer's own template"
         )
+    recorded = manifest.get("tokenizer_check")
+    if recorded:  # the manifest records the vocabulary's hash: no need to load the data's tokenizer
+        mine = vocab_fingerprint(base_tok)
+        if recorded["vocab_sha256"] != mine["vocab_sha256"]:
+            return [
+                f"the data was tokenised with {key.get('tokenizer')!r}, whose vocabulary differs from the "
+                f"model's ({recorded['vocab_size']} vs {mine['vocab_size']} entries, different token ids); "
+                "prepare the data with the model's tokenizer"
+            ], warnings
+        if recorded["eos_token_id"] != mine["eos_token_id"]:
+            return [
+                f"the data's tokenizer ends turns with id {recorded['eos_token_id']}, "
+                f"the model's with {mine['eos_token_id']}"
+            ], warnings
+        return [], warnings
     data_tok_name = key.get("tokenizer") or key.get("model") or ""
     try:
         data_tok_path = resolve_model(data_tok_name)
