@@ -21,7 +21,7 @@ from data_prep.label import Scorer, difficulty, length_batches  # noqa: E402
 from data_prep.sources import load_source  # noqa: E402
 from data_prep.strategies import segment  # noqa: E402
 from data_prep.tokenize import ChatTokenizer  # noqa: E402
-from trainer.assets import smollm2_dir  # noqa: E402
+from hamburger.assets import smollm2_dir  # noqa: E402
 
 
 def main() -> None:

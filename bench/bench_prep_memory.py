@@ -57,7 +57,7 @@ def rank_main(args) -> None:
     from data_prep.run import label_shard, make_plan, shard_work
     from data_prep.sources import index_source
     from data_prep.tokenize import ChatTokenizer, special_token_pattern
-    from trainer.assets import smollm2_tokenizer_dir
+    from hamburger.assets import smollm2_tokenizer_dir
 
     torch.set_num_threads(1)
     out: dict = {"rank": args.rank, "mode": args.mode, "after_imports_mib": peak_mib()}

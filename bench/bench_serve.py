@@ -44,7 +44,7 @@ def build_models(work: Path, layers: int) -> dict[str, Path]:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.assets import smollm2_dir
+    from hamburger.assets import smollm2_dir
     from trainer.model import HAMburgerConfig, HAMburgerModel
     from trainer.serving import pyfunc_spec
 

@@ -1,4 +1,4 @@
-"""Typed configuration of a data-prep run (YAML + key=value overrides; see trainer.configio)."""
+"""Typed configuration of a data-prep run (YAML + key=value overrides; see hamburger.configio)."""
 
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.assets import resolve_model
-from trainer.configio import load_config
+from hamburger.assets import resolve_model
+from hamburger.configio import load_config
 
 from .config import PrepConfig
 from .fingerprint import DigestCache, fingerprint, vocab_fingerprint

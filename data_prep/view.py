@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoTokenizer
 
-    from trainer.assets import resolve_model
+    from hamburger.assets import resolve_model
 
     manifest = load_manifest(args.folder)
     key = manifest["key"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from trainer.assets import smollm2_tokenizer_dir
+from hamburger.assets import smollm2_tokenizer_dir
 
 
 def tiny_model_dir(path: Path, seed: int = 0, layers: int = 2) -> Path:

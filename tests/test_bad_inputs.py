@@ -18,8 +18,8 @@ from data_prep.config import PrepConfig, SourceConfig
 from data_prep.run import prepare
 from data_prep.sources import DataError, index_source
 from data_prep.tokenize import special_token_pattern
-from trainer.assets import smollm2_tokenizer_dir
-from trainer.configio import load_config
+from hamburger.assets import smollm2_tokenizer_dir
+from hamburger.configio import load_config
 
 # ================================================================ data prep: source files
 GOOD = '{"instruction": "q", "output": "a"}\n'

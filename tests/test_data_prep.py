@@ -24,7 +24,7 @@ from data_prep.shards import ShardError, load_manifest, read_split
 from data_prep.sources import DataError, index_source, load_source
 from data_prep.tokenize import ChatTokenizer
 from data_prep.view import main as view_main
-from trainer.configio import ConfigError, load_config
+from hamburger.configio import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

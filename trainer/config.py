@@ -1,11 +1,12 @@
-"""The training configuration: one typed tree, YAML + `key=value` overrides (trainer.configio)."""
+"""The training configuration: one typed tree, YAML + `key=value` overrides (hamburger.configio)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from .configio import ConfigError, check_range
+from hamburger.configio import ConfigError, check_range
+
 from .model.config import HAMburgerConfig
 
 

@@ -107,7 +107,6 @@ def resolve_data(cfg: DataConfig) -> Path:
         return Path(cfg.path)
     from data_prep.config import PrepConfig
     from data_prep.run import prepare
-
-    from .configio import load_config
+    from hamburger.configio import load_config
 
     return prepare(load_config(PrepConfig, cfg.prep_config, cfg.prep_overrides))

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .assets import resolve_model
+from hamburger.assets import resolve_model
+from hamburger.configio import check_range, load_config, to_flat_dict
+
 from .config import MLflowConfig
-from .configio import check_range, load_config, to_flat_dict
 from .model import HAMburgerModel, Sample, base_generate_batch, collate, generate_batch
 
 DEFINITIONS = {

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from data_prep.fingerprint import vocab_fingerprint
 from data_prep.shards import load_manifest
+from hamburger.assets import resolve_model
 
-from .assets import resolve_model
 from .checkpoint import CheckpointInfo
 from .model import HAMburgerConfig, Sample
 

@@ -17,8 +17,9 @@ import torch
 from tqdm import tqdm
 
 from data_prep.shards import load_manifest
+from hamburger.assets import resolve_model
+from hamburger.configio import load_config, to_flat_dict, to_yaml
 
-from .assets import resolve_model
 from .checkpoint import (
     CheckpointInfo,
     check_world_size,
@@ -31,7 +32,6 @@ from .checkpoint import (
     tag_for,
 )
 from .config import TrainConfig
-from .configio import load_config, to_flat_dict, to_yaml
 from .data import BatchPlan, load_samples, manifest_summary, resolve_data
 from .engine import Engine
 from .metrics import (
