@@ -274,6 +274,10 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self.seg_log = torch.zeros(batch, max_new + 4, dtype=long, device=dev)
         self.head_log = torch.zeros(batch, max_new + 4, dtype=torch.bool, device=dev)
         self.t = torch.zeros(1, dtype=long, device=dev)  # macro step index
+        self.forced_buf = torch.ones(batch, max_new + 4, dtype=long, device=dev)  # benchmark switch
+        self.forced_period = torch.ones((), dtype=long, device=dev)
+        self.forcing = torch.zeros((), dtype=torch.bool, device=dev)
+        self.flags = torch.zeros(2, dtype=torch.bool, device=dev)  # (all done, any row in its segment)
         self.micro_calls = 0
         self.macro_steps = 0
         self.micro_plan = []
@@ -284,9 +288,15 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
             allowed = torch.arange(f + k - 1, device=dev)[None, :] <= cols[:, None]
             mask = additive_mask(allowed[None], self.dtype)
             self.micro_plan.append((j, cols, cols[None].expand(batch, -1), mask))
-        self.base_step = Step(self._base_step, graphs, dev)
-        self.micro_steps = [Step(lambda p=p: self._micro(*p), graphs, dev) for p in self.micro_plan]
-        self.finish = Step(self._finish, graphs, dev)
+        self.base_step = self._step_of(self._base_step, graphs)  # alone: for benchmarks
+        self.micro_steps = [self._step_of(lambda p=p: self._micro(*p), graphs) for p in self.micro_plan]
+        self.advance = self._step_of(self._advance, graphs)
+
+    def _step_of(self, fn, graphs: bool) -> Step:
+        """A Step whose CUDA-graph warm-up starts from column 0 and macro step 0 (in range)."""
+        self.col.zero_()
+        self.t.zero_()
+        return Step(fn, graphs, self.device)
 
     # ------------------------------------------------------------------ device-side steps
     def _head(self, feats: torch.Tensor) -> None:
@@ -329,6 +339,20 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self.record(self.seg_tok, self.seg_len)
         self.t.add_(1)
 
+    def _cap_from_table(self) -> None:
+        """This macro step's forced segment lengths (benchmark switch), else K."""
+        forced = self.forced_buf.index_select(1, self.t % self.forced_period)[:, 0]
+        self.cap.copy_(torch.where(self.forcing, forced, torch.full_like(forced, self.k)))
+
+    def _advance(self) -> None:
+        """End this macro step and start the next, in one graph: record the segments, feed them
+        to the base (run even when every row is done: that result is never read), and leave
+        both stop decisions in `flags`, read with one host sync."""
+        self._finish()
+        self._cap_from_table()
+        self._base_step()
+        self.flags.copy_(torch.stack([self.done.all(), self.live.any()]))
+
     def _base_step(self) -> None:
         m = self.model
         x = m.embedder.forward_dense(m.embed_tokens(self.seg_tok), self.seg_len)[:, None]
@@ -350,29 +374,39 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         for t in (self.seg_log, self.head_log, self.t):
             t.zero_()
         self.conf.fill_(0.0 if forced_seg_lens is not None else confidence)
-        forced = None if forced_seg_lens is None else forced_seg_lens.to(self.device, torch.long)
-        self._set_cap(forced, 0)
+        self._load_forced(forced_seg_lens)
+        self._cap_from_table()
         hs = self.prefill(self.inner.embed_tokens(ids), positions)
         self._head(torch.stack([h[:, -1] for h in self.model.features(hs)], dim=1))
-        step = 0
+        live = bool(self.live.any())  # host syncs read only stop decisions
         while True:
-            for micro in self.micro_steps:
-                if not bool(self.live.any()):  # host sync: a stop decision
+            for j, micro in enumerate(self.micro_steps):
+                if not live:
                     break
                 micro()
                 self.micro_calls += 1
-            self.finish()
+                if j + 1 < len(self.micro_steps):
+                    live = bool(self.live.any())
+            self.advance()
             self.macro_steps += 1
-            if self.all_done():
+            all_done, live = self.flags.tolist()
+            if all_done:
                 break
-            step += 1
-            self._set_cap(forced, step)
-            self.base_step()
         n_steps = int(self.t)
         seg = [[n for n in row if n] for row in self.seg_log[:, :n_steps].tolist()]
         head = self.head_log[:, :n_steps].tolist()
         return self.results(seg, [h[: len(s)] for h, s in zip(head, seg, strict=True)])
 
-    def _set_cap(self, forced: torch.Tensor | None, step: int) -> None:
-        if forced is not None:
-            self.cap.copy_(forced[:, step % forced.shape[1]])
+    def _load_forced(self, forced: torch.Tensor | None) -> None:
+        """Macro step t forces forced[:, t % S]; steps never exceed max_new, so the table is cut
+        to the buffer's width (a longer period repeats after the last step anyway)."""
+        self.forcing.fill_(forced is not None)
+        if forced is None:
+            return
+        if forced.shape[0] != self.batch or forced.ndim != 2 or int(forced.min()) < 1:
+            raise ValueError(
+                f"forced_seg_lens must be [{self.batch}, S] lengths >= 1, got {tuple(forced.shape)}"
+            )
+        width = min(forced.shape[1], self.forced_buf.shape[1])
+        self.forced_buf[:, :width] = forced[:, :width].to(self.device, torch.long)
+        self.forced_period.fill_(width)
