@@ -97,3 +97,18 @@ def test_eval_config_decode_field():
     EvalConfig(model="m", decode="graphed").validate()
     with pytest.raises(ValueError, match="decode must be eager, static or graphed"):
         EvalConfig(model="m", decode="compiled").validate()
+
+
+def test_speculative_advance_changes_nothing():
+    """On a GPU the end of a macro step and the next base step are one graph, run even after the
+    last step (its result unread): the same results as checking first, as on CPU."""
+    model = sharp_model()
+    for max_new, eos in ((9, set()), (14, {2})):
+        dec = StaticHAMburgerDecoder(model, len(PROMPTS), 11, max_new, graphs=False)
+        checked = dec.generate(PROMPTS, eos, 0.5)
+        dec.advance = lambda dec=dec: dec._advance(speculative=True)
+        speculative = dec.generate(PROMPTS, eos, 0.5)
+        assert [fields(r) for r in speculative] == [fields(r) for r in checked]
+        assert [fields(r) for r in checked] == [
+            fields(r) for r in generate_batch(model, PROMPTS, max_new, 0.5, eos)
+        ]

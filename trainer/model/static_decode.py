@@ -290,7 +290,8 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
             self.micro_plan.append((j, cols, cols[None].expand(batch, -1), mask))
         self.base_step = self._step_of(self._base_step, graphs)  # alone: for benchmarks
         self.micro_steps = [self._step_of(lambda p=p: self._micro(*p), graphs) for p in self.micro_plan]
-        self.advance = self._step_of(self._advance, graphs)
+        graphed = graphs and dev.type == "cuda"
+        self.advance = self._step_of(lambda: self._advance(speculative=graphed), graphs)
 
     def _step_of(self, fn, graphs: bool) -> Step:
         """A Step whose CUDA-graph warm-up starts from column 0 and macro step 0 (in range)."""
@@ -344,11 +345,15 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         forced = self.forced_buf.index_select(1, self.t % self.forced_period)[:, 0]
         self.cap.copy_(torch.where(self.forcing, forced, torch.full_like(forced, self.k)))
 
-    def _advance(self) -> None:
-        """End this macro step and start the next, in one graph: record the segments, feed them
-        to the base (run even when every row is done: that result is never read), and leave
-        both stop decisions in `flags`, read with one host sync."""
+    def _advance(self, speculative: bool) -> None:
+        """End this macro step and start the next: record the segments, feed them to the base,
+        leave both stop decisions in `flags` (read with one host sync). Graphed, this is one
+        graph and the base step runs even when every row is done (its result is never read);
+        eager, it is skipped then."""
         self._finish()
+        if not speculative and bool(self.done.all()):
+            self.flags.fill_(True)
+            return
         self._cap_from_table()
         self._base_step()
         self.flags.copy_(torch.stack([self.done.all(), self.live.any()]))
