@@ -59,7 +59,7 @@ class SourceConfig:
     input_field: str = ""
     """Optional second prompt field appended after a blank line (Alpaca's 'input')."""
     response_field: str = "output"
-    """Field holding the response to learn."""
+    """Field holding the response to learn. Empty: a prompt-only source (needs responses: regenerate)."""
     messages_field: str = ""
     """If set, rows hold a chat list of {role, content}; the last assistant turn is the response."""
     system: str | None = None
@@ -121,6 +121,45 @@ class LabelConfig:
             raise ValueError(f"label.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
 
+RESPONSES = ("source", "regenerate")
+AT_LIMIT = ("keep", "skip")
+
+
+@dataclass
+class GenerateConfig:
+    """Self-distillation (responses: regenerate): the base model writes every response before
+    labelling, so fine-tuning teaches the grafted modules to reproduce the base itself. The
+    model runs in label.dtype (one model writes and scores)."""
+
+    max_new_tokens: int = 256
+    """Most tokens the base writes per response; a response ends at the tokenizer's EOS."""
+    temperature: float = 0.0
+    """0: greedy (default). > 0: sample from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Sampling only: keep the smallest set of tokens whose probability reaches top_p."""
+    seed: int = 0
+    """Sampling only: each shard samples from a generator seeded by (seed, shard), so a resumed
+    shard writes the same responses."""
+    batch_size: int = 16
+    """Prompts decoded together (sorted by length, so padding stays small)."""
+    at_limit: str = "keep"
+    """A response cut at max_new_tokens (no EOS): keep it as it is, or skip the row; counted either way."""
+
+    def validate(self) -> None:
+        _finite("generate.temperature", self.temperature)
+        _finite("generate.top_p", self.top_p)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"generate.temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generate.top_p must lie in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise ValueError(f"generate.batch_size must be >= 1, got {self.batch_size}")
+        if self.at_limit not in AT_LIMIT:
+            raise ValueError(f"generate.at_limit must be one of {list(AT_LIMIT)}, got {self.at_limit!r}")
+
+
 @dataclass
 class PrepConfig:
     """A data-prep run: sources -> chat-templated tokens -> labelled shards + manifest."""
@@ -151,13 +190,19 @@ class PrepConfig:
     output_root: str = "outputs/prep"
     """Shards go to output_root/<cache key>; a re-run with the same key reuses them."""
     label: LabelConfig = field(default_factory=LabelConfig)
+    responses: str = "source"
+    """source: learn the sources' responses. regenerate: the base model writes them first
+    (self-distillation, settings under generate); prompt-only sources need this."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def validate(self) -> None:
         if not self.sources:
             raise ValueError("sources: at least one source is needed")
+        if self.responses not in RESPONSES:
+            raise ValueError(f"responses must be one of {list(RESPONSES)}, got {self.responses!r}")
         names: dict[str, int] = {}
         for i, s in enumerate(self.sources):
-            _validate_source(s, f"sources.{i}")
+            _validate_source(s, f"sources.{i}", prompt_only_ok=self.responses == "regenerate")
             name = _default_name(s)
             if name in names:
                 raise ValueError(
@@ -181,6 +226,7 @@ class PrepConfig:
         if not self.output_root:
             raise ValueError("output_root must name a folder")
         self.label.validate()
+        self.generate.validate()
 
 
 def _finite(key: str, value: float) -> None:
@@ -188,7 +234,7 @@ def _finite(key: str, value: float) -> None:
         raise ValueError(f"{key} must be a finite number, got {value}")
 
 
-def _validate_source(s: SourceConfig, where: str) -> None:
+def _validate_source(s: SourceConfig, where: str, prompt_only_ok: bool) -> None:
     if bool(s.path) == bool(s.hf_name):
         raise ValueError(f"{where}: set exactly one of path or hf_name")
     _finite(f"{where}.weight", s.weight)
@@ -197,9 +243,13 @@ def _validate_source(s: SourceConfig, where: str) -> None:
     if s.format not in ("auto", "jsonl", "json", "parquet", "csv", "arrow"):
         raise ValueError(f"{where}.format {s.format!r} is unknown")
     if not s.messages_field:
-        for key in ("prompt_field", "response_field"):
-            if not getattr(s, key):
-                raise ValueError(f"{where}.{key} must name a field (or set messages_field)")
+        if not s.prompt_field:
+            raise ValueError(f"{where}.prompt_field must name a field (or set messages_field)")
+        if not s.response_field and not prompt_only_ok and not s.path.startswith("builtin:"):
+            raise ValueError(
+                f"{where}.response_field is empty: a prompt-only source has no response to learn; "
+                "set responses: regenerate to have the base model write them (or name the field)"
+            )
     for j, f in enumerate(s.filters):
         f.validate(f"{where}.filters.{j}")
 

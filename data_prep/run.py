@@ -31,12 +31,14 @@ from hamburger.configio import load_config
 from .config import PrepConfig
 from .fingerprint import DigestCache, fingerprint, vocab_fingerprint
 from .label import Scorer, difficulty
+from .regenerate import Regenerator
 from .shards import MANIFEST, SCHEMA_VERSION, atomic_write_text, finished_shard, load_manifest, write_shard
 from .sources import Conversation, DataError, SourceIndex, index_source
 from .strategies import segment
 from .tokenize import ChatTokenizer, fit_length, special_token_pattern
 
 FINGERPRINT_CACHE = "fingerprints.json"
+GENERATOR = "base_generate_batch-v1"  # bump when the decoder's output for the same settings changes
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -171,6 +173,7 @@ def cache_key(
         "seed": cfg.seed,
         "shard_rows": cfg.shard_rows,
         "keep_values": cfg.keep_values,
+        **generation_key(cfg),
         "sources": [
             {"config": asdict(s), "content_hash": r.content_hash}
             for s, r in zip(cfg.sources, sources, strict=True)
@@ -178,13 +181,60 @@ def cache_key(
     }
 
 
+def generation_key(cfg: PrepConfig) -> dict:
+    """Self-distillation's part of the key: every generation setting, and the decoder that
+    wrote the tokens. Empty when responses come from the sources, so that the keys (and the
+    prepared folders) of runs without it stay what they were."""
+    if cfg.responses == "source":
+        return {}
+    return {"responses": cfg.responses, "generate": asdict(cfg.generate), "generator": GENERATOR}
+
+
 def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- one shard
-def label_shard(rows: list[PlanRow], first_id: int, chat: ChatTokenizer, scorer: Scorer, cfg: PrepConfig):
-    """Tokenise, fit to max_len, score, segment. Returns (columns, stats)."""
+def encode_rows(
+    rows: list[PlanRow], chat: ChatTokenizer, max_len: int, regen: Regenerator | None, shard: str, stats: dict
+) -> list[tuple[list[int], int] | str]:
+    """Per row: (token ids, prompt length), or the reason it is skipped. With a Regenerator the
+    response is the base model's own output for the prompt (its exact tokens, never re-tokenised
+    text), and stats["generation"] counts prompts, generated tokens and cuts per source."""
+    if regen is None:
+        return [chat.encode(row.conv) for row in rows]
+    prompts = [chat.prompt(row.conv) for row in rows]
+    fits = [i for i, p in enumerate(prompts) if len(p) < max_len]  # the others: prompt_too_long below
+    seconds = regen.seconds
+    made = regen.responses([prompts[i] for i in fits], shard)
+    stats["generation"] = {"seconds": regen.seconds - seconds, "per_source": {}}
+    out: list[tuple[list[int], int] | str] = [(p, len(p)) for p in prompts]
+    per_source = stats["generation"]["per_source"]
+    for i, g in zip(fits, made, strict=True):
+        src = per_source.setdefault(
+            rows[i].conv.source, {"prompts": 0, "tokens_generated": 0, "cut_at_limit": 0}
+        )
+        src["prompts"] += 1
+        src["tokens_generated"] += len(g.tokens)
+        src["cut_at_limit"] += int(g.cut)
+        out[i] = (
+            "cut_at_limit"
+            if g.cut and regen.cfg.at_limit == "skip"
+            else (prompts[i] + g.tokens, len(prompts[i]))
+        )
+    return out
+
+
+def label_shard(
+    rows: list[PlanRow],
+    first_id: int,
+    chat: ChatTokenizer,
+    scorer: Scorer,
+    cfg: PrepConfig,
+    regen: Regenerator | None = None,
+    shard: str = "",
+):
+    """(Regenerate responses,) tokenise, fit to max_len, score, segment. Returns (columns, stats)."""
     k = cfg.label.max_steps
     stats: dict = {
         "rows_in": len(rows),
@@ -197,8 +247,13 @@ def label_shard(rows: list[PlanRow], first_id: int, chat: ChatTokenizer, scorer:
         "per_source": {},
     }
     kept: list[tuple[int, PlanRow, list[int], int]] = []
-    for i, row in enumerate(rows):
-        ids, p = chat.encode(row.conv)
+    for i, (row, encoded) in enumerate(
+        zip(rows, encode_rows(rows, chat, cfg.max_len, regen, shard, stats), strict=True)
+    ):
+        if isinstance(encoded, str):
+            stats["skipped"][encoded] += 1
+            continue
+        ids, p = encoded
         fitted = fit_length(ids, p, cfg.max_len, cfg.overlong)
         if isinstance(fitted, str):
             stats["skipped"][fitted] += 1
@@ -288,14 +343,16 @@ def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         scorer = Scorer(model, device, pad_id=pad)
+        regen = Regenerator(model, cfg.generate, chat.eos, pad) if cfg.responses == "regenerate" else None
         t0 = time.perf_counter()
         for split, start, stop in tqdm(
             todo, desc=f"labelling (rank {rank})", disable=rank != 0, unit="shard"
         ):
             rows = plan[split].rows(sources, start, stop)
-            cols, stats = label_shard(rows, start, chat, scorer, cfg)
+            name = _shard_name(split, start, cfg)
+            cols, stats = label_shard(rows, start, chat, scorer, cfg, regen, name)
             stats["scored_tokens"] = scorer.stats.real_tokens
-            write_shard(folder, _shard_name(split, start, cfg), cols, stats)
+            write_shard(folder, name, cols, stats)
             if on_shard_done is not None:
                 on_shard_done(split, start)
         pad_share = 1 - scorer.stats.real_tokens / max(scorer.stats.padded_tokens, 1)
@@ -304,6 +361,12 @@ def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
             f"[prep] rank {rank}: {scorer.stats.real_tokens} tokens scored in "
             f"{time.perf_counter() - t0:.1f}s, padding {pad_share:.1%}",
         )
+        if regen is not None:
+            _log(
+                rank,
+                f"[prep] rank {rank}: {regen.tokens} response tokens generated in {regen.seconds:.1f}s "
+                f"({regen.tokens / max(regen.seconds, 1e-9):.1f} tokens/s)",
+            )
     barrier()
     if rank == 0:
         manifest = build_manifest(folder, work, sources, key, digest, cfg)
@@ -357,6 +420,7 @@ def build_manifest(
     }
     hist: Counter = Counter()
     skipped: Counter = Counter()
+    generation = GenerationTally() if cfg.responses == "regenerate" else None
     for s in sources:
         skipped.update(s.skipped)
     for split, start, _stop in work:
@@ -385,6 +449,8 @@ def build_manifest(
         entry["shards"].append({"file": info.file, "rows": info.rows, "sha256": info.sha256})
         skipped.update(st["skipped"])
         hist.update({int(n): c for n, c in st["histogram"].items()})
+        if generation is not None:
+            generation.add(st["generation"])
         for name, ps in st["per_source"].items():
             for f in ("response_tokens", "segments"):
                 per_source[name][f] += ps[f]
@@ -402,6 +468,11 @@ def build_manifest(
         ps["compression"] = ps["response_tokens"] / max(ps["segments"], 1)
     total_tokens = sum(e["response_tokens"] for e in splits.values())
     total_segments = sum(e["segments"] for e in splits.values())
+    extra = {}
+    if generation is not None:
+        for name, ps in per_source.items():
+            ps["generation"] = generation.source(name)
+        extra["generation"] = generation.summary(cfg)
     return {
         "schema_version": SCHEMA_VERSION,
         "key_hash": digest,
@@ -417,7 +488,49 @@ def build_manifest(
         "segment_histogram": {str(n): hist.get(n, 0) for n in range(1, k + 1)},
         "sources": per_source,
         "splits": splits,
+        **extra,
     }
+
+
+class GenerationTally:
+    """Sums the shards' generation stats into the manifest's per-source and overall numbers."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.per_source: dict[str, Counter] = {}
+
+    def add(self, shard_stats: dict) -> None:
+        self.seconds += shard_stats["seconds"]
+        for name, counts in shard_stats["per_source"].items():
+            self.per_source.setdefault(name, Counter()).update(counts)
+
+    @staticmethod
+    def _rates(c: Counter) -> dict:
+        prompts = c["prompts"]
+        return {
+            "prompts": prompts,
+            "tokens_generated": c["tokens_generated"],
+            "cut_at_limit": c["cut_at_limit"],
+            "cut_share": c["cut_at_limit"] / max(prompts, 1),
+            "mean_response_tokens": c["tokens_generated"] / max(prompts, 1),
+        }
+
+    def source(self, name: str) -> dict:
+        return self._rates(self.per_source.get(name, Counter()))
+
+    def summary(self, cfg: PrepConfig) -> dict:
+        total: Counter = Counter()
+        for c in self.per_source.values():
+            total.update(c)
+        return {
+            "settings": asdict(cfg.generate),
+            "generator": GENERATOR,
+            **self._rates(total),
+            "seconds": self.seconds,
+            "tokens_per_second": total["tokens_generated"] / max(self.seconds, 1e-9),
+            "definition": "responses written by the base model (self-distillation); cut_share: "
+            "share of prompts whose response reached max_new_tokens without EOS; seconds summed over shards",
+        }
 
 
 def print_summary(folder: Path, m: dict) -> None:
@@ -428,8 +541,17 @@ def print_summary(folder: Path, m: dict) -> None:
             f"[prep]   {split}: {e['rows']} rows, {e['response_tokens']} response tokens, "
             f"compression {e['compression']:.3f} tokens/segment"
         )
+    if "generation" in m:
+        g = m["generation"]
+        print(
+            f"[prep] responses written by the base: {g['prompts']} prompts, {g['tokens_generated']} tokens "
+            f"({g['tokens_per_second']:.1f} tokens/s), {g['cut_at_limit']} ({g['cut_share']:.1%}) cut at "
+            f"max_new_tokens={g['settings']['max_new_tokens']}"
+        )
     for name, s in m["sources"].items():
-        print(f"[prep]   source {name}: {s['rows_out']} rows, compression {s['compression']:.3f}")
+        gen = s.get("generation")
+        cut = f", {gen['cut_share']:.0%} cut at the limit" if gen else ""
+        print(f"[prep]   source {name}: {s['rows_out']} rows, compression {s['compression']:.3f}{cut}")
         for example in s["skip_examples"][:3]:  # skipped rows are reported, never silent
             print(f"[prep]     skipped: {example}")
         if len(s["skip_examples"]) > 3:

@@ -6,10 +6,13 @@ where it came from (source, file, row) so that every error and skip can name it.
 
 from __future__ import annotations
 
+import ast
 import glob
 import hashlib
+import json
 import os
 import re
+import sysconfig
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +33,7 @@ from .records import (
 )
 from .shards import sha256_file
 
-BUILTINS = ("builtin:chatterbot", "builtin:humaneval")
+BUILTINS = ("builtin:chatterbot", "builtin:humaneval", "builtin:stdlib")
 MAX_SKIP_EXAMPLES = 20
 __all__ = ["DataError", "Conversation", "SourceIndex", "index_source", "load_source"]
 
@@ -128,7 +131,8 @@ def to_conversation(
             texts.append((f"{cfg.messages_field}[{i}].content", t["content"]))
         if turns[-1]["role"] != "assistant":
             raise DataError(f"{where}: field {cfg.messages_field!r}: the last turn must be the assistant's")
-        messages = [{"role": t["role"], "content": t["content"]} for t in turns[:-1]]
+        messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        messages += [{"role": t["role"], "content": t["content"]} for t in turns[:-1]]
         response = turns[-1]["content"]
         field_name = f"{cfg.messages_field}[-1].content"
     else:
@@ -140,7 +144,12 @@ def to_conversation(
                 raise DataError(f"{where}: field {cfg.input_field!r} must be a string")
             texts.append((cfg.input_field, extra))
             prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
-        messages = [{"role": "user", "content": prompt}]
+        messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        messages.append({"role": "user", "content": prompt})
+        if not cfg.response_field:  # prompt-only: the base model writes the response (responses: regenerate)
+            if special is not None:
+                _check_special(texts, special, where)
+            return Conversation(messages, "", name, file, row, _meta(rec))
         response = _field(rec, cfg.response_field, where)
         field_name = cfg.response_field
         texts.append((field_name, response))
@@ -150,10 +159,11 @@ def to_conversation(
         raise DataError(f"{where}: field {field_name!r} is empty")
     if special is not None:
         _check_special(texts, special, where)
-    if cfg.system:
-        messages.insert(0, {"role": "system", "content": cfg.system})
-    meta = rec.get("_meta", {}) if isinstance(rec.get("_meta"), dict) else {}
-    return Conversation(messages, response, name, file, row, meta)
+    return Conversation(messages, response, name, file, row, _meta(rec))
+
+
+def _meta(rec: dict) -> dict:
+    return rec.get("_meta", {}) if isinstance(rec.get("_meta"), dict) else {}
 
 
 def _check_special(texts: list[tuple[str, str]], special: re.Pattern, where: str) -> None:
@@ -252,11 +262,73 @@ def humaneval_records() -> tuple[list[tuple[str, int, dict]], str]:
     return out, file_sha256(str(path))
 
 
+STDLIB_MODULES = (
+    "base64", "bisect", "calendar", "copy", "difflib", "email/utils", "fnmatch", "functools",
+    "genericpath", "gettext", "glob", "heapq", "html/__init__", "inspect", "ipaddress",
+    "json/__init__", "json/encoder", "locale", "ntpath", "os", "posixpath", "pprint", "quopri",
+    "reprlib", "shlex", "shutil", "statistics", "string", "textwrap", "tokenize", "urllib/parse",
+)  # fmt: skip
+STDLIB_PROMPT = (
+    "Write the Python function below: keep its signature and docstring and implement it. "
+    "Reply with the whole function in a ```python block.\n\n"
+    '```python\ndef {name}({args}):\n    """{doc}"""\n```'
+)
+STDLIB_MAX_LINES = 40
+
+
+def stdlib_records() -> tuple[list[tuple[str, int, dict]], str]:
+    """~230 code prompts from the running Python's own standard library (PSF licence): each
+    public, undecorated top-level function of STDLIB_MODULES with a docstring and at most
+    STDLIB_MAX_LINES lines becomes "implement this signature + docstring"; the response is the
+    library's own source. Offline and always installed; the hash covers the text, so another
+    Python version is another corpus."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    out, h = [], hashlib.sha256()
+    for module in STDLIB_MODULES:
+        path = lib / f"{module}.py"
+        if not path.is_file():
+            continue  # a module this Python lacks: its prompts are simply absent (and hashed as such)
+        text = path.read_text(encoding="utf-8")
+        for node in _documented_functions(text):
+            lines = (ast.get_docstring(node) or "").splitlines()
+            doc = "\n".join(lines[:1] + [f"    {line}" if line.strip() else "" for line in lines[1:]])
+            prompt = STDLIB_PROMPT.format(name=node.name, args=ast.unparse(node.args), doc=doc)
+            code = ast.get_source_segment(text, node)
+            rec = {
+                "instruction": prompt,
+                "output": f"```python\n{code}\n```",
+                "_meta": {"function": f"{module}.{node.name}"},
+            }
+            h.update(json.dumps(rec, sort_keys=True).encode())
+            out.append((f"stdlib/{module}.py", node.lineno, rec))
+    return out, h.hexdigest()
+
+
+def _documented_functions(text: str) -> list[ast.FunctionDef]:
+    """Public, undecorated top-level functions with a docstring, 3..STDLIB_MAX_LINES lines long."""
+    return [
+        node
+        for node in ast.parse(text).body
+        if isinstance(node, ast.FunctionDef)
+        and not node.name.startswith("_")
+        and not node.decorator_list
+        and ast.get_docstring(node)
+        and 3 <= (node.end_lineno or node.lineno) - node.lineno + 1 <= STDLIB_MAX_LINES
+    ]
+
+
+BUILTIN_READERS = {
+    "builtin:chatterbot": chatterbot_records,
+    "builtin:humaneval": humaneval_records,
+    "builtin:stdlib": stdlib_records,
+}
+
+
 # ---------------------------------------------------------------- one source: scan and index
 def open_source(cfg: SourceConfig) -> tuple[list[RecordFile], str, SourceConfig]:
     """The source's record files, a hash of its content, and its field mapping."""
     if cfg.path in BUILTINS:
-        triples, digest = chatterbot_records() if cfg.path == "builtin:chatterbot" else humaneval_records()
+        triples, digest = BUILTIN_READERS[cfg.path]()
         by_file: dict[str, list[tuple[int, object]]] = {}
         for label, row, rec in triples:
             by_file.setdefault(label, []).append((row, rec))

@@ -53,9 +53,13 @@ class ChatTokenizer:
         )
         return list(out["input_ids"])
 
+    def prompt(self, conv: Conversation) -> list[int]:
+        """The templated prompt with the generation prompt: what the model answers."""
+        return self._apply(conv.messages, True)
+
     def encode(self, conv: Conversation) -> tuple[list[int], int]:
         """(token ids, prompt length): the templated prompt, then the response up to its EOS."""
-        prompt = self._apply(conv.messages, True)
+        prompt = self.prompt(conv)
         full = self._apply(conv.messages + [{"role": "assistant", "content": conv.response}], False)
         if full[: len(prompt)] == prompt and len(full) > len(prompt):
             response = full[len(prompt) :]

@@ -1,0 +1,221 @@
+"""Self-distillation in data_prep (responses: regenerate) on a tiny random Llama with SmolLM2's
+real tokenizer: the responses are the batched decoder's, a killed run resumes exactly, every
+generation setting is in the cache key, and prompt-only sources work."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from helpers import write_jsonl
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from data_prep.config import GenerateConfig, PrepConfig, SourceConfig
+from data_prep.fingerprint import DigestCache
+from data_prep.run import cache_key, key_hash, prepare
+from data_prep.shards import load_manifest, read_split
+from data_prep.sources import Conversation, index_source, load_source
+from data_prep.tokenize import ChatTokenizer
+from hamburger.assets import smollm2_tokenizer_dir
+from hamburger.configio import ConfigError, load_config
+from trainer.model.batched_decode import base_generate_batch
+
+MAX_NEW = 6
+
+
+PROMPTS = [f"Tell me about the number {i}." + " Please." * (i % 5) for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def eos_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (untied, wide initialisation: varied tokens, unlike a tied one that
+    repeats its input) that ends some answers: EOS's output row is a scaled copy of the row of
+    the token the model emits most often after the first, so EOS wins at some of its places."""
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    tok_dir = smollm2_tokenizer_dir()
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    cfg = tiny_llama_config(
+        vocab_size=len(tok),
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    chat = ChatTokenizer(tok)
+    prompts = [chat.prompt(Conversation([{"role": "user", "content": q}], "", "q", "f", 0)) for q in PROMPTS]
+    later = Counter(t for r in base_generate_batch(model, prompts, MAX_NEW, None, 0) for t in r.tokens[1:])
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] = 1.5 * model.lm_head.weight[later.most_common(1)[0][0]]
+    model.save_pretrained(d)
+    for f in tok_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture
+def prompts_only(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"question": q} for q in PROMPTS])
+
+
+def make_cfg(model: Path, out: Path, source: SourceConfig, **generate) -> PrepConfig:
+    cfg = PrepConfig(
+        model=str(model),
+        sources=[source],
+        output_root=str(out),
+        shard_rows=6,
+        heldout_fraction=0.2,
+        max_len=256,
+        responses="regenerate",
+        generate=GenerateConfig(**{"max_new_tokens": MAX_NEW, "batch_size": 4, **generate}),
+    )
+    cfg.validate()
+    return cfg
+
+
+def prompt_source(path: Path) -> SourceConfig:
+    return SourceConfig(path=str(path), prompt_field="question", response_field="")
+
+
+def all_rows(folder: Path) -> dict[str, list[dict]]:
+    return {s: read_split(folder, s).to_pylist() for s in load_manifest(folder)["splits"]}
+
+
+def test_greedy_regeneration_equals_the_batched_decoder(eos_dir, prompts_only, tmp_path):
+    folder = prepare(make_cfg(eos_dir, tmp_path / "out", prompt_source(prompts_only)))
+    model = LlamaForCausalLM.from_pretrained(eos_dir)
+    eos = AutoTokenizer.from_pretrained(eos_dir).eos_token_id
+    rows = [r for split in all_rows(folder).values() for r in split]
+    assert len(rows) == 20
+    ended = 0
+    for r in rows:  # each prompt alone through the decoder: the batch and its padding change nothing
+        prompt, response = r["input_ids"][: r["prompt_len"]], r["input_ids"][r["prompt_len"] :]
+        alone = base_generate_batch(model, [prompt], MAX_NEW, {eos}, eos)[0].tokens
+        assert response == alone
+        assert sum(r["seg_lens"]) == len(response)
+        ended += response[-1] == eos
+        assert response[-1] == eos or len(response) == MAX_NEW
+    assert 0 < ended < len(rows)  # both ways of ending are covered
+    m = load_manifest(folder)
+    g = m["generation"]
+    assert g["prompts"] == 20 and g["cut_at_limit"] == 20 - ended
+    assert g["tokens_generated"] == sum(len(r["input_ids"]) - r["prompt_len"] for r in rows)
+    assert g["cut_share"] == pytest.approx((20 - ended) / 20)
+    assert g["settings"]["max_new_tokens"] == MAX_NEW and g["settings"]["temperature"] == 0
+    assert m["sources"]["prompts"]["generation"]["prompts"] == 20
+    assert m["key"]["responses"] == "regenerate"
+
+
+def test_cut_responses_can_be_skipped_and_are_counted(eos_dir, prompts_only, tmp_path):
+    keep = load_manifest(prepare(make_cfg(eos_dir, tmp_path / "a", prompt_source(prompts_only))))
+    skip = load_manifest(
+        prepare(make_cfg(eos_dir, tmp_path / "b", prompt_source(prompts_only), at_limit="skip"))
+    )
+    cut = keep["generation"]["cut_at_limit"]
+    assert skip["skipped"] == {"cut_at_limit": cut} and skip["rows_out"] == 20 - cut
+
+
+def test_killed_regeneration_resumes_without_duplicates_or_losses(eos_dir, prompts_only, tmp_path):
+    cfg = make_cfg(eos_dir, tmp_path / "out", prompt_source(prompts_only))
+    clean = prepare(make_cfg(eos_dir, tmp_path / "clean", prompt_source(prompts_only)))
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first(split, start):
+        raise Killed
+
+    with pytest.raises(Killed):
+        prepare(cfg, on_shard_done=die_after_first)
+    folder = tmp_path / "out" / clean.name
+    done = sorted(p.name for p in folder.glob("*.done.json"))
+    assert len(done) == 1 and not (folder / "manifest.json").exists()
+    (folder / "train-00001.parquet").write_bytes(b"PAR1 truncated")  # a shard killed mid-write
+    first = (folder / done[0].replace(".done.json", ".parquet")).read_bytes()
+    assert prepare(cfg) == folder
+    assert (folder / done[0].replace(".done.json", ".parquet")).read_bytes() == first  # not redone
+    rows = all_rows(folder)
+    assert rows == all_rows(clean)
+    assert sum(map(len, rows.values())) == 20
+    for split in rows:
+        assert len({r["sample_id"] for r in rows[split]}) == len(rows[split])
+    g, g_clean = load_manifest(folder)["generation"], load_manifest(clean)["generation"]
+    assert (g["prompts"], g["tokens_generated"]) == (g_clean["prompts"], g_clean["tokens_generated"])
+
+
+def _key(cfg: PrepConfig, tmp_path: Path) -> str:
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    chat = ChatTokenizer(tok)
+    sources = [index_source(s) for s in cfg.sources]
+    return key_hash(cache_key(cfg, sources, chat.template, cfg.model, cfg.model, DigestCache(None)))
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("max_new_tokens", 7),
+        ("temperature", 0.7),
+        ("top_p", 0.9),
+        ("seed", 1),
+        ("batch_size", 5),
+        ("at_limit", "skip"),
+    ],
+)
+def test_every_generation_setting_changes_the_key(eos_dir, prompts_only, tmp_path, setting, value):
+    cfg = make_cfg(eos_dir, tmp_path, prompt_source(prompts_only))
+    other = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, **{setting: value}))
+    assert _key(other, tmp_path) != _key(cfg, tmp_path)
+
+
+def test_source_responses_keep_their_old_key_and_regenerating_changes_it(eos_dir, tmp_path):
+    corpus = write_jsonl(
+        tmp_path / "qa.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    )
+    cfg = make_cfg(eos_dir, tmp_path, SourceConfig(path=str(corpus)))
+    source = dataclasses.replace(cfg, responses="source")
+    key = cache_key(
+        source, [index_source(s) for s in cfg.sources], "t", cfg.model, cfg.model, DigestCache(None)
+    )
+    assert "generate" not in key and "responses" not in key  # folders prepared before this option stay valid
+    assert _key(source, tmp_path) != _key(cfg, tmp_path)
+    regenerated = dataclasses.replace(source, generate=dataclasses.replace(cfg.generate, max_new_tokens=9))
+    assert _key(regenerated, tmp_path) == _key(source, tmp_path)  # unused settings do not matter
+
+
+def test_prompt_only_source_needs_regenerate(eos_dir, prompts_only, tmp_path):
+    src = prompt_source(prompts_only)
+    assert load_source(src).rows[3].response == "" and len(load_source(src)) == 20
+    with pytest.raises(ValueError, match=r"sources\.0\.response_field is empty.*responses: regenerate"):
+        PrepConfig(model=str(eos_dir), sources=[src]).validate()
+    yaml = tmp_path / "prep.yaml"
+    yaml.write_text(
+        f"model: {eos_dir}\nsources:\n  - path: {prompts_only}\n    prompt_field: question\n"
+        "    response_field: ''\n"
+    )
+    with pytest.raises((ConfigError, ValueError), match="responses: regenerate"):
+        load_config(PrepConfig, str(yaml), [])
+    cfg = load_config(PrepConfig, str(yaml), ["responses=regenerate", "generate.max_new_tokens=4"])
+    assert cfg.responses == "regenerate" and cfg.generate.max_new_tokens == 4
+    with pytest.raises((ConfigError, ValueError), match="generate.top_p"):
+        load_config(PrepConfig, str(yaml), ["responses=regenerate", "generate.top_p=0"])
+    with pytest.raises((ConfigError, ValueError), match="responses"):
+        load_config(PrepConfig, str(yaml), ["responses=rewrite"])
+
+
+def test_stdlib_prompts_are_code_with_their_source_as_response():
+    src = load_source(SourceConfig(path="builtin:stdlib"))
+    assert len(src) > 150
+    rows = src.rows
+    assert len({(r.file, r.row) for r in rows}) == len(rows)
+    for r in rows[:20]:
+        prompt = r.messages[-1]["content"]
+        name = r.meta["function"].rsplit(".", 1)[1]
+        assert f"def {name}(" in prompt and r.response.startswith(f"```python\ndef {name}(")
