@@ -1,25 +1,27 @@
 """MLflow tracking from rank 0, which never stops training.
 
 One run per job (its id is handed to every rank and saved in checkpoints, so a resumed job
-logs into the same run). Parameters are flattened, truncated and chunked. Metrics go through
-a background thread: if the tracking server goes away, training goes on with a warning, the
-metrics wait in memory and in `mlflow_pending.jsonl`, and reach MLflow when it comes back
-(or later, with `python -m trainer.tracking replay OUTPUT_DIR`). Every metric is also
-written to `metrics.jsonl` in the output folder.
+logs into the same run). Parameters are flattened, truncated and chunked. Every metric record
+is first appended to `metrics.jsonl` in the output folder: that file is the source of truth.
+MLflow's own asynchronous logging delivers it, so a slow or dead tracking server never blocks
+a training step. When the run closes, whatever steps MLflow lacks (the server was down) are
+counted and named; `python -m trainer.tracking replay OUTPUT_DIR [TRACKING_URI]` sends exactly
+those later. System metrics (CPU/GPU utilisation and memory) are logged beside the losses.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import queue
 import sys
-import threading
 import time
 from pathlib import Path
 
 MAX_PARAM_LEN = 500  # MLflow's limit is 6000; long values are truncated with a marker
 PARAMS_PER_CALL = 90  # log_batch takes at most 100 params
+METRICS_PER_CALL = 900  # and at most 1000 metrics
+ASYNC_LOGGER = "mlflow.utils.async_logging.async_logging_queue"
 
 
 def default_tracking_uri(output_dir: str, configured: str = "") -> str:
@@ -76,24 +78,18 @@ class Tracker:
         run_name: str = "",
         run_id: str | None = None,
         writer: bool = True,
+        system_metrics_s: float = 10.0,
     ):
         self.output_dir = Path(output_dir)
         self.writer = writer
         self.enabled = enabled and writer
         self.run_id = run_id
         self.local = self.output_dir / "metrics.jsonl"
-        self.pending_file = self.output_dir / "mlflow_pending.jsonl"
-        self._queue: queue.Queue = queue.Queue()
-        self._pending: list[dict] = []
-        self._warned = False
         self.uri = ""
+        self._monitor = None
         if not self.enabled:
             return
-        # Fail fast against a dead server instead of MLflow's default minutes of retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        _fail_fast_env()
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -105,11 +101,10 @@ class Tracker:
             self.run_id = self.client.create_run(exp_id, run_name=run_name or None).info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
-        self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
-        if self.pending_file.is_file():  # left over from an earlier attempt of this job
-            self._pending = [json.loads(line) for line in self.pending_file.read_text().splitlines() if line]
-        self._thread = threading.Thread(target=self._worker, daemon=True, name="mlflow-logger")
-        self._thread.start()
+        self._outage = _OutageNote(self.local)
+        logging.getLogger(ASYNC_LOGGER).addFilter(self._outage)
+        if system_metrics_s > 0:
+            self._monitor = _start_system_metrics(self.run_id, self.uri, system_metrics_s)
 
     # ---------------------------------------------------------------- params and artifacts (start-up)
     def log_params(self, params: dict[str, str]) -> None:
@@ -128,7 +123,7 @@ class Tracker:
             try:
                 self.client.log_artifact(self.run_id, str(path), folder)
             except Exception as e:  # noqa: BLE001 - an artifact must never stop training
-                self._warn(f"could not log artifact {path}: {e}")
+                print(f"[tracking] warning: could not log artifact {path}: {e}", file=sys.stderr, flush=True)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
@@ -143,101 +138,131 @@ class Tracker:
             with open(self.local, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.enabled:
-            self._queue.put(record)
-
-    def _worker(self) -> None:
-        while True:
             try:
-                record = self._queue.get(timeout=5.0)
-            except queue.Empty:
-                record = None
-            if record is not None and record != "stop":
-                self._pending.append(record)
-            try:
-                self._flush()
-            except Exception as e:  # noqa: BLE001 - the logger thread must outlive any MLflow error
-                self._warn(
-                    f"MLflow logging error ({type(e).__name__}: {e}); metrics kept in {self.pending_file}"
-                )
-                self._save_pending()
-            if record == "stop":
-                return
+                self.client.log_batch(self.run_id, metrics=_to_mlflow([record]), synchronous=False)
+            except Exception as e:  # noqa: BLE001 - queueing itself failed: the file still has it
+                self._outage.note(f"{type(e).__name__}: {e}")
 
-    def _flush(self) -> None:
-        from mlflow.entities import Metric
-
-        while self._pending:
-            batch = self._pending[:50]
-            metrics = [
-                Metric(k, v, int(r["time"] * 1000), r["step"]) for r in batch for k, v in r["metrics"].items()
-            ]
-            try:
-                for i in range(0, len(metrics), 900):
-                    self.client.log_batch(self.run_id, metrics=metrics[i : i + 900])
-            except Exception as e:  # noqa: BLE001 - the server may be gone; keep the metrics
-                self._warn(f"MLflow unreachable ({type(e).__name__}); metrics kept in {self.pending_file}")
-                self._save_pending()
-                return
-            del self._pending[: len(batch)]
-            if self._warned:
-                print(
-                    "[tracking] MLflow reachable again; pending metrics delivered",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                self._warned = False
-        self._save_pending()
-
-    def _save_pending(self) -> None:
-        if self._pending:
-            self.pending_file.write_text("".join(json.dumps(r) + "\n" for r in self._pending))
-        elif self.pending_file.exists():
-            self.pending_file.unlink()
-
-    def _warn(self, msg: str) -> None:
-        if not self._warned:
-            print(f"[tracking] warning: {msg}; training goes on", file=sys.stderr, flush=True)
-            self._warned = True
-
-    def close(self, status: str = "FINISHED", wait_s: float = 30.0) -> None:
-        """Deliver what is queued (waiting at most wait_s) and end the run. Whatever could not
-        be delivered, queued or pending, ends up in mlflow_pending.jsonl."""
+    def close(self, status: str = "FINISHED") -> None:
+        """Wait for MLflow's queue, end the run, and say what (if anything) MLflow lacks."""
         if not self.enabled:
             return
-        self._queue.put("stop")
-        self._thread.join(timeout=wait_s)
-        # Whatever the worker did not take (stuck on a slow server, or died) is kept too.
-        left = False
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, dict):
-                self._pending.append(item)
-                left = True
-        if left or self._thread.is_alive():
-            self._save_pending()
+        import mlflow
+
+        if self._monitor is not None:
+            self._monitor.finish()
         try:
+            mlflow.flush_async_logging()
             self.client.set_terminated(self.run_id, status=status)
-        except Exception as e:  # noqa: BLE001
-            self._warn(f"could not close the run: {e}")
-        if self._pending:
+            lacking = len(missing_records(self.client, self.run_id, self.local))
+        except Exception as e:  # noqa: BLE001 - the server is gone; the file keeps everything
+            lacking, why = -1, f"{type(e).__name__}: {str(e)[:200]}"
+        finally:
+            logging.getLogger(ASYNC_LOGGER).removeFilter(self._outage)
+        if lacking:
+            what = "an unknown number of" if lacking < 0 else str(lacking)
             print(
-                f"[tracking] {len(self._pending)} metric records not delivered; they are in "
-                f"{self.pending_file} (replay: python -m trainer.tracking replay {self.output_dir})",
+                f"[tracking] MLflow lacks {what} metric records of this run"
+                + (f" (it is unreachable: {why})" if lacking < 0 else "")
+                + f"; every record is in {self.local}. When the server is back: "
+                f"python -m trainer.tracking replay {self.output_dir}",
                 file=sys.stderr,
                 flush=True,
             )
 
 
+class _OutageNote(logging.Filter):
+    """MLflow's async queue logs one error per failed batch; say it once, in our words."""
+
+    def __init__(self, local: Path):
+        super().__init__()
+        self.local = local
+        self.noted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            self.note(record.getMessage()[:200])
+            return False
+        return True
+
+    def note(self, why: str) -> None:
+        if not self.noted:
+            self.noted = True
+            print(
+                f"[tracking] warning: MLflow unreachable ({why}); training goes on, every metric is kept "
+                f"in {self.local} and the gap is reported at the end",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _fail_fast_env() -> None:
+    """Fail fast against a dead server instead of MLflow's default minutes of retries."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _start_system_metrics(run_id: str, uri: str, every_s: float):
+    """CPU/GPU utilisation and memory every `every_s` seconds in the run (GPU ones where pynvml sees a GPU)."""
+    try:
+        import mlflow
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        mlflow.set_system_metrics_sampling_interval(every_s)  # the constructor's argument loses to it
+        mlflow.set_system_metrics_samples_before_logging(1)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=10, samples_before_logging=1, tracking_uri=uri
+        )
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - optional: never stops training
+        print(f"[tracking] warning: no system metrics ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        return None
+
+
+def _to_mlflow(records: list[dict]) -> list:
+    from mlflow.entities import Metric
+
+    return [Metric(k, v, int(r["time"] * 1000), r["step"]) for r in records for k, v in r["metrics"].items()]
+
+
+def read_records(local: Path) -> list[dict]:
+    """metrics.jsonl's records; a step logged again after a resume keeps its last values."""
+    last: dict[tuple[int, str], dict] = {}
+    if local.is_file():
+        for line in local.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                for k, v in rec["metrics"].items():
+                    last[(rec["step"], k)] = {"step": rec["step"], "time": rec["time"], "metrics": {k: v}}
+    return list(last.values())
+
+
+def missing_records(client, run_id: str, local: Path) -> list[dict]:
+    """The (step, metric) records of metrics.jsonl that the MLflow run does not have."""
+    records = read_records(local)
+    have = {
+        (m.step, key)
+        for key in {k for r in records for k in r["metrics"]}
+        for m in client.get_metric_history(run_id, key)
+    }
+    return [r for r in records if (r["step"], next(iter(r["metrics"]))) not in have]
+
+
 def replay(output_dir: str, tracking_uri: str = "") -> int:
-    """Send metrics left in mlflow_pending.jsonl to the run recorded in run_info.json."""
+    """Send the run every metric record it lacks from metrics.jsonl; returns how many were sent."""
+    _fail_fast_env()
+    from mlflow.tracking import MlflowClient
+
     info = json.loads((Path(output_dir) / "run_info.json").read_text())
-    t = Tracker(output_dir, True, tracking_uri or info["tracking_uri"], run_id=info["run_id"])
-    n = len(t._pending)
-    t.close(status="FINISHED")
-    return n - len(t._pending)
+    client = MlflowClient(tracking_uri or info["tracking_uri"])
+    missing = missing_records(client, info["run_id"], Path(output_dir) / "metrics.jsonl")
+    metrics = _to_mlflow(missing)
+    for i in range(0, len(metrics), METRICS_PER_CALL):
+        client.log_batch(info["run_id"], metrics=metrics[i : i + METRICS_PER_CALL])
+    return len(missing)
 
 
 if __name__ == "__main__":
