@@ -283,6 +283,53 @@ def eager_base_speed(model, prompts, max_new: int, device) -> float:
     return len(prompts) * max_new / (time.perf_counter() - t0)
 
 
+def decode_rows(args, device, model, shape, batch, prompts, graphs, probs, rng) -> list[dict]:
+    """One batch size in one mode: per-step costs, the base's speed, every forced case."""
+    mode = "graphed" if graphs else "static"
+    rows = []
+    base_dec = StaticBaseDecoder(model.base, batch, args.prompt_len, args.max_new, graphs)
+    ham_dec = StaticHAMburgerDecoder(model, batch, args.prompt_len, args.max_new, graphs)
+    base_dec.generate(prompts)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    base_dec.generate(prompts)
+    sync(device)
+    base_tps = batch * args.max_new / (time.perf_counter() - t0)
+    costs = decode_costs(model, base_dec, ham_dec, graphs, device, min(32, args.max_new - 1))
+    for case in ("equal", "drawn", "drawn_k2") if batch > 1 else ("equal", "drawn"):
+        for tau in args.taus:
+            table = forced_table(case, tau, batch, probs, rng)
+            ham_dec.generate(prompts, forced_seg_lens=table)  # warm-up
+            ham_dec.micro_calls = ham_dec.macro_steps = 0
+            sync(device)
+            t0 = time.perf_counter()
+            res = ham_dec.generate(prompts, forced_seg_lens=table)
+            sync(device)
+            seconds = time.perf_counter() - t0
+            m = ham_dec.micro_calls / ham_dec.macro_steps
+            tau_run = sum(len(r.tokens) / len(r.seg_lens) for r in res) / batch
+            bound = tau_run * costs["t_base"] / (costs["t_base"] + costs["t_embed"] + m * costs["t_micro"])
+            tps = batch * args.max_new / seconds
+            rows.append(
+                {
+                    "model": shape,
+                    "batch": batch,
+                    "mode": mode,
+                    "case": case,
+                    "tau": tau,
+                    "tau_measured": tau_run,
+                    "m": m,
+                    "tokens_per_s": tps,
+                    "base_tokens_per_s": base_tps,
+                    "speedup": tps / base_tps,
+                    "bound": bound,
+                    "speedup_over_bound": tps / base_tps / bound,
+                    **costs,
+                }
+            )
+    return rows
+
+
 def section_decode(args, device, shape: str) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_hamburger(shape, device, dtype)
@@ -290,7 +337,7 @@ def section_decode(args, device, shape: str) -> dict:
     probs = segment_distribution(args.manifest, k)
     rng = random.Random(0)
     vocab = model.base.config.vocab_size
-    rows = []
+    rows, errors = [], []
     for batch in args.batch_sizes:
         prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(batch)]
         eager_base_tps = eager_base_speed(model, prompts, args.max_new, device)
@@ -298,57 +345,19 @@ def section_decode(args, device, shape: str) -> dict:
             if graphs and device.type != "cuda":
                 continue  # no CUDA graphs on CPU: "graphed" is the static path itself
             mode = "graphed" if graphs else "static"
-            base_dec = StaticBaseDecoder(model.base, batch, args.prompt_len, args.max_new, graphs)
-            ham_dec = StaticHAMburgerDecoder(model, batch, args.prompt_len, args.max_new, graphs)
-            base_dec.generate(prompts)  # warm-up
-            sync(device)
-            t0 = time.perf_counter()
-            base_dec.generate(prompts)
-            sync(device)
-            base_tps = batch * args.max_new / (time.perf_counter() - t0)
-            costs = decode_costs(model, base_dec, ham_dec, graphs, device, min(32, args.max_new - 1))
-            for case in ("equal", "drawn", "drawn_k2") if batch > 1 else ("equal", "drawn"):
-                for tau in args.taus:
-                    table = forced_table(case, tau, batch, probs, rng)
-                    ham_dec.generate(prompts, forced_seg_lens=table)  # warm-up
-                    ham_dec.micro_calls = ham_dec.macro_steps = 0
-                    sync(device)
-                    t0 = time.perf_counter()
-                    res = ham_dec.generate(prompts, forced_seg_lens=table)
-                    sync(device)
-                    seconds = time.perf_counter() - t0
-                    m = ham_dec.micro_calls / ham_dec.macro_steps
-                    tau_run = sum(len(r.tokens) / len(r.seg_lens) for r in res) / batch
-                    bound = (
-                        tau_run
-                        * costs["t_base"]
-                        / (costs["t_base"] + costs["t_embed"] + m * costs["t_micro"])
-                    )
-                    tps = batch * args.max_new / seconds
-                    rows.append(
-                        {
-                            "model": shape,
-                            "batch": batch,
-                            "mode": mode,
-                            "case": case,
-                            "tau": tau,
-                            "tau_measured": tau_run,
-                            "m": m,
-                            "tokens_per_s": tps,
-                            "base_tokens_per_s": base_tps,
-                            "eager_base_tokens_per_s": eager_base_tps,
-                            "speedup": tps / base_tps,
-                            "bound": bound,
-                            "speedup_over_bound": tps / base_tps / bound,
-                            **costs,
-                        }
-                    )
-            del base_dec, ham_dec
+            try:
+                rows += decode_rows(args, device, model, shape, batch, prompts, graphs, probs, rng)
+            except Exception as exc:  # keep the other batches and modes
+                traceback.print_exc()
+                errors.append(f"batch {batch} {mode}: {type(exc).__name__}: {exc}")
             free(device)
+            for row in rows:
+                row.setdefault("eager_base_tokens_per_s", eager_base_tps)
     del model
     free(device)
     return {
         "rows": rows,
+        "errors": errors,
         "segment_distribution": probs,
         "prompt_len": args.prompt_len,
         "max_new": args.max_new,
@@ -488,7 +497,7 @@ def section_train(args, device, shape: str) -> dict:
     probs = segment_distribution(args.manifest, 4)
     attentions = ["dense", "flex"] if device.type == "cuda" else ["dense"]  # flex: no CPU backward
     peak = peak_tflops(device)
-    rows = []
+    rows, errors = [], []
     for k in (4, 1):
         tcfg = TrainConfig()
         tcfg.model.hamburger.max_steps = k
@@ -506,11 +515,17 @@ def section_train(args, device, shape: str) -> dict:
         flops = model_flops(cfg, st.model.config, samples, k)
         for attention in attentions:
             st.model.config.packed_attention = attention
-            for _ in range(args.train_warmup):
-                _train_step(st, batch)
-            free(device)
-            reset_peak(device)
-            seconds = timed(lambda st=st, batch=batch: _train_step(st, batch), args.train_steps, device)
+            try:
+                for _ in range(args.train_warmup):
+                    _train_step(st, batch)
+                free(device)
+                reset_peak(device)
+                seconds = timed(lambda st=st, batch=batch: _train_step(st, batch), args.train_steps, device)
+            except Exception as exc:  # keep the other runs (flex last: a failure cannot spoil dense)
+                traceback.print_exc()
+                errors.append(f"K={k} {attention}: {type(exc).__name__}: {exc}")
+                free(device)
+                continue
             rows.append(
                 {
                     "model": shape,
@@ -536,6 +551,7 @@ def section_train(args, device, shape: str) -> dict:
 
     return {
         "rows": rows,
+        "errors": errors,
         "peak_bf16_tflops": peak,
         "segment_distribution": probs,
         "flex_compile_failures": COMPILE_FAILURES,
@@ -567,6 +583,8 @@ def markdown(report: dict) -> str:
                 "",
             ]
             continue
+        for err in sec.get("errors", []):
+            lines += [f"**failed**: {err}", ""]
         if name.startswith("checks"):
             lines += [f"- {k}: {v}" for k, v in sec.items()] + [""]
         elif name.startswith("decode"):
@@ -691,6 +709,8 @@ def main(argv=None) -> int:
             report["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             failed = True
             free(device)
+        if report["sections"][name].get("errors"):
+            failed = True
         report["sections"][name]["seconds"] = time.perf_counter() - t0
         report["seconds"] = time.perf_counter() - t_start
         (out / "gpu_check.json").write_text(json.dumps(report, indent=1))  # after every section
