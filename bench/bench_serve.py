@@ -447,6 +447,9 @@ def report(rows: list[dict], soak_stats: dict | None, args) -> str:
             "",
             f"Load average of the (shared, 2-core) machine: {args.load[0]:.1f} at the start, {args.load[1]:.1f} "
             "at the end; other sessions ran beside this one, so single rows are noisy. "
+            "Servers run one torch thread each (--threads): with two per server on this shared machine, the small "
+            "kernels of a decode step waited on a descheduled partner thread at every barrier, and the base server "
+            "ran several times slower than the same decoding in-process. "
             "TTFT of the pyfunc = its latency (no streaming). `mlflow models serve` (one worker) runs each "
             "request's predict on its own thread: concurrent requests decode side by side, each as a batch of one.",
         ]
