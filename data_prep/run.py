@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from hamburger.assets import resolve_model
 from hamburger.configio import load_config
+from hamburger.dtypes import resolve_dtype
 
 from .config import PrepConfig
 from .fingerprint import DigestCache, fingerprint, vocab_fingerprint
@@ -339,7 +340,7 @@ def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
     _log(rank, f"[prep] {folder}: {len(work)} shards, {len(mine)} on rank {rank}, {len(todo)} to do")
     if todo:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        dtype = _dtype(cfg.label.dtype, device)
+        dtype = resolve_dtype(cfg.label.dtype, device)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         scorer = Scorer(model, device, pad_id=pad)
@@ -388,12 +389,6 @@ def shard_work(plan: dict[str, SplitPlan], cfg: PrepConfig) -> list[tuple[str, i
 
 def _shard_name(split: str, start: int, cfg: PrepConfig) -> str:
     return f"{split}-{start // cfg.shard_rows:05d}"
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def _log(rank: int, msg: str) -> None:

@@ -7,7 +7,6 @@ exist; a shard whose bytes no longer match its marker is reported as corrupt on 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from hamburger.io import atomic_write_text, sha256_file  # noqa: F401 - re-exported for data_prep
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -47,23 +48,6 @@ class ShardInfo:
 
     def to_dict(self) -> dict:
         return {"file": self.file, "rows": self.rows, "sha256": self.sha256, "stats": self.stats}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(folder: Path, name: str, rows: dict[str, list], stats: dict) -> ShardInfo:

@@ -178,4 +178,13 @@ def test_unreachable_registry_still_writes_the_folder(baseline, tmp_path, monkey
             register="nope",
             tracking_uri=f"http://127.0.0.1:{free_port()}",
         )
-    assert HAMburgerModel.from_pretrained(str(tmp_path / "out")) is not None
+    model = HAMburgerModel.from_pretrained(str(tmp_path / "out"))  # complete: it reproduces the run
+    probe = json.loads((baseline / "samples.json").read_text())[0]
+    res = generate(
+        model,
+        probe["prompt_ids"],
+        probe["max_new_tokens"],
+        probe["confidence"],
+        {model.base.config.eos_token_id},
+    )
+    assert res.tokens == probe["tokens"]

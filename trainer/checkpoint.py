@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hamburger.io import atomic_write_text
+
 COMPLETE = "COMPLETE"
 
 
@@ -66,9 +68,7 @@ class CheckpointInfo:
     """Its manifest's key hash: the data's identity even when the folder moves."""
 
     def write(self, ckpt: Path) -> None:
-        tmp = ckpt / (COMPLETE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1, default=str))
-        tmp.replace(ckpt / COMPLETE)
+        atomic_write_text(ckpt / COMPLETE, json.dumps(asdict(self), indent=1, default=str))
 
     @classmethod
     def read(cls, ckpt: Path) -> CheckpointInfo:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from hamburger.dtypes import resolve_dtype
+
 from .config import TrainConfig
 from .model import HAMburgerModel
 
@@ -67,7 +69,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
 
 
 def precision_is_bf16(cfg: TrainConfig) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda())
+    return resolve_dtype(cfg.precision, "cuda" if use_cuda() else "cpu") == torch.bfloat16
 
 
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int, floor_ratio: float):
@@ -145,7 +147,7 @@ class Engine:
 
     # ---------------------------------------------------------------- model
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if precision_is_bf16(self.cfg) else torch.float32
+        return resolve_dtype(self.cfg.precision, "cuda" if use_cuda() else "cpu")
 
     def build_model(self, base_path: str) -> HAMburgerModel:
         """Base loaded partitioned (ZeRO-3 via HfDeepSpeedConfig, HF initialisation kept); the new

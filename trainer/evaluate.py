@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from hamburger.assets import resolve_model
 from hamburger.configio import check_range, load_config, to_flat_dict
+from hamburger.dtypes import resolve_dtype
 
 from .config import MLflowConfig
 from .model import HAMburgerModel, Sample, base_generate_batch, collate, generate_batch
@@ -328,11 +329,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     meta = read_meta(folder)
     lineage = meta.get("lineage", {})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {
-        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-        "float32": torch.float32,
-        "bfloat16": torch.bfloat16,
-    }[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype, device)
     model = HAMburgerModel.from_pretrained(str(folder), dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     base_name = cfg.base or lineage.get("base", "")

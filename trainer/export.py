@@ -22,6 +22,7 @@ import torch
 
 from . import engine
 from .checkpoint import COMPLETE, CheckpointInfo, NotOurCheckpoint, latest_checkpoint
+from .data import manifest_summary
 from .model import folder
 
 EXPORT_MARKER = ".hamburger-export.json"  # written into every export; --overwrite replaces only such folders
@@ -221,18 +222,8 @@ def model_card(ckpt: Path, info: CheckpointInfo, base_only: bool, confidence: fl
     metrics = {}
     if (run_dir / "final_metrics.json").is_file():
         metrics = json.loads((run_dir / "final_metrics.json").read_text())
-    manifest = {}
     data = Path(info.data)
-    if (data / "manifest.json").is_file():
-        m = json.loads((data / "manifest.json").read_text())
-        manifest = {
-            "key_hash": m["key_hash"],
-            "rows": m["rows_out"],
-            "response_tokens": m["response_tokens"],
-            "compression (response tokens / segments)": round(m["compression"], 4),
-            "strategy": m["key"]["label"]["strategy"],
-            "segment_histogram": m["segment_histogram"],
-        }
+    manifest = manifest_summary(data) if (data / "manifest.json").is_file() else {}
     lines = [
         f"# {'Base model' if base_only else 'HAMburger model'} fine-tuned from `{info.base}`",
         "",
@@ -299,15 +290,11 @@ def register_model(path: Path, name: str, info: CheckpointInfo, ckpt: Path, trac
     try:
         if uri:
             mlflow.set_tracking_uri(uri)
-        manifest_hash = ""
-        data = Path(info.data)
-        if (data / "manifest.json").is_file():
-            manifest_hash = json.loads((data / "manifest.json").read_text())["key_hash"]
         tags = {
             "source_run_id": str(info.run_id),
             "checkpoint_step": str(info.step),
             "checkpoint": str(ckpt),
-            "data_manifest_hash": manifest_hash,
+            "data_manifest_hash": info.data_key_hash,
         }
         run_id = info.run_id
         if not run_id:  # a run without tracking: a new run, its artifacts beside a local store
