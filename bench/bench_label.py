@@ -46,7 +46,7 @@ def main() -> None:
         t0 = time.perf_counter()
         scores = scorer.score(samples, args.batch_tokens)
         for s in scores:
-            segment(difficulty(s, "entropy"), label_cfg)
+            segment(difficulty(s, "entropy"), label_cfg, model.config.vocab_size)
         return time.perf_counter() - t0
 
     batches = length_batches([len(ids) for ids, _ in samples], args.batch_tokens)

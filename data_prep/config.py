@@ -85,9 +85,9 @@ class LabelConfig:
     ratio: float = 0.3
     """decreasing_v2 / decreasing: join if value < ratio * reference value of the segment."""
     sliding_confidence: float = 0.7
-    """sliding: join while the value is under the entropy of a two-outcome distribution at this confidence."""
+    """sliding: join while the value is under the entropy of a distribution over the vocabulary whose top token has this probability (the rest spread evenly): 4.139 nats at 0.7 for a 128k vocabulary."""
     small_group_confidence: float = 0.95
-    """small_group: the same threshold at this confidence; hard tokens stand alone."""
+    """small_group: the same kind of threshold at this confidence (0.787 nats at 0.95, 128k vocabulary); hard tokens stand alone."""
     fixed_k: int = 2
     """fixed: every segment this long (the last may be shorter); a baseline."""
     batch_tokens: int = 8192

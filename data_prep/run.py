@@ -161,6 +161,7 @@ def cache_key(
     return {
         "schema_version": SCHEMA_VERSION,
         "plan": "mixed-shards-v3",
+        "strategy_rules": 2,  # 2: decreasing / sliding / small_group as in the reference
         "model": cfg.model,
         "model_fingerprint": fingerprint(model_path, digests),
         "tokenizer": cfg.tokenizer or cfg.model,
@@ -278,7 +279,7 @@ def label_shard(
     }
     for (sid, row, ids, p), sc in zip(kept, scores, strict=True):
         values = difficulty(sc, cfg.label.metric)
-        segs = segment(values, cfg.label)
+        segs = segment(values, cfg.label, scorer.model.config.vocab_size)
         assert sum(segs) == len(ids) - p and max(segs) <= k, "strategy broke its contract"
         cols["sample_id"].append(sid)
         cols["source"].append(row.conv.source)

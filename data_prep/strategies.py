@@ -12,10 +12,13 @@ import math
 from collections.abc import Callable, Sequence
 
 
-def binary_entropy(confidence: float) -> float:
-    """Entropy (nats) of a two-outcome distribution whose top outcome has this probability."""
-    c = confidence
-    return -(c * math.log(c) + (1 - c) * math.log(1 - c))
+def confidence_entropy(confidence: float, vocab_size: int) -> float:
+    """Entropy (nats) of a distribution over `vocab_size` tokens whose top token has probability
+    `confidence` and whose remaining mass is spread evenly over the other tokens: the reference's
+    threshold for "the model is about this confident" (4.139 nats at 0.7 for a 128,256-token
+    vocabulary, 0.787 at 0.95)."""
+    p, rest = confidence, 1.0 - confidence
+    return -(p * math.log(p) + rest * math.log(rest / (vocab_size - 1)))
 
 
 def _segments(values: Sequence[float], joins: Callable[[list[float], float], bool], k: int) -> list[int]:
@@ -40,20 +43,24 @@ def decreasing_v2(values: Sequence[float], k: int = 4, min_threshold: float = 0.
 
 
 def decreasing(values: Sequence[float], k: int = 4, ratio: float = 0.3, **_):
-    """Join if v < ratio * (the previous token's value): difficulty must keep falling sharply."""
-    return _segments(values, lambda seg, v: v < ratio * seg[-1], k)
+    """Join while v <= ratio * (the segment's first value): every token of a segment is much
+    easier than the one that opened it (the reference's rule)."""
+    return _segments(values, lambda seg, v: v <= ratio * seg[0], k)
 
 
-def sliding(values: Sequence[float], k: int = 4, sliding_confidence: float = 0.7, **_):
-    """Join while v is under the entropy of a two-outcome distribution at sliding_confidence."""
-    thr = binary_entropy(sliding_confidence)
+def sliding(values: Sequence[float], k: int = 4, sliding_confidence: float = 0.7, vocab_size: int = 2, **_):
+    """Join while v is under the entropy of a sliding_confidence distribution over the
+    vocabulary (see confidence_entropy)."""
+    thr = confidence_entropy(sliding_confidence, vocab_size)
     return _segments(values, lambda seg, v: v < thr, k)
 
 
-def small_group(values: Sequence[float], k: int = 4, small_group_confidence: float = 0.95, **_):
-    """Easy tokens (v under the small_group_confidence entropy) group together; a hard token
-    stands alone (it neither joins a segment nor lets the next token join it)."""
-    thr = binary_entropy(small_group_confidence)
+def small_group(
+    values: Sequence[float], k: int = 4, small_group_confidence: float = 0.95, vocab_size: int = 2, **_
+):
+    """Easy tokens (v under the small_group_confidence entropy over the vocabulary) group
+    together; a hard token stands alone (it neither joins a segment nor lets the next token join it)."""
+    thr = confidence_entropy(small_group_confidence, vocab_size)
     return _segments(values, lambda seg, v: v < thr and seg[0] < thr, k)
 
 
@@ -71,11 +78,13 @@ STRATEGIES: dict[str, Callable[..., list[int]]] = {
 }
 
 
-def segment(values: Sequence[float], label_cfg) -> list[int]:
-    """Apply the configured strategy with every threshold from the config."""
+def segment(values: Sequence[float], label_cfg, vocab_size: int) -> list[int]:
+    """Apply the configured strategy with every threshold from the config; vocab_size is the
+    scoring model's (the confidence thresholds of sliding and small_group depend on it)."""
     fn = STRATEGIES[label_cfg.strategy]
     return fn(
         values,
+        vocab_size=vocab_size,
         k=label_cfg.max_steps,
         min_threshold=label_cfg.min_threshold,
         ratio=label_cfg.ratio,
