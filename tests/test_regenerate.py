@@ -61,9 +61,15 @@ def eos_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture
-def prompts_only(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "prompts.jsonl", [{"question": q} for q in PROMPTS])
+@pytest.fixture(scope="module")
+def prompts_only(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "prompts.jsonl", [{"question": q} for q in PROMPTS])
+
+
+@pytest.fixture(scope="module")
+def regenerated(eos_dir, prompts_only, tmp_path_factory) -> Path:
+    """The prompts regenerated greedily in one uninterrupted run."""
+    return prepare(make_cfg(eos_dir, tmp_path_factory.mktemp("clean"), prompt_source(prompts_only)))
 
 
 def make_cfg(model: Path, out: Path, source: SourceConfig, **generate) -> PrepConfig:
@@ -89,8 +95,8 @@ def all_rows(folder: Path) -> dict[str, list[dict]]:
     return {s: read_split(folder, s).to_pylist() for s in load_manifest(folder)["splits"]}
 
 
-def test_greedy_regeneration_equals_the_batched_decoder(eos_dir, prompts_only, tmp_path):
-    folder = prepare(make_cfg(eos_dir, tmp_path / "out", prompt_source(prompts_only)))
+def test_greedy_regeneration_equals_the_batched_decoder(eos_dir, regenerated):
+    folder = regenerated
     model = LlamaForCausalLM.from_pretrained(eos_dir)
     eos = AutoTokenizer.from_pretrained(eos_dir).eos_token_id
     rows = [r for split in all_rows(folder).values() for r in split]
@@ -114,18 +120,22 @@ def test_greedy_regeneration_equals_the_batched_decoder(eos_dir, prompts_only, t
     assert m["key"]["responses"] == "regenerate"
 
 
-def test_cut_responses_can_be_skipped_and_are_counted(eos_dir, prompts_only, tmp_path):
-    keep = load_manifest(prepare(make_cfg(eos_dir, tmp_path / "a", prompt_source(prompts_only))))
-    skip = load_manifest(
-        prepare(make_cfg(eos_dir, tmp_path / "b", prompt_source(prompts_only), at_limit="skip"))
-    )
+def test_cut_responses_can_be_skipped_and_are_counted(eos_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative source path: the held-out split (hashed from it) is fixed
+    write_jsonl(tmp_path / "prompts.jsonl", [{"question": q} for q in PROMPTS])
+    src = prompt_source(Path("prompts.jsonl"))
+    keep = load_manifest(prepare(make_cfg(eos_dir, tmp_path / "a", src)))
+    skip = load_manifest(prepare(make_cfg(eos_dir, tmp_path / "b", src, at_limit="skip")))
     cut = keep["generation"]["cut_at_limit"]
+    assert 0 < cut < 20 and skip["generation"]["cut_at_limit"] == cut
     assert skip["skipped"] == {"cut_at_limit": cut} and skip["rows_out"] == 20 - cut
 
 
-def test_killed_regeneration_resumes_without_duplicates_or_losses(eos_dir, prompts_only, tmp_path):
+def test_killed_regeneration_resumes_without_duplicates_or_losses(
+    eos_dir, prompts_only, regenerated, tmp_path
+):
     cfg = make_cfg(eos_dir, tmp_path / "out", prompt_source(prompts_only))
-    clean = prepare(make_cfg(eos_dir, tmp_path / "clean", prompt_source(prompts_only)))
+    clean = regenerated
 
     class Killed(Exception):
         pass
