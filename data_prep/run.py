@@ -97,7 +97,7 @@ def _unit(*parts) -> float:
 
 
 def make_plan(sources: list[SourceIndex], cfg: PrepConfig) -> dict[str, SplitPlan]:
-    """Held-out rows by hash of (seed, source, file, row); weights as repeats (train only) and
+    """Held-out rows by hash of (seed, source name, file name, row); weights as repeats (train only) and
     deterministic subsampling (both splits); then a seeded shuffle, so that every shard mixes
     sources and ranks get similar work."""
     cols = {split: (array("h"), array("q"), array("h")) for split in ("train", "eval")}
@@ -105,7 +105,8 @@ def make_plan(sources: list[SourceIndex], cfg: PrepConfig) -> dict[str, SplitPla
         w = scfg.weight
         whole, frac = int(w), w - int(w)
         for i in range(len(src)):
-            ident = (cfg.seed, src.name, src.file(i), int(src.row[i]))
+            # The file's name, not its path: the same file in another folder gets the same split.
+            ident = (cfg.seed, src.name, Path(src.file(i)).name, int(src.row[i]))
             held = _unit("heldout", *ident) < cfg.heldout_fraction
             extra = 1 if _unit("weight", *ident) < frac else 0
             if whole + extra == 0:
@@ -160,7 +161,7 @@ def cache_key(
 ) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
-        "plan": "mixed-shards-v3",
+        "plan": "mixed-shards-v4",
         "strategy_rules": 2,  # 2: decreasing / sliding / small_group as in the reference
         "model": cfg.model,
         "model_fingerprint": fingerprint(model_path, digests),
