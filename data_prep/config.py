@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .strategies import STRATEGIES
 
@@ -203,7 +204,7 @@ class PrepConfig:
         names: dict[str, int] = {}
         for i, s in enumerate(self.sources):
             _validate_source(s, f"sources.{i}", prompt_only_ok=self.responses == "regenerate")
-            name = _default_name(s)
+            name = source_name(s)
             if name in names:
                 raise ValueError(
                     f"sources.{i}: name {name!r} is also sources.{names[name]}'s; set a distinct name"
@@ -254,7 +255,12 @@ def _validate_source(s: SourceConfig, where: str, prompt_only_ok: bool) -> None:
         f.validate(f"{where}.filters.{j}")
 
 
-def _default_name(s: SourceConfig) -> str:
-    from .sources import source_name  # sources imports this module
-
-    return source_name(s)
+def source_name(cfg: SourceConfig) -> str:
+    """The source's id in shards and manifest: its name, else derived from hf_name or path."""
+    if cfg.name:
+        return cfg.name
+    if cfg.hf_name:
+        return cfg.hf_name.replace("/", "__")
+    if cfg.path.startswith("builtin:"):
+        return cfg.path.split(":", 1)[1]
+    return Path(cfg.path.rstrip("/*")).stem or "source"

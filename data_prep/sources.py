@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FilterConfig, SourceConfig
+from .config import FilterConfig, SourceConfig, source_name
 from .records import (
     SUFFIX_FORMATS,
     DataError,
@@ -78,16 +78,6 @@ class SourceIndex:
     def rows(self) -> list[Conversation]:
         """Every usable row as a Conversation (small sources, tests and benchmarks)."""
         return [self.conversation(i) for i in range(len(self))]
-
-
-def source_name(cfg: SourceConfig) -> str:
-    if cfg.name:
-        return cfg.name
-    if cfg.hf_name:
-        return cfg.hf_name.replace("/", "__")
-    if cfg.path.startswith("builtin:"):
-        return cfg.path.split(":", 1)[1]
-    return Path(cfg.path.rstrip("/*")).stem or "source"
 
 
 # ---------------------------------------------------------------- files
