@@ -28,8 +28,9 @@ from report import write_section  # noqa: E402
 from data_prep.config import GenerateConfig, LabelConfig, PrepConfig, SourceConfig  # noqa: E402
 from data_prep.run import prepare  # noqa: E402
 from data_prep.shards import load_manifest, read_split  # noqa: E402
-from data_prep.sources import load_source  # noqa: E402
+from data_prep.sources import load_source, source_name  # noqa: E402
 from data_prep.strategies import segment  # noqa: E402
+from hamburger.configio import load_config  # noqa: E402
 
 SOURCES = ("chatterbot", "humaneval", "stdlib")
 GRID = [(0.3, 0.05), (0.5, 0.05), (0.7, 0.05), (0.3, 0.2), (0.5, 0.2), (0.3, 0.5), (0.7, 0.5)]
@@ -91,6 +92,24 @@ def sweep(rows: dict[str, list[dict]], vocab_size: int) -> list[dict]:
     return table
 
 
+def mixture_estimate(config: str, manifest: dict) -> tuple[dict[str, float], float]:
+    """The compression `config`'s mixture would label at, from this sample's per-source tokens
+    per row and compression (sources the sample lacks are left out): rows per source times
+    tokens per row, over rows times segments per row."""
+    cfg = load_config(PrepConfig, config, [])
+    rows, tokens, segments = {}, 0.0, 0.0
+    for scfg in cfg.sources:
+        name = source_name(scfg)
+        if name not in manifest["sources"]:
+            continue
+        s = manifest["sources"][name]
+        rows[name] = len(load_source(scfg)) * scfg.weight
+        per_row = s["response_tokens"] / max(s["rows_out"], 1)
+        tokens += rows[name] * per_row
+        segments += rows[name] * per_row / s["compression"]
+    return rows, tokens / max(segments, 1e-9)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=24, help="about this many prompts per source")
@@ -99,6 +118,9 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=32)
     ap.add_argument("--sources", nargs="+", default=list(SOURCES))
     ap.add_argument("--out", default="outputs/bench_distill")
+    ap.add_argument(
+        "--mixture", default="configs/prep_distill.yaml", help="config whose mixture is estimated"
+    )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -137,6 +159,13 @@ def main() -> None:
         f"| **all** | {g['prompts']} | {g['mean_response_tokens']:.1f} | {g['cut_share']:.0%} | "
         f"**{md['compression']:.3f}** | {mr['compression']:.3f} |"
     )
+    mix_rows, mix = mixture_estimate(args.mixture, md)
+    lines += [
+        "",
+        f"`{args.mixture}`'s mixture ("
+        + ", ".join(f"{n} {r:.0f} prompts" for n, r in mix_rows.items())
+        + f") is estimated from these per-source numbers to label at **{mix:.3f}** tokens per segment.",
+    ]
     lines += [
         "",
         f"Generation: {g['tokens_generated']} tokens in {g['seconds']:.0f} s ({g['tokens_per_second']:.1f} tokens/s "

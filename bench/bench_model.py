@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_section  # noqa: E402
 
-from trainer.model import HAMburgerConfig, HAMburgerModel, Sample, collate, packed_causal_mask  # noqa: E402
+from hamburger.model import HAMburgerConfig, HAMburgerModel, Sample, collate, packed_causal_mask  # noqa: E402
 
 
 def smollm2_config(layers: int) -> LlamaConfig:

@@ -45,7 +45,7 @@ def build_models(work: Path, layers: int) -> dict[str, Path]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from hamburger.assets import smollm2_dir
-    from trainer.model import HAMburgerConfig, HAMburgerModel
+    from hamburger.model import HAMburgerConfig, HAMburgerModel
     from trainer.serving import pyfunc_spec
 
     src = smollm2_dir()

@@ -38,8 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.model import HAMburgerConfig, HAMburgerModel, Sample, collate  # noqa: E402
-from trainer.model.static_decode import StaticBaseDecoder, StaticHAMburgerDecoder, Step  # noqa: E402
+from hamburger.model import HAMburgerConfig, HAMburgerModel, Sample, collate  # noqa: E402
+from hamburger.model.static_decode import StaticBaseDecoder, StaticHAMburgerDecoder, Step  # noqa: E402
 
 SHAPES = {
     "smollm2-135m": dict(
@@ -211,7 +211,7 @@ def check_flex(device) -> dict:
 
 
 def check_graphed(device) -> dict:
-    from trainer.model import base_generate_batch, generate_batch
+    from hamburger.model import base_generate_batch, generate_batch
 
     model = random_hamburger("tiny", device, torch.float64, micro_layers=2)
     with torch.no_grad():
@@ -273,7 +273,7 @@ def decode_costs(model, base_dec, ham_dec, graphs: bool, device, n: int) -> dict
 
 def eager_base_speed(model, prompts, max_new: int, device) -> float:
     """tokens/s of the base through the eager decoder (batched_decode), for reference."""
-    from trainer.model import base_generate_batch
+    from hamburger.model import base_generate_batch
 
     base_generate_batch(model.base, prompts, 4)  # warm-up
     sync(device)
@@ -547,7 +547,7 @@ def section_train(args, device, shape: str) -> dict:
             st.engine.destroy()
         del st, model
         free(device)
-    from trainer.model.packed_attention import COMPILE_FAILURES
+    from hamburger.model.packed_attention import COMPILE_FAILURES
 
     return {
         "rows": rows,

@@ -65,7 +65,7 @@ class Regenerator:
     def responses(self, prompts: list[list[int]], shard: str) -> list[Generated]:
         """One response per prompt (in the given order), decoded `batch_size` prompts at a time,
         shortest prompts together."""
-        from trainer.model.batched_decode import (
+        from hamburger.model.batched_decode import (
             base_generate_batch,
         )  # lazy: data_prep never imports trainer at load
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.model import HAMburgerConfig, HAMburgerModel, Sample
+from hamburger.model import HAMburgerConfig, HAMburgerModel, Sample
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:

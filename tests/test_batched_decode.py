@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import tiny_hamburger
 
-from trainer.model import base_generate_batch, generate, generate_batch
+from hamburger.model import base_generate_batch, generate, generate_batch
 
 
 def sharp_model():

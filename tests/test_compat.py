@@ -15,10 +15,10 @@ import torch
 from conftest import tiny_hamburger
 from transformers import DynamicCache
 
-import trainer.model.batched_decode as batched_mod
-import trainer.model.decode as decode_mod
-from trainer.model import base_generate_batch, generate, generate_batch
-from trainer.model.compat import cache_param_name
+import hamburger.model.batched_decode as batched_mod
+import hamburger.model.decode as decode_mod
+from hamburger.model import base_generate_batch, generate, generate_batch
+from hamburger.model.compat import cache_param_name
 
 PROMPTS = [[5, 17, 33, 8, 61, 12], [9, 4], [70, 71, 72, 73, 74, 75, 76, 77]]
 

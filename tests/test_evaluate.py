@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 
+from hamburger.model import DecodeResult
 from trainer.evaluate import (
     EvalConfig,
     Prompt,
@@ -18,7 +19,6 @@ from trainer.evaluate import (
     speed,
 )
 from trainer.export import export
-from trainer.model import DecodeResult
 
 
 def test_speed_metrics_on_a_hand_built_trace():

@@ -18,9 +18,9 @@ from launcher import env, free_port
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from hamburger.model import generate, load_model
+from hamburger.model.folder import WeightsError
 from trainer.export import ExportError, export
-from trainer.model import HAMburgerModel, generate
-from trainer.model.folder import WeightsError
 from trainer.serving import load
 
 pytestmark = pytest.mark.distributed
@@ -39,7 +39,7 @@ def test_export_reproduces_the_engine_greedy_outputs(exported):
     assert (folder / "model.safetensors.index.json").is_file()  # sharded above the size limit
     card = (folder / "README.md").read_text()
     assert "Final metrics" in card and "compression" in card and "from trainer.serving import load" in card
-    model = HAMburgerModel.from_pretrained(str(folder))
+    model = load_model(str(folder))
     probes = json.loads((exported["run"] / "samples.json").read_text())
     eos = model.base.config.eos_token_id
     for p in probes:
@@ -49,7 +49,7 @@ def test_export_reproduces_the_engine_greedy_outputs(exported):
 
 def test_base_only_export_loads_with_plain_transformers(exported):
     plain = AutoModelForCausalLM.from_pretrained(str(exported["base"])).eval()
-    ham = HAMburgerModel.from_pretrained(str(exported["full"]))
+    ham = load_model(str(exported["full"]))
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2, 198]])
     torch.testing.assert_close(plain(input_ids=ids).logits, ham.base(input_ids=ids).logits, atol=0, rtol=0)
 
@@ -132,11 +132,11 @@ def test_tampered_export_is_refused_naming_the_tensor(exported, tmp_path):
     del tensors[name]
     save_file(tensors, file)
     with pytest.raises(WeightsError, match=name.replace(".", r"\.")):
-        HAMburgerModel.from_pretrained(str(folder))
+        load_model(str(folder))
     tensors[name] = torch.zeros(3, 3)
     save_file(tensors, file)
     with pytest.raises(WeightsError, match=r"wrong shapes micro\.layers\.0\.mlp\.up_proj\.weight: \(3, 3\)"):
-        HAMburgerModel.from_pretrained(str(folder))
+        load_model(str(folder))
 
 
 def test_bad_checkpoints_and_outputs_are_refused(baseline, tmp_path):
@@ -178,7 +178,7 @@ def test_unreachable_registry_still_writes_the_folder(baseline, tmp_path, monkey
             register="nope",
             tracking_uri=f"http://127.0.0.1:{free_port()}",
         )
-    model = HAMburgerModel.from_pretrained(str(tmp_path / "out"))  # complete: it reproduces the run
+    model = load_model(str(tmp_path / "out"))  # complete: it reproduces the run
     probe = json.loads((baseline / "samples.json").read_text())[0]
     res = generate(
         model,

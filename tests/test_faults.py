@@ -109,7 +109,7 @@ def _samples(folder):
 
 
 def test_data_labelled_with_a_larger_k_is_refused_before_training(setup):
-    from trainer.model import HAMburgerConfig
+    from hamburger.model import HAMburgerConfig
     from trainer.runcheck import RunMismatch, check_data_fits_model
 
     model = str(setup["base"] / "model")
@@ -121,7 +121,7 @@ def test_data_labelled_with_a_larger_k_is_refused_before_training(setup):
 def test_data_from_another_tokenizer_is_refused(setup, tmp_path):
     from helpers import tiny_model_dir
 
-    from trainer.model import HAMburgerConfig
+    from hamburger.model import HAMburgerConfig
     from trainer.runcheck import RunMismatch, check_data_fits_model
 
     # Same vocabulary size, two entries swapped: training would run, on the wrong tokens.

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_sample, tiny_base, tiny_hamburger
 
-from trainer.model import HAMburgerConfig, HAMburgerModel, Sample, collate, generate
+from hamburger.model import HAMburgerConfig, HAMburgerModel, Sample, collate, generate, load_model, save_model
 
 
 # ---------------------------------------------------------------- slow, obviously-correct reference
@@ -161,8 +161,8 @@ def test_one_token_segments_equal_base_logits(rng):
 def test_save_load_round_trip(tmp_path, rng):
     model = tiny_hamburger()
     batch = collate(mixed_samples(rng, 4), 4, row_capacity=64)
-    model.save_pretrained(tmp_path / "m")
-    loaded = HAMburgerModel.from_pretrained(str(tmp_path / "m")).eval()
+    save_model(model, tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m")).eval()
     assert loaded.base_ties_embeddings()
     a, b = model(batch, return_logits=True), loaded(batch, return_logits=True)
     torch.testing.assert_close(b.logits, a.logits, atol=0, rtol=0)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import random_sample, tiny_base, tiny_hamburger
 
-from trainer.model import HAMburgerConfig, HAMburgerModel, collate
-from trainer.model.packed_attention import IMPL, _attention, packed_mask
+from hamburger.model import HAMburgerConfig, HAMburgerModel, collate
+from hamburger.model.packed_attention import IMPL, _attention, packed_mask
 
 
 def packed_batch(n: int = 6):

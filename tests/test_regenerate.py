@@ -17,13 +17,14 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from data_prep.config import GenerateConfig, PrepConfig, SourceConfig
 from data_prep.fingerprint import DigestCache
+from data_prep.regenerate import sampler
 from data_prep.run import cache_key, key_hash, prepare
 from data_prep.shards import load_manifest, read_split
 from data_prep.sources import Conversation, index_source, load_source
 from data_prep.tokenize import ChatTokenizer
 from hamburger.assets import smollm2_tokenizer_dir
 from hamburger.configio import ConfigError, load_config
-from trainer.model.batched_decode import base_generate_batch
+from hamburger.model.batched_decode import base_generate_batch
 
 MAX_NEW = 6
 
@@ -93,6 +94,10 @@ def prompt_source(path: Path) -> SourceConfig:
 
 def all_rows(folder: Path) -> dict[str, list[dict]]:
     return {s: read_split(folder, s).to_pylist() for s in load_manifest(folder)["splits"]}
+
+
+def token_ids(folder: Path) -> dict[str, list[list[int]]]:
+    return {split: [r["input_ids"] for r in rows] for split, rows in all_rows(folder).items()}
 
 
 def test_greedy_regeneration_equals_the_batched_decoder(eos_dir, regenerated):
@@ -229,3 +234,38 @@ def test_stdlib_prompts_are_code_with_their_source_as_response():
         prompt = r.messages[-1]["content"]
         name = r.meta["function"].rsplit(".", 1)[1]
         assert f"def {name}(" in prompt and r.response.startswith(f"```python\ndef {name}(")
+
+
+def test_sampler_keeps_the_nucleus_and_follows_its_generator():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    pick = sampler(1.0, 0.7, torch.Generator().manual_seed(0))
+    draws = [int(pick(logits)) for _ in range(600)]
+    assert set(draws) == {0, 1}  # 0.5 + 0.3 reach 0.7: the other two are cut
+    assert abs(draws.count(0) / 600 - 0.5 / 0.8) < 0.07
+    again = sampler(1.0, 0.7, torch.Generator().manual_seed(0))
+    assert [int(again(logits)) for _ in range(600)] == draws
+    cold = sampler(1e-4, 1.0, torch.Generator().manual_seed(0))
+    assert all(int(cold(logits)) == 0 for _ in range(50))
+
+
+def test_sampled_regeneration_is_seeded_per_shard_and_resumes_exactly(
+    eos_dir, prompts_only, regenerated, tmp_path
+):
+    src = prompt_source(prompts_only)
+    sampled = prepare(make_cfg(eos_dir, tmp_path / "a", src, temperature=1.0, top_p=0.95))
+
+    class Killed(Exception):
+        pass
+
+    def die(split, start):
+        raise Killed
+
+    cfg = make_cfg(eos_dir, tmp_path / "b", src, temperature=1.0, top_p=0.95)
+    with pytest.raises(Killed):
+        prepare(cfg, on_shard_done=die)
+    assert all_rows(prepare(cfg)) == all_rows(sampled)  # the redone shards sample the same tokens
+    reseeded = prepare(make_cfg(eos_dir, tmp_path / "c", src, temperature=1.0, top_p=0.95, seed=1))
+    assert token_ids(sampled) != token_ids(reseeded)
+    assert token_ids(sampled) != token_ids(regenerated)
+    nucleus_of_one = prepare(make_cfg(eos_dir, tmp_path / "d", src, temperature=1.0, top_p=1e-6))
+    assert token_ids(nucleus_of_one) == token_ids(regenerated)  # only the argmax is left: greedy

@@ -19,8 +19,8 @@ from helpers import tiny_model_dir
 from launcher import free_port
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from hamburger.model import HAMburgerConfig, HAMburgerModel, base_generate_batch, generate
 from trainer.batcher import ContinuousBatch
-from trainer.model import HAMburgerConfig, HAMburgerModel, base_generate_batch, generate
 from trainer.scheduler import Scheduler
 from trainer.server import ServeConfig, create_app, load_engine
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_hamburger
 
-from trainer.model import base_generate_batch, generate_batch
-from trainer.model.static_decode import StaticHAMburgerDecoder
+from hamburger.model import base_generate_batch, generate_batch
+from hamburger.model.static_decode import StaticHAMburgerDecoder
 
 PROMPTS = [[5, 17, 33, 8, 61, 12], [9, 4], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80], [44, 3, 90]]
 

@@ -1,7 +1,7 @@
 """Continuous batching: sequences join and leave a running batch at every macro-step boundary.
 
 The running batch keeps one base KV cache, left-padded and masked, exactly like
-`trainer.model.generate_batch`; every row adds one KV entry per macro step, so the cache stays
+`hamburger.model.generate_batch`; every row adds one KV entry per macro step, so the cache stays
 rectangular. What is new here is the *join*: waiting sequences are prefilled as their own
 left-padded batch, then the two caches are left-padded to the same width and concatenated along
 the batch. Positions are explicit per row, so padding never moves a token. Rows that finish,
@@ -138,7 +138,7 @@ class HAMburgerStepper:
     def segments(self, feats, budgets: list[int], confidences: list[float], eos: set[int]):
         """One macro step's micro loop for every row at once, each row with its own confidence.
 
-        Same decisions as trainer.model.decode._segment: stop at EOS, at the budget, or once
+        Same decisions as hamburger.model.decode._segment: stop at EOS, at the budget, or once
         P(continue) < confidence. Returns (segments, stopped_by_head)."""
         model, n = self.model, feats.shape[0]
         tok, stop = model.first_token(feats[:, -1])

@@ -6,8 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from hamburger.configio import ConfigError, check_range
-
-from .model.config import HAMburgerConfig
+from hamburger.model.config import HAMburgerConfig
 
 
 @dataclass

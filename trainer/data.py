@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.shards import load_manifest, read_split
+from hamburger.model import Sample
 
 from .config import DataConfig
-from .model import Sample
 
 
 def load_samples(folder: str | Path, split: str, expand_copies: bool = True) -> list[Sample]:

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from hamburger.dtypes import resolve_dtype
+from hamburger.model import HAMburgerModel
 
 from .config import TrainConfig
-from .model import HAMburgerModel
 
 ROOT = Path(__file__).resolve().parents[1]
 OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")

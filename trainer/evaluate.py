@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from hamburger.assets import resolve_model
 from hamburger.configio import check_range, load_config, to_flat_dict
 from hamburger.dtypes import resolve_dtype
+from hamburger.model import HAMburgerModel, Sample, base_generate_batch, collate, generate_batch, load_model
 
 from .config import MLflowConfig
-from .model import HAMburgerModel, Sample, base_generate_batch, collate, generate_batch
 
 DEFINITIONS = {
     "regime": "speed runs decode exactly max_new_tokens per prompt (EOS does not stop them, as in fixed-length "
@@ -321,7 +321,7 @@ def speed(results, seconds: float, prompts: list[Prompt]) -> dict[str, float]:
 def evaluate(cfg: EvalConfig) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model.folder import read_meta
+    from hamburger.model.folder import read_meta
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,7 +330,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     lineage = meta.get("lineage", {})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
-    model = HAMburgerModel.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+    model = load_model(str(folder), dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     base_name = cfg.base or lineage.get("base", "")
     if not base_name:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from hamburger.model import folder
+
 from . import engine
 from .checkpoint import COMPLETE, CheckpointInfo, NotOurCheckpoint, latest_checkpoint
 from .data import manifest_summary
-from .model import folder
 
 EXPORT_MARKER = ".hamburger-export.json"  # written into every export; --overwrite replaces only such folders
 

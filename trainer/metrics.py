@@ -7,10 +7,11 @@ import math
 
 import torch
 
+from hamburger.model import Sample, collate, generate
+
 from .config import TrainConfig
 from .data import eval_batches
 from .engine import Engine
-from .model import Sample, collate, generate
 
 METRIC_KEYS = ("loss", "ce", "stop_bce", "kl")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from data_prep.fingerprint import vocab_fingerprint
 from data_prep.shards import load_manifest
 from hamburger.assets import resolve_model
+from hamburger.model import HAMburgerConfig, Sample
 
 from .checkpoint import CheckpointInfo
-from .model import HAMburgerConfig, Sample
 
 ARCHITECTURE_KEYS = ("max_steps", "micro_layers", "feature_layers", "num_features", "embedder_head_dim")
 

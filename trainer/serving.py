@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from hamburger.model import generate, load_model
+
 from .batcher import BaseStepper, ContinuousBatch, HAMburgerStepper, Sequence, decode_all
-from .model import HAMburgerModel, generate
 
 DEFAULT_CONFIDENCE = 0.9
 MAX_NEW_TOKENS_CAP = 1024
@@ -48,7 +49,7 @@ class HAMburgerGenerator:
 
         self.path = Path(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = HAMburgerModel.from_pretrained(str(path), dtype=dtype).to(self.device).eval()
+        self.model = load_model(str(path), dtype=dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         gen_cfg = self.path / "generation_config.json"
         self.defaults = json.loads(gen_cfg.read_text()) if gen_cfg.is_file() else {}
@@ -145,7 +146,7 @@ def load_engine(spec: str, dtype: str = "float32", device: str = "", name: str =
     defaults = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if cfg.get("model_type") == "hamburger":
-        model = HAMburgerModel.from_pretrained(str(path), dtype=dt).to(dev).eval()
+        model = load_model(str(path), dtype=dt).to(dev).eval()
         stepper, kind, base_cfg = HAMburgerStepper(model), "hamburger", model.base.config
         confidence = defaults.get("confidence", DEFAULT_CONFIDENCE)
     else:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from data_prep.shards import load_manifest
 from hamburger.assets import resolve_model
 from hamburger.configio import load_config, to_flat_dict, to_yaml
+from hamburger.model import Sample, collate
 
 from .checkpoint import (
     CheckpointInfo,
@@ -42,7 +43,6 @@ from .metrics import (
     probe_generations,
     reduce_outputs,
 )
-from .model import Sample, collate
 from .runcheck import RunMismatch, check_data_fits_model, check_resume_matches
 from .tracking import Tracker, flatten_params
 

@@ -19,6 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .config import HAMburgerConfig
+from .hamburger import HAMburgerModel
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -28,6 +31,37 @@ TIED_KEY = "base.lm_head.weight"
 
 class WeightsError(ValueError):
     """Weights do not match the config; the message names the tensor."""
+
+
+def save_model(
+    model: HAMburgerModel, path: str | Path, tokenizer=None, max_shard_size: int | str = "2GB"
+) -> None:
+    """A self-contained folder: config, safetensors (the frozen teacher left out), tokenizer."""
+    os.makedirs(path, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
+    if model.base_ties_embeddings():
+        state.pop(TIED_KEY, None)  # safetensors refuses shared storage
+    save_weights(
+        path, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, state.__getitem__, max_shard_size
+    )
+    write_meta(path, type(model.base).__name__, model.base.config.to_dict(), model.config.to_dict())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> HAMburgerModel:
+    """Load a folder written by save_model or export; needs no network. Every tensor is
+    checked against the config first (a missing or mis-shaped one is named)."""
+    meta = read_meta(path)
+    expected, _ = expected_shapes(meta)
+    state = load_state(path, expected)
+    model = build_model(meta, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == TIED_KEY and model.base_ties_embeddings())]
+    if missing or unexpected:  # check_shapes already refused these; kept as a guard
+        raise WeightsError(f"{path}: missing {missing}, unexpected {unexpected}")
+    model.config.kl_weight = meta["hamburger"].get("kl_weight", 0.0)
+    return model.to(dtype).eval()
 
 
 def read_meta(path: str | Path) -> dict:
@@ -50,9 +84,6 @@ def base_config_from_meta(meta: dict):
 def build_model(meta: dict, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """An HAMburgerModel shaped by meta (weights uninitialised on the meta device)."""
     from transformers import AutoModelForCausalLM
-
-    from .config import HAMburgerConfig
-    from .hamburger import HAMburgerModel
 
     with torch.device(device):
         base = AutoModelForCausalLM.from_config(base_config_from_meta(meta), dtype=dtype)

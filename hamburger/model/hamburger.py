@@ -8,7 +8,6 @@ lm_head. Its weights, embedding table and LM head are shared, not copied.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -264,38 +263,6 @@ class HAMburgerModel(nn.Module):
         o = self.micro(x, cache=cache)[:, -1]
         return self.lm_head(o).argmax(-1), self.stop_head(o)
 
-    # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, path: str, tokenizer=None, max_shard_size: int | str = "2GB") -> None:
-        """A self-contained folder (see model/folder.py): config, safetensors, tokenizer."""
-        from . import folder
-
-        os.makedirs(path, exist_ok=True)
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
-        if self.base_ties_embeddings():
-            state.pop(folder.TIED_KEY, None)  # safetensors refuses shared storage
-        folder.save_weights(
-            path, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, state.__getitem__, max_shard_size
-        )
-        folder.write_meta(path, type(self.base).__name__, self.base.config.to_dict(), self.config.to_dict())
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-
+    # ------------------------------------------------------------------ weights
     def base_ties_embeddings(self) -> bool:
         return self.lm_head.weight is self.embed_tokens.weight
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> HAMburgerModel:
-        """Load a folder written by save_pretrained or export; needs no network. Every tensor is
-        checked against the config first (a missing or mis-shaped one is named)."""
-        from . import folder
-
-        meta = folder.read_meta(path)
-        expected, _ = folder.expected_shapes(meta)
-        state = folder.load_state(path, expected)
-        model = folder.build_model(meta, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not (m == folder.TIED_KEY and model.base_ties_embeddings())]
-        if missing or unexpected:  # check_shapes already refused these; kept as a guard
-            raise folder.WeightsError(f"{path}: missing {missing}, unexpected {unexpected}")
-        model.config.kl_weight = meta["hamburger"].get("kl_weight", 0.0)
-        return model.to(dtype).eval()

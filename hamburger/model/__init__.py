@@ -4,6 +4,7 @@ from .batch import PackedBatch, Sample, collate, packed_causal_mask
 from .batched_decode import base_generate_batch, generate_batch
 from .config import HAMburgerConfig
 from .decode import DecodeResult, generate
+from .folder import load_model, save_model
 from .hamburger import HAMburgerModel, HAMburgerOutput
 
 __all__ = [
@@ -17,5 +18,7 @@ __all__ = [
     "Sample",
     "collate",
     "generate",
+    "load_model",
+    "save_model",
     "packed_causal_mask",
 ]
