@@ -45,7 +45,7 @@ def build_models(work: Path, layers: int) -> dict[str, Path]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from hamburger.assets import smollm2_dir
-    from hamburger.model import HAMburgerConfig, HAMburgerModel
+    from hamburger.model import HAMburgerConfig, HAMburgerModel, save_model
     from trainer.serving import pyfunc_spec
 
     src = smollm2_dir()
@@ -70,7 +70,7 @@ def build_models(work: Path, layers: int) -> dict[str, Path]:
     )
     torch.manual_seed(0)
     ham = HAMburgerModel(base, HAMburgerConfig())
-    ham.save_pretrained(str(out["ham"]), tokenizer=tok)
+    save_model(ham, str(out["ham"]), tokenizer=tok)
     gen = {"eos_token_id": eos, "max_new_tokens": 256, "confidence": 0.9}
     (out["ham"] / "generation_config.json").write_text(json.dumps(gen))
     mlflow.pyfunc.save_model(str(out["pyfunc"]), **pyfunc_spec(out["ham"]), pip_requirements=["torch"])

@@ -58,6 +58,12 @@ def random_sample(rng: random.Random, vocab: int, max_steps: int, prompt_len: in
     return Sample(input_ids=ids, prompt_len=prompt_len, seg_lens=segs, sample_id=sid)
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; no test inherits another's store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(1234)

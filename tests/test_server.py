@@ -19,7 +19,7 @@ from helpers import tiny_model_dir
 from launcher import free_port
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from hamburger.model import HAMburgerConfig, HAMburgerModel, base_generate_batch, generate
+from hamburger.model import HAMburgerConfig, HAMburgerModel, base_generate_batch, generate, save_model
 from trainer.batcher import ContinuousBatch
 from trainer.scheduler import Scheduler
 from trainer.server import ServeConfig, create_app, load_engine
@@ -47,7 +47,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
             if isinstance(layer, torch.nn.Linear):
                 layer.weight.normal_(0, 0.5)
     ham = root / "ham"
-    model.save_pretrained(str(ham), tokenizer=AutoTokenizer.from_pretrained(str(base_dir)))
+    save_model(model, str(ham), tokenizer=AutoTokenizer.from_pretrained(str(base_dir)))
     eos = base.config.eos_token_id
     (ham / "generation_config.json").write_text(
         json.dumps({"eos_token_id": eos, "max_new_tokens": 32, "confidence": 0.5})
