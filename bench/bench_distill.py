@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,7 +32,18 @@ from data_prep.strategies import segment  # noqa: E402
 from hamburger.configio import load_config  # noqa: E402
 
 SOURCES = ("chatterbot", "humaneval", "stdlib")
-GRID = [(0.3, 0.05), (0.5, 0.05), (0.7, 0.05), (0.3, 0.2), (0.5, 0.2), (0.3, 0.5), (0.7, 0.5)]
+GRID = [
+    (0.3, 0.05),
+    (0.5, 0.05),
+    (0.7, 0.05),
+    (0.3, 0.2),
+    (0.5, 0.2),
+    (0.3, 0.5),
+    (0.4, 0.5),
+    (0.5, 0.5),
+    (0.3, 1.0),
+    (0.7, 0.5),
+]
 
 
 def sample_config(args) -> PrepConfig:
@@ -92,22 +102,22 @@ def sweep(rows: dict[str, list[dict]], vocab_size: int) -> list[dict]:
     return table
 
 
-def mixture_estimate(config: str, manifest: dict) -> tuple[dict[str, float], float]:
-    """The compression `config`'s mixture would label at, from this sample's per-source tokens
-    per row and compression (sources the sample lacks are left out): rows per source times
-    tokens per row, over rows times segments per row."""
+def mixture_rows(config: str, names) -> dict[str, float]:
+    """Prompts per source in `config`'s mixture (sources this sample lacks are left out)."""
     cfg = load_config(PrepConfig, config, [])
-    rows, tokens, segments = {}, 0.0, 0.0
-    for scfg in cfg.sources:
-        name = source_name(scfg)
-        if name not in manifest["sources"]:
-            continue
+    return {source_name(s): len(load_source(s)) * s.weight for s in cfg.sources if source_name(s) in names}
+
+
+def mixture_estimate(rows: dict[str, float], manifest: dict, compression: dict[str, float]) -> float:
+    """The compression a mixture of `rows` prompts per source would label at, from this sample's
+    tokens per row and the given per-source compression: sum of tokens over sum of segments."""
+    tokens = segments = 0.0
+    for name, n in rows.items():
         s = manifest["sources"][name]
-        rows[name] = len(load_source(scfg)) * scfg.weight
         per_row = s["response_tokens"] / max(s["rows_out"], 1)
-        tokens += rows[name] * per_row
-        segments += rows[name] * per_row / s["compression"]
-    return rows, tokens / max(segments, 1e-9)
+        tokens += n * per_row
+        segments += n * per_row / compression[name]
+    return tokens / max(segments, 1e-9)
 
 
 def main() -> None:
@@ -125,9 +135,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = sample_config(args)
-    t0 = time.perf_counter()
     distilled = prepare(cfg)
-    wall = time.perf_counter() - t0
     reference = prepare(dataclasses.replace(cfg, responses="source"))
     md, mr = load_manifest(distilled), load_manifest(reference)
     from transformers import AutoConfig
@@ -159,29 +167,34 @@ def main() -> None:
         f"| **all** | {g['prompts']} | {g['mean_response_tokens']:.1f} | {g['cut_share']:.0%} | "
         f"**{md['compression']:.3f}** | {mr['compression']:.3f} |"
     )
-    mix_rows, mix = mixture_estimate(args.mixture, md)
+    mix_rows = mixture_rows(args.mixture, md["sources"])
+    mix = mixture_estimate(mix_rows, md, {n: md["sources"][n]["compression"] for n in mix_rows})
     lines += [
         "",
         f"`{args.mixture}`'s mixture ("
         + ", ".join(f"{n} {r:.0f} prompts" for n, r in mix_rows.items())
-        + f") is estimated from these per-source numbers to label at **{mix:.3f}** tokens per segment.",
+        + f") is estimated from these per-source numbers to label at **{mix:.3f}** tokens per segment "
+        "(column `mixture` below for other thresholds).",
     ]
     lines += [
         "",
         f"Generation: {g['tokens_generated']} tokens in {g['seconds']:.0f} s ({g['tokens_per_second']:.1f} tokens/s "
-        f"through base_generate_batch); whole self-distilled prep {wall:.0f} s.",
+        "through base_generate_batch, one process on the shared 2-core machine while other work ran).",
         "",
         "Threshold ablation (decreasing_v2, same self-distilled responses and entropies). `joined entropy`: "
         "mean base entropy (nats) of the tokens that join a segment instead of opening one, a proxy of the "
         "quality cost (what the micro decoder must get right without a base step).",
         "",
-        "| ratio | min_threshold | " + " | ".join(args.sources) + " | all | joined share | joined entropy |",
-        "|---|---|" + "---|" * len(args.sources) + "---|---|---|",
+        "| ratio | min_threshold | "
+        + " | ".join(args.sources)
+        + " | all | mixture | joined share | joined entropy |",
+        "|---|---|" + "---|" * len(args.sources) + "---|---|---|---|",
     ]
     for e in grid:
         per = " | ".join(f"{e['sources'].get(n, 0):.3f}" for n in args.sources)
         lines.append(
-            f"| {e['ratio']} | {e['min_threshold']} | {per} | {e['all']:.3f} | {e['joined_share']:.1%} | "
+            f"| {e['ratio']} | {e['min_threshold']} | {per} | {e['all']:.3f} | "
+            f"{mixture_estimate(mix_rows, md, e['sources']):.3f} | {e['joined_share']:.1%} | "
             f"{e['joined_entropy']:.3f} |"
         )
     body = "\n".join(lines)
