@@ -78,8 +78,6 @@ def resolve_model(name: str) -> str:
     """Map builtin model names to local folders; anything else is returned as given."""
     if name == BUILTIN_SMOLLM2:
         return str(smollm2_dir())
-    if name == BUILTIN_SMOLLM2 + "-tokenizer":
-        return str(smollm2_tokenizer_dir())
     if name.startswith("builtin:"):
         raise ValueError(f"unknown builtin model {name!r}; known: {BUILTIN_SMOLLM2}")
     return name

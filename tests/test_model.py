@@ -205,7 +205,8 @@ def test_kl_term_against_frozen_teacher(rng):
 
 def test_feature_layers_default_and_errors():
     assert HAMburgerConfig().resolved_feature_layers(16) == [4, 8, 12, 16]
-    assert HAMburgerConfig().resolved_feature_layers(30)[-1] == 30
+    assert HAMburgerConfig().resolved_feature_layers(30) == [8, 15, 22, 30]  # round(7.5), 15, round(22.5), 30
+    assert HAMburgerConfig().resolved_feature_layers(2) == [1, 2]  # a shallow base: each layer once
     with pytest.raises(ValueError, match="feature_layers"):
         HAMburgerConfig(feature_layers=[2, 3]).resolved_feature_layers(4)
     with pytest.raises(ValueError, match="max_steps"):

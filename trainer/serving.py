@@ -22,7 +22,7 @@ import torch
 
 from hamburger.model import generate, load_model
 
-from .batcher import BaseStepper, ContinuousBatch, HAMburgerStepper, Sequence, decode_all
+from .batcher import BaseStepper, ContinuousBatch, HAMburgerStepper
 
 DEFAULT_CONFIDENCE = 0.9
 MAX_NEW_TOKENS_CAP = 1024
@@ -243,56 +243,3 @@ def pyfunc_rows(model_input) -> list[dict]:
         return model_input.to_dict("records")
     items = model_input if isinstance(model_input, list) else [model_input]
     return [item if isinstance(item, dict) else {"prompt": item} for item in items]
-
-
-try:
-    import mlflow.pyfunc
-
-    class HAMburgerPyfunc(mlflow.pyfunc.PythonModel):
-        """Text in, text out plus tokens-per-step stats. Input: a DataFrame with a `prompt`
-        column (optional `max_new_tokens`, `confidence` columns), or a list of strings.
-        Request-level `params` (max_new_tokens, confidence) fill rows that omit a field. All
-        rows are validated first (a bad one fails the request with a 400 naming row and field),
-        then decoded together by continuous batching, each row with its own settings."""
-
-        def load_context(self, context) -> None:
-            self.engine = load_engine(context.artifacts["model"])
-
-        def _sequence(self, i: int, row: dict, params: dict) -> Sequence:
-            prompt = row.get("prompt")
-            if _missing(prompt) or not isinstance(prompt, str) or not prompt:
-                raise _bad_input(f"row {i}: prompt must be a non-empty string, got {prompt!r}")
-            n = row.get("max_new_tokens")
-            n = params.get("max_new_tokens") if _missing(n) else n
-            n = min(self.engine.default_max_tokens, MAX_NEW_TOKENS_CAP) if _missing(n) else n
-            conf = row.get("confidence")
-            conf = params.get("confidence") if _missing(conf) else conf
-            if _missing(conf):
-                conf = self.engine.default_confidence if self.engine.default_confidence is not None else 1.0
-            ids = encode_prompt(self.engine.tokenizer, prompt)
-            return Sequence(ids, check_max_new_tokens(n, f"row {i}"), check_confidence(conf, f"row {i}"))
-
-        def predict(self, context, model_input, params=None):
-            import pandas as pd
-
-            params = dict(params or {})
-            for key, check in (("max_new_tokens", check_max_new_tokens), ("confidence", check_confidence)):
-                if not _missing(params.get(key)):
-                    params[key] = check(params[key], "params")
-            seqs = [self._sequence(i, row, params) for i, row in enumerate(pyfunc_rows(model_input))]
-            decode_all(self.engine.batch(), seqs, PYFUNC_MAX_BATCH)
-            tok = self.engine.tokenizer
-            return pd.DataFrame(
-                [
-                    {
-                        "text": tok.decode(s.tokens, skip_special_tokens=True),
-                        "tokens": len(s.tokens),
-                        "macro_steps": s.macro_steps,
-                        "tokens_per_step": s.tokens_per_step,
-                    }
-                    for s in seqs
-                ],
-                columns=["text", "tokens", "macro_steps", "tokens_per_step"],
-            )
-except ImportError:  # mlflow is a dependency; this keeps the loader usable without it
-    HAMburgerPyfunc = None  # type: ignore[assignment,misc]

@@ -63,7 +63,6 @@ class PackedBatch:
     tgt_tokens: torch.Tensor  # [S, K] each target segment's tokens (0 past its length)
     tgt_lens: torch.Tensor  # [S]
     tgt_src: torch.Tensor  # [S] flat macro position whose outputs predict the segment
-    tgt_sample: torch.Tensor  # [S] batch-local sample index of each target
     sample_ids: torch.Tensor  # [N] dataset ids of the samples, for error messages
     plain_input_ids: torch.Tensor | None = None  # [N, Lp] original tokens, right-padded
     plain_resp_pos: torch.Tensor | None = None  # [T] flat index into plain rows predicting each resp token
@@ -125,7 +124,7 @@ def collate(
     position_ids = np.zeros((len(rows), width), dtype=np.int64)
     seq_ids = np.full((len(rows), width), -1, dtype=np.int64)
     g_tok, g_len, g_pos = [], [], []
-    t_tok, t_len, t_src, t_smp = [], [], [], []
+    t_tok, t_len, t_src = [], [], []
     for r, members in enumerate(rows):
         col = 0
         for i in members:
@@ -153,7 +152,6 @@ def collate(
             t_tok.append(seg_tok)
             t_len.append(seg)
             t_src.append(flat[p - 1 : p - 1 + m])
-            t_smp.append(np.full(m, i, dtype=np.int64))
             col += n
     batch = PackedBatch(
         group_tokens=torch.from_numpy(np.concatenate(g_tok)),
@@ -164,7 +162,6 @@ def collate(
         tgt_tokens=torch.from_numpy(np.concatenate(t_tok)),
         tgt_lens=torch.from_numpy(np.concatenate(t_len)),
         tgt_src=torch.from_numpy(np.concatenate(t_src)),
-        tgt_sample=torch.from_numpy(np.concatenate(t_smp)),
         sample_ids=torch.tensor([s.sample_id for s in samples], dtype=torch.long),
     )
     if with_plain:

@@ -156,14 +156,12 @@ def save_weights(
     names_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
     get: Callable[[str], torch.Tensor],
     max_shard_size: int | str = "2GB",
-    index_name: str = INDEX_NAME,
-    weights_name: str = WEIGHTS_NAME,
 ) -> list[str]:
     """Write tensors shard by shard, fetching each with get(name): only one shard is in memory."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     empty = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in names_shapes.items()}
-    pattern = weights_name.replace(".safetensors", "{suffix}.safetensors")
+    pattern = WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
     split = split_torch_state_dict_into_shards(empty, filename_pattern=pattern, max_shard_size=max_shard_size)
     for file, names in split.filename_to_tensors.items():
         shard = {k: get(k).detach().to("cpu").contiguous() for k in names}
@@ -171,7 +169,7 @@ def save_weights(
         del shard
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        Path(path, index_name).write_text(json.dumps(index, indent=1))
+        Path(path, INDEX_NAME).write_text(json.dumps(index, indent=1))
     return list(split.filename_to_tensors)
 
 
