@@ -65,9 +65,8 @@ class Regenerator:
     def responses(self, prompts: list[list[int]], shard: str) -> list[Generated]:
         """One response per prompt (in the given order), decoded `batch_size` prompts at a time,
         shortest prompts together."""
-        from hamburger.model.batched_decode import (
-            base_generate_batch,
-        )  # lazy: data_prep never imports trainer at load
+        # lazy: the model package (and transformers) load only when a prep regenerates
+        from hamburger.model.batched_decode import base_generate_batch
 
         t0 = time.perf_counter()
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
