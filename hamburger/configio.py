@@ -13,6 +13,8 @@ from typing import TypeVar
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hamburger.choice import Choice  # noqa: F401 - configs import it from here
+
 T = TypeVar("T")
 
 

@@ -187,7 +187,9 @@ TRAIN_CONFIG_CASES = [
     (["dist_timeout_s=0"], "'dist_timeout_s': must be >= 1"),
     (["data.tokens_per_batch=0"], "'data.tokens_per_batch': must be >= 1"),
     (["data.row_capacity=8192"], "'data.row_capacity': must be <= data.tokens_per_batch (4096)"),
-    (["precision=fp16"], "'precision': must be auto, bf16 or fp32"),
+    (["precision=fp16"], "'precision': Invalid value 'fp16', expected one of [auto, bf16, fp32]"),
+    (["model.hamburger.packed_attention=sparse"], "'model.hamburger.packed_attention': Invalid value 'sparse', expected one of [auto, dense, flex]"),
+    (["model.hamburger.stop_weight=.nan"], "hamburger.stop_weight must be >= 0"),
     (["model.hamburger.max_steps=0"], "max_steps"),
     (["output_dir=${oc.env:HOME}"], "output_dir: interpolations are not allowed"),
     (["optim.lr=1"], "optim.lr"),
@@ -200,7 +202,8 @@ EVAL_CONFIG_CASES = [
     (["code_timeout_s=0"], "'code_timeout_s': must be > 0"),
     (["confidences=[0]"], "confidences must lie in (0, 1]"),
     (["batch_sizes=[0]"], "batch_sizes must be >= 1"),
-    (["dtype=half"], "dtype must be auto, float32 or bfloat16"),
+    (["dtype=half"], "'dtype': Invalid value 'half', expected one of [auto, float32, bfloat16]"),
+    (["decode=fast"], "'decode': Invalid value 'fast', expected one of [eager, static, graphed]"),
 ]
 # fmt: on
 

@@ -94,9 +94,13 @@ def test_unknown_mode_is_refused():
 def test_eval_config_decode_field():
     from trainer.evaluate import EvalConfig
 
-    EvalConfig(model="m", decode="graphed").validate()
-    with pytest.raises(ValueError, match="decode must be eager, static or graphed"):
-        EvalConfig(model="m", decode="compiled").validate()
+    from hamburger.configio import load_config
+
+    assert load_config(EvalConfig, None, ["model=m", "decode=graphed"]).decode == "graphed"
+    with pytest.raises(
+        ValueError, match=r"'decode': Invalid value 'compiled', expected one of \[eager, static, graphed\]"
+    ):
+        load_config(EvalConfig, None, ["model=m", "decode=compiled"])
 
 
 def test_speculative_advance_changes_nothing():

@@ -5,8 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from hamburger.configio import ConfigError, check_range
+from hamburger.configio import Choice, ConfigError, check_range
 from hamburger.model.config import HAMburgerConfig
+
+
+class Precision(Choice):
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
 
 
 @dataclass
@@ -82,7 +88,7 @@ class TrainConfig:
     """Run folder: config, checkpoints, metrics.jsonl, the default MLflow store."""
     ds_config: str = "auto"
     """DeepSpeed config file; auto: ds_configs/zero3_bf16.json on GPU, ds_configs/zero3_cpu.json on CPU."""
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32. Overrides the DeepSpeed file's precision."""
     epochs: int = 1
     """Passes over the training split."""
@@ -128,9 +134,6 @@ class TrainConfig:
         check_range("optim.betas", o.betas, len(o.betas) == 2, "two values")
         for i, beta in enumerate(o.betas):
             check_range(f"optim.betas.{i}", beta, 0 <= beta < 1, "in [0, 1)")
-        check_range(
-            "precision", self.precision, self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"
-        )
         check_range("resume", self.resume, bool(self.resume), "auto, none or a checkpoint path")
         check_range("epochs", self.epochs, self.epochs >= 1, ">= 1")
         check_range(

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hamburger.assets import resolve_model
-from hamburger.configio import check_range, load_config, to_flat_dict
+from hamburger.configio import Choice, check_range, load_config, to_flat_dict
 from hamburger.dtypes import resolve_dtype
 from hamburger.model import HAMburgerModel, Sample, base_generate_batch, collate, generate_batch, load_model
 
@@ -45,6 +45,18 @@ DEFINITIONS = {
     "exact_match": "share of prompts with an `answer` whose normalised answer appears in the output",
     "heldout_ce": "cross-entropy (nats/token) of the held-out reference responses, teacher-forced",
 }
+
+
+class DecodeMode(Choice):
+    eager = "eager"
+    static = "static"
+    graphed = "graphed"
+
+
+class DType(Choice):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
 
 
 @dataclass
@@ -68,10 +80,10 @@ class EvalConfig:
     """Confidence levels c: a segment ends once P(continue) < c."""
     code_timeout_s: float = 10.0
     """Time limit of one pass@1 test run."""
-    decode: str = "eager"
+    decode: DecodeMode = DecodeMode.eager
     """Decoder for both models: eager, static (static KV caches, no host sync but the stop
     decisions) or graphed (static + CUDA graphs on a GPU; static on CPU). Same tokens."""
-    dtype: str = "auto"
+    dtype: DType = DType.auto
     """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16; both models use it."""
     output_dir: str = "outputs/eval"
     """Where eval.json, the plot and the default MLflow store go."""
@@ -84,10 +96,6 @@ class EvalConfig:
             raise ValueError(f"confidences must lie in (0, 1], got {self.confidences}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes must be >= 1, got {self.batch_sizes}")
-        if self.decode not in ("eager", "static", "graphed"):
-            raise ValueError(f"decode must be eager, static or graphed, got {self.decode!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         check_range("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1")
         check_range("max_prompts", self.max_prompts, self.max_prompts >= 1, ">= 1")
         check_range("code_timeout_s", self.code_timeout_s, self.code_timeout_s > 0, "> 0")

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from hamburger.choice import Choice
+
+
+class PackedAttention(Choice):
+    auto = "auto"
+    dense = "dense"
+    flex = "flex"
+
 
 @dataclass
 class HAMburgerConfig:
@@ -26,7 +34,7 @@ class HAMburgerConfig:
     """Weight of KL(frozen base || model) on response tokens; 0 disables the teacher entirely."""
     kl_temperature: float = 1.0
     """Softmax temperature for the KL term."""
-    packed_attention: str = "auto"
+    packed_attention: PackedAttention = PackedAttention.auto
     """Training attention over packed rows: dense (block-diagonal SDPA mask, O(L^2) memory),
     flex (FlexAttention block mask from the sample ids; CUDA only for training), or auto (flex
     on CUDA, dense elsewhere). Same results; needs model.attn_implementation sdpa for flex."""
@@ -42,13 +50,13 @@ class HAMburgerConfig:
         if self.embedder_head_dim < 1:
             raise ValueError(f"hamburger.embedder_head_dim must be >= 1, got {self.embedder_head_dim}")
         for name in ("stop_weight", "kl_weight"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # NaN fails too
                 raise ValueError(f"hamburger.{name} must be >= 0, got {getattr(self, name)}")
         if self.packed_attention not in ("auto", "dense", "flex"):
             raise ValueError(
                 f"hamburger.packed_attention must be auto, dense or flex, got {self.packed_attention!r}"
             )
-        if self.kl_temperature <= 0:
+        if not self.kl_temperature > 0:
             raise ValueError(f"hamburger.kl_temperature must be > 0, got {self.kl_temperature}")
 
     def resolved_feature_layers(self, num_hidden_layers: int) -> list[int]:
