@@ -362,37 +362,39 @@ def evaluate(cfg: EvalConfig) -> dict:
         "runs": [],
     }
     report["heldout_ce"] = heldout_ce(model, base, prompts)
+
+    def measure(
+        decode_fn, bs: int, reference: list[list[int]] | None
+    ) -> tuple[dict, list[list[int]], list[str]]:
+        """Speed and quality of one decoder over every prompt at one batch size."""
+        res, seconds, ttft = run_decoder(decode_fn, prompts, bs)
+        tokens = [cut_at_eos(r.tokens, eos) for r in res]
+        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        quality_ = quality(prompts, texts, tokens, reference or tokens, cfg.code_timeout_s)
+        return {**speed(res, seconds, prompts), "ttft_s": ttft, **quality_}, tokens, texts
+
     for bs in cfg.batch_sizes:
-        base_res, base_s, base_ttft = run_decoder(
+        base_run, base_tokens, _ = measure(
             lambda ids, n: base_generate_batch(base, ids, n or cfg.max_new_tokens, no_stop, pad, cfg.decode),
-            prompts,
             bs,
+            None,
         )
-        base_speed = {**speed(base_res, base_s, prompts), "ttft_s": base_ttft}
-        base_tokens = [cut_at_eos(r.tokens, eos) for r in base_res]
-        base_texts = [tokenizer.decode(t, skip_special_tokens=True) for t in base_tokens]
-        base_q = quality(prompts, base_texts, base_tokens, base_tokens, cfg.code_timeout_s)
-        report["runs"].append({"decoder": "base", "batch_size": bs, **base_speed, **base_q})
+        report["runs"].append({"decoder": "base", "batch_size": bs, **base_run})
         for conf in cfg.confidences:
-            res, s, ttft = run_decoder(
+            run, _, texts = measure(
                 lambda ids, n, c=conf: generate_batch(
                     model, ids, n or cfg.max_new_tokens, c, no_stop, pad, cfg.decode
                 ),
-                prompts,
                 bs,
+                base_tokens,
             )
-            sp = {**speed(res, s, prompts), "ttft_s": ttft}
-            tokens = [cut_at_eos(r.tokens, eos) for r in res]
-            texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-            q = quality(prompts, texts, tokens, base_tokens, cfg.code_timeout_s)
             report["runs"].append(
                 {
                     "decoder": "hamburger",
                     "confidence": conf,
                     "batch_size": bs,
-                    **sp,
-                    **q,
-                    "speedup": sp["tokens_per_s"] / base_speed["tokens_per_s"],
+                    **run,
+                    "speedup": run["tokens_per_s"] / base_run["tokens_per_s"],
                     "samples": texts[:3],
                 }
             )
