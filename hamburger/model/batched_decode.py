@@ -11,6 +11,8 @@ with the same padding, cache and retirement, so speed ratios compare like with l
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import DynamicCache
 
@@ -193,11 +195,16 @@ def base_generate_batch(
     eos_token_ids: set[int] | None = None,
     pad_id: int = 0,
     decode: str = "eager",
+    pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[DecodeResult]:
     """The base model's own greedy decoding (one token per forward), same batching rules and
-    the same `decode` modes as generate_batch."""
+    the same `decode` modes as generate_batch. `pick` maps the last logits [n, V] of the rows
+    still running to their next tokens [n] (default argmax: greedy); data_prep's
+    self-distillation samples with it (eager mode only)."""
     base_lm.eval()
     if _check_mode(decode) != "eager":
+        if pick is not None:
+            raise ValueError(f"pick (e.g. sampling) needs decode='eager', got decode={decode!r}")
         dec = _static_decoder(base_lm, prompts, max_new_tokens, decode)
         return dec.generate(prompts, eos_token_ids, max_new=max_new_tokens)
     eos = eos_token_ids or set()
@@ -216,7 +223,7 @@ def base_generate_batch(
     active = list(range(len(prompts)))
     last_pos = torch.tensor([len(p) - 1 for p in prompts], device=device)
     while True:
-        toks = logits.argmax(-1).tolist()
+        toks = (logits.argmax(-1) if pick is None else pick(logits)).tolist()
         keep = []
         for row, i in enumerate(active):
             r = results[i]
