@@ -12,6 +12,7 @@ with the same padding, cache and retirement, so speed ratios compare like with l
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from transformers import DynamicCache
@@ -90,27 +91,46 @@ def generate_batch(
     if _check_mode(decode) != "eager":
         dec = _static_decoder(model, prompts, max_new_tokens, decode)
         return dec.generate(prompts, eos_token_ids, confidence, max_new=max_new_tokens)
-    eos = eos_token_ids or set()
-    device = next(model.parameters()).device
     base = model.base.model
     k = model.config.max_steps
-    ids, mask, positions = _left_pad(prompts, pad_id, device)
     cache = DynamicCache(config=model.base.config)
-    out = base(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        **cache_kwargs(base, cache),
-        use_cache=True,
-        output_hidden_states=True,
+
+    def run_base(**inputs):
+        return base(**inputs, **cache_kwargs(base, cache), use_cache=True, output_hidden_states=True)
+
+    def next_segments(out, budgets: list[int]):
+        feats = torch.stack([h[:, -1] for h in model.features(out.hidden_states)], dim=1)  # [n, F, D]
+        return _segments(model, feats, [min(k, b) for b in budgets], confidence, eos_token_ids or set())
+
+    def feed(segs: list[list[int]], mask: torch.Tensor, positions: torch.Tensor):
+        lens = torch.tensor([len(s) for s in segs], device=mask.device)
+        seg_t = torch.tensor([s + [0] * (k - len(s)) for s in segs], device=mask.device)
+        return run_base(
+            inputs_embeds=model.smash(seg_t, lens)[:, None], attention_mask=mask, position_ids=positions
+        )
+
+    device = next(model.parameters()).device
+    return _retiring_loop(
+        prompts, max_new_tokens, eos_token_ids, pad_id, device, cache, run_base, next_segments, feed
     )
+
+
+def _retiring_loop(
+    prompts, max_new_tokens, eos_token_ids, pad_id, device, cache, prefill, next_segments, feed
+):
+    """The loop both decoders share. Prefill the left-padded prompts; then, every macro step,
+    each row takes its next segment; finished rows (EOS or the budget) are recorded and retired
+    (their cache rows dropped); the others feed their segment back as one new KV column at the
+    position of its last token. prefill(input_ids=, attention_mask=, position_ids=) and
+    feed(segments, mask, positions) return what next_segments(state, budgets) reads."""
+    eos = eos_token_ids or set()
+    ids, mask, positions = _left_pad(prompts, pad_id, device)
+    state = prefill(input_ids=ids, attention_mask=mask, position_ids=positions)
     results = [DecodeResult(tokens=[], seg_lens=[], base_forwards=1) for _ in prompts]
     active = list(range(len(prompts)))  # original index of each batch row
     last_pos = torch.tensor([len(p) - 1 for p in prompts], device=device)
     while True:
-        feats = torch.stack([h[:, -1] for h in model.features(out.hidden_states)], dim=1)  # [n, F, D]
-        budgets = [min(k, max_new_tokens - len(results[i].tokens)) for i in active]
-        segs, by_head = _segments(model, feats, budgets, confidence, eos)
+        segs, by_head = next_segments(state, [max_new_tokens - len(results[i].tokens) for i in active])
         keep = []
         for row, i in enumerate(active):
             r = results[i]
@@ -129,19 +149,11 @@ def generate_batch(
             mask, last_pos = mask[sel], last_pos[sel]
             segs = [segs[row] for row in keep]
             active = [active[row] for row in keep]
-        lens = torch.tensor([len(s) for s in segs], device=device)
-        seg_t = torch.tensor([s + [0] * (k - len(s)) for s in segs], device=device)
-        x = model.smash(seg_t, lens)[:, None]
-        last_pos = last_pos + lens  # a smashed segment sits at the position of its last token
+        last_pos = last_pos + torch.tensor(
+            [len(s) for s in segs], device=device
+        )  # a segment sits at its last token
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = base(
-            inputs_embeds=x,
-            attention_mask=mask,
-            position_ids=last_pos[:, None],
-            **cache_kwargs(base, cache),
-            use_cache=True,
-            output_hidden_states=True,
-        )
+        state = feed(segs, mask, last_pos[:, None])
         for i in active:
             results[i].base_forwards += 1
 
@@ -207,49 +219,22 @@ def base_generate_batch(
             raise ValueError(f"pick (e.g. sampling) needs decode='eager', got decode={decode!r}")
         dec = _static_decoder(base_lm, prompts, max_new_tokens, decode)
         return dec.generate(prompts, eos_token_ids, max_new=max_new_tokens)
-    eos = eos_token_ids or set()
-    device = next(base_lm.parameters()).device
-    ids, mask, positions = _left_pad(prompts, pad_id, device)
     cache = DynamicCache(config=base_lm.config)
-    logits = base_lm(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        **cache_kwargs(base_lm, cache),
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]
-    results = [DecodeResult(tokens=[], seg_lens=[], base_forwards=1) for _ in prompts]
-    active = list(range(len(prompts)))
-    last_pos = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    while True:
+
+    def run_base(logits_to_keep: int = 0, **inputs):
+        out = base_lm(**inputs, **cache_kwargs(base_lm, cache), use_cache=True, logits_to_keep=logits_to_keep)
+        return out.logits[:, -1]
+
+    def next_segments(logits: torch.Tensor, budgets: list[int]):
         toks = (logits.argmax(-1) if pick is None else pick(logits)).tolist()
-        keep = []
-        for row, i in enumerate(active):
-            r = results[i]
-            r.tokens.append(toks[row])
-            r.seg_lens.append(1)
-            r.forced_stop.append(True)
-            if toks[row] in eos or len(r.tokens) >= max_new_tokens:
-                r.kv_entries = int(mask[row].sum())
-            else:
-                keep.append(row)
-        if not keep:
-            return results
-        if len(keep) < len(active):
-            sel = torch.tensor(keep, device=device)
-            cache.batch_select_indices(sel)
-            mask, last_pos = mask[sel], last_pos[sel]
-            toks = [toks[row] for row in keep]
-            active = [active[row] for row in keep]
-        last_pos = last_pos + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = base_lm(
-            input_ids=torch.tensor(toks, device=device)[:, None],
-            attention_mask=mask,
-            position_ids=last_pos[:, None],
-            **cache_kwargs(base_lm, cache),
-            use_cache=True,
-        ).logits[:, -1]
-        for i in active:
-            results[i].base_forwards += 1
+        return [[t] for t in toks], [False] * len(toks)  # one token per forward, never the stop head
+
+    def feed(segs: list[list[int]], mask: torch.Tensor, positions: torch.Tensor):
+        toks = torch.tensor([s[0] for s in segs], device=mask.device)[:, None]
+        return run_base(input_ids=toks, attention_mask=mask, position_ids=positions)
+
+    device = next(base_lm.parameters()).device
+    prefill = partial(run_base, 1)  # the prompt's last position only
+    return _retiring_loop(
+        prompts, max_new_tokens, eos_token_ids, pad_id, device, cache, prefill, next_segments, feed
+    )
