@@ -5,7 +5,11 @@ generation setting is in the cache key, and prompt-only sources work."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 from helpers import write_jsonl
+from launcher import free_port
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from data_prep.config import GenerateConfig, PrepConfig, SourceConfig
@@ -26,6 +31,7 @@ from hamburger.assets import smollm2_tokenizer_dir
 from hamburger.configio import ConfigError, load_config
 from hamburger.model.batched_decode import base_generate_batch
 
+ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 6
 
 
@@ -267,5 +273,30 @@ def test_sampled_regeneration_is_seeded_per_shard_and_resumes_exactly(
     reseeded = prepare(make_cfg(eos_dir, tmp_path / "c", src, temperature=1.0, top_p=0.95, seed=1))
     assert token_ids(sampled) != token_ids(reseeded)
     assert token_ids(sampled) != token_ids(regenerated)
-    nucleus_of_one = prepare(make_cfg(eos_dir, tmp_path / "d", src, temperature=1.0, top_p=1e-6))
-    assert token_ids(nucleus_of_one) == token_ids(regenerated)  # only the argmax is left: greedy
+
+
+def test_two_ranks_regenerate_what_one_rank_does(eos_dir, prompts_only, regenerated, tmp_path):
+    """Shards are split over ranks as in labelling: each rank writes its own shards' responses."""
+    cfg_file = tmp_path / "prep.yaml"
+    cfg_file.write_text(
+        f"model: {eos_dir}\nsources:\n  - path: {prompts_only}\n    prompt_field: question\n"
+        f"    response_field: ''\noutput_root: {tmp_path / 'two'}\nshard_rows: 6\nheldout_fraction: 0.2\n"
+        f"max_len: 256\nresponses: regenerate\ngenerate:\n  max_new_tokens: {MAX_NEW}\n  batch_size: 4\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_accelerators", "2", "--master_port", str(free_port())]
+    proc = subprocess.run(
+        [*cmd, "--module", "data_prep.run", str(cfg_file)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    total, on_rank0 = map(int, re.search(r"(\d+) shards, (\d+) on rank 0", proc.stdout).groups())
+    assert total >= 2 and on_rank0 == (total + 1) // 2
+    two = tmp_path / "two" / regenerated.name  # the same cache key
+    assert all_rows(two) == all_rows(regenerated)
+    assert load_manifest(two)["generation"]["prompts"] == 20
