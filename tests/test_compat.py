@@ -15,8 +15,8 @@ import torch
 from conftest import tiny_hamburger
 from transformers import DynamicCache
 
-import hamburger.model.batched_decode as batched_mod
 import hamburger.model.decode as decode_mod
+import hamburger.model.steppers as batched_mod  # the batched decoders build their caches there
 from hamburger.model import base_generate_batch, generate, generate_batch
 from hamburger.model.compat import cache_param_name
 

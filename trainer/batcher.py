@@ -19,12 +19,12 @@ trainer/server.py drives the same `ContinuousBatch` from a scheduler thread.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+
+from hamburger.model.steppers import BaseStepper, HAMburgerStepper, left_pad  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -68,126 +68,6 @@ class Sequence:
         return len(self.tokens) / max(self.macro_steps, 1)
 
 
-def _cache_keyword(module: torch.nn.Module) -> str:
-    """`cache` in recent transformers, `past_key_values` before: read it off the forward signature."""
-    params = inspect.signature(type(module).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-class BaseStepper:
-    """A plain causal LM: the 'segment' is the greedy next token; state = last-position logits."""
-
-    kind = "base"
-
-    def __init__(self, lm: torch.nn.Module):
-        self.lm = lm.eval()
-        self.config = lm.config
-        self.max_steps = 1
-        self._kw = _cache_keyword(lm.model if hasattr(lm, "model") else lm)
-
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
-
-    def prefill(self, ids, mask, positions, cache) -> torch.Tensor:
-        kw = {self._kw: cache}
-        out = self.lm(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kw
-        )
-        return out.logits[:, -1]
-
-    def segments(self, state, budgets, confidences, eos):
-        toks = state.argmax(-1).tolist()
-        return [[t] for t in toks], [False] * len(toks)
-
-    def advance(self, segs, mask, positions, cache) -> torch.Tensor:
-        ids = torch.tensor([s[-1] for s in segs], device=mask.device)[:, None]
-        kw = {self._kw: cache}
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kw)
-        return out.logits[:, -1]
-
-
-class HAMburgerStepper:
-    """HAMburger: state = the feature hidden states [n, F, D] at each row's last base position."""
-
-    kind = "hamburger"
-
-    def __init__(self, model):
-        self.model = model.eval()
-        self.config = model.base.config
-        self.max_steps = model.config.max_steps
-        self._base = model.base.model
-        self._kw = _cache_keyword(self._base)
-
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
-
-    def _forward(self, cache, **inputs) -> torch.Tensor:
-        out = self._base(use_cache=True, output_hidden_states=True, **{self._kw: cache}, **inputs)
-        return torch.stack([h[:, -1] for h in self.model.features(out.hidden_states)], dim=1)
-
-    def prefill(self, ids, mask, positions, cache) -> torch.Tensor:
-        return self._forward(cache, input_ids=ids, attention_mask=mask, position_ids=positions)
-
-    def advance(self, segs, mask, positions, cache) -> torch.Tensor:
-        k, device = self.max_steps, mask.device
-        lens = torch.tensor([len(s) for s in segs], device=device)
-        seg_t = torch.tensor([s + [0] * (k - len(s)) for s in segs], device=device)
-        x = self.model.smash(seg_t, lens)[:, None]
-        return self._forward(cache, inputs_embeds=x, attention_mask=mask, position_ids=positions)
-
-    def segments(self, feats, budgets: list[int], confidences: list[float], eos: set[int]):
-        """One macro step's micro loop for every row at once, each row with its own confidence.
-
-        Same decisions as hamburger.model.decode._segment: stop at EOS, at the budget, or once
-        P(continue) < confidence. Returns (segments, stopped_by_head)."""
-        model, n = self.model, feats.shape[0]
-        tok, stop = model.first_token(feats[:, -1])
-        segs = [[t] for t in tok.tolist()]
-        by_head = [False] * n
-
-        def still_going(rows: list[int], stops: torch.Tensor) -> list[int]:
-            cont = (1 - torch.sigmoid(stops.float())).tolist()
-            going = []
-            for row, c in zip(rows, cont, strict=True):
-                if segs[row][-1] in eos or len(segs[row]) >= budgets[row]:
-                    continue
-                if c < confidences[row]:
-                    by_head[row] = True
-                    continue
-                going.append(row)
-            return going
-
-        live = still_going(list(range(n)), stop)
-        cache, prev = None, []
-        slots = model.micro.features_in(feats)
-        while live:
-            rows = torch.tensor(live, device=feats.device)
-            last = model.embed_tokens(torch.tensor([segs[r][-1] for r in live], device=feats.device))[:, None]
-            if cache is None:
-                cache = DynamicCache(config=model.micro.config)
-                x = torch.cat([slots[rows], last], dim=1)
-            else:
-                cache.batch_select_indices(torch.tensor([prev.index(r) for r in live], device=feats.device))
-                x = last
-            tok, stop = model.micro_step(x, cache)
-            for r, t in zip(live, tok.tolist(), strict=True):
-                segs[r].append(t)
-            prev = live
-            live = still_going(live, stop)
-        return segs, by_head
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int, device):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, device=device)
-        mask[i, width - len(p) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - t.shape[dim]
     if missing == 0:
@@ -215,7 +95,7 @@ class ContinuousBatch:
         """Prefill `seqs` as one batch and merge them into the running batch."""
         if not seqs:
             return
-        ids, mask, positions = _left_pad([s.prompt_ids for s in seqs], self.pad_id, self.device)
+        ids, mask, positions = left_pad([s.prompt_ids for s in seqs], self.pad_id, self.device)
         cache = self.stepper.new_cache()
         state = self.stepper.prefill(ids, mask, positions, cache)
         last_pos = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=self.device)

@@ -12,14 +12,12 @@ with the same padding, cache and retirement, so speed ratios compare like with l
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import torch
-from transformers import DynamicCache
 
-from .compat import cache_kwargs
 from .decode import DecodeResult
 from .hamburger import HAMburgerModel
+from .steppers import BaseStepper, HAMburgerStepper, left_pad
 
 DECODE_MODES = ("eager", "static", "graphed")
 """eager: this module (dynamic caches, finished rows retired); static: static_decode without
@@ -59,19 +57,6 @@ def _static_decoder(model, prompts: list[list[int]], max_new_tokens: int, decode
     return _DECODERS[key]
 
 
-def _left_pad(
-    prompts: list[list[int]], pad_id: int, device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, device=device)
-        mask[i, width - len(p) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
 @torch.no_grad()
 def generate_batch(
     model: HAMburgerModel,
@@ -91,46 +76,30 @@ def generate_batch(
     if _check_mode(decode) != "eager":
         dec = _static_decoder(model, prompts, max_new_tokens, decode)
         return dec.generate(prompts, eos_token_ids, confidence, max_new=max_new_tokens)
-    base = model.base.model
-    k = model.config.max_steps
-    cache = DynamicCache(config=model.base.config)
-
-    def run_base(**inputs):
-        return base(**inputs, **cache_kwargs(base, cache), use_cache=True, output_hidden_states=True)
-
-    def next_segments(out, budgets: list[int]):
-        feats = torch.stack([h[:, -1] for h in model.features(out.hidden_states)], dim=1)  # [n, F, D]
-        return _segments(model, feats, [min(k, b) for b in budgets], confidence, eos_token_ids or set())
-
-    def feed(segs: list[list[int]], mask: torch.Tensor, positions: torch.Tensor):
-        lens = torch.tensor([len(s) for s in segs], device=mask.device)
-        seg_t = torch.tensor([s + [0] * (k - len(s)) for s in segs], device=mask.device)
-        return run_base(
-            inputs_embeds=model.smash(seg_t, lens)[:, None], attention_mask=mask, position_ids=positions
-        )
-
-    device = next(model.parameters()).device
+    confidences = [confidence] * len(prompts)
     return _retiring_loop(
-        prompts, max_new_tokens, eos_token_ids, pad_id, device, cache, run_base, next_segments, feed
+        HAMburgerStepper(model), prompts, max_new_tokens, confidences, eos_token_ids, pad_id
     )
 
 
 def _retiring_loop(
-    prompts, max_new_tokens, eos_token_ids, pad_id, device, cache, prefill, next_segments, feed
-):
+    stepper, prompts, max_new_tokens, confidences, eos_token_ids, pad_id
+) -> list[DecodeResult]:
     """The loop both decoders share. Prefill the left-padded prompts; then, every macro step,
-    each row takes its next segment; finished rows (EOS or the budget) are recorded and retired
-    (their cache rows dropped); the others feed their segment back as one new KV column at the
-    position of its last token. prefill(input_ids=, attention_mask=, position_ids=) and
-    feed(segments, mask, positions) return what next_segments(state, budgets) reads."""
+    each row takes its next segment (the stepper decides); finished rows (EOS or the budget) are
+    recorded and retired (their cache rows dropped); the others feed their segment back as one
+    new KV column at the position of its last token."""
     eos = eos_token_ids or set()
-    ids, mask, positions = _left_pad(prompts, pad_id, device)
-    state = prefill(input_ids=ids, attention_mask=mask, position_ids=positions)
+    device = stepper.device
+    ids, mask, positions = left_pad(prompts, pad_id, device)
+    cache = stepper.new_cache()
+    state = stepper.prefill(ids, mask, positions, cache)
     results = [DecodeResult(tokens=[], seg_lens=[], base_forwards=1) for _ in prompts]
     active = list(range(len(prompts)))  # original index of each batch row
     last_pos = torch.tensor([len(p) - 1 for p in prompts], device=device)
     while True:
-        segs, by_head = next_segments(state, [max_new_tokens - len(results[i].tokens) for i in active])
+        budgets = [min(stepper.max_steps, max_new_tokens - len(results[i].tokens)) for i in active]
+        segs, by_head = stepper.segments(state, budgets, [confidences[i] for i in active], eos)
         keep = []
         for row, i in enumerate(active):
             r = results[i]
@@ -153,50 +122,9 @@ def _retiring_loop(
             [len(s) for s in segs], device=device
         )  # a segment sits at its last token
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        state = feed(segs, mask, last_pos[:, None])
+        state = stepper.advance(segs, mask, last_pos[:, None], cache)
         for i in active:
             results[i].base_forwards += 1
-
-
-def _segments(
-    model: HAMburgerModel, feats: torch.Tensor, budgets: list[int], confidence: float, eos: set[int]
-):
-    """One macro step's micro loop for every row at once. Returns (segments, stopped_by_head)."""
-    n = feats.shape[0]
-    tok, stop = model.first_token(feats[:, -1])
-    segs = [[t] for t in tok.tolist()]
-    by_head = [False] * n
-
-    def still_going(rows: list[int], stops: torch.Tensor) -> list[int]:
-        cont = (1 - torch.sigmoid(stops.float())).tolist()
-        going = []
-        for row, c in zip(rows, cont, strict=True):
-            if segs[row][-1] in eos or len(segs[row]) >= budgets[row]:
-                continue
-            if c < confidence:
-                by_head[row] = True
-                continue
-            going.append(row)
-        return going
-
-    live = still_going(list(range(n)), stop)
-    cache, prev = None, []
-    slots = model.micro.features_in(feats)
-    while live:
-        rows = torch.tensor(live, device=feats.device)
-        last = model.embed_tokens(torch.tensor([segs[r][-1] for r in live], device=feats.device))[:, None]
-        if cache is None:
-            cache = DynamicCache(config=model.micro.config)
-            x = torch.cat([slots[rows], last], dim=1)
-        else:
-            cache.batch_select_indices(torch.tensor([prev.index(r) for r in live], device=feats.device))
-            x = last
-        tok, stop = model.micro_step(x, cache)
-        for r, t in zip(live, tok.tolist(), strict=True):
-            segs[r].append(t)
-        prev = live
-        live = still_going(live, stop)
-    return segs, by_head
 
 
 @torch.no_grad()
@@ -219,22 +147,7 @@ def base_generate_batch(
             raise ValueError(f"pick (e.g. sampling) needs decode='eager', got decode={decode!r}")
         dec = _static_decoder(base_lm, prompts, max_new_tokens, decode)
         return dec.generate(prompts, eos_token_ids, max_new=max_new_tokens)
-    cache = DynamicCache(config=base_lm.config)
-
-    def run_base(logits_to_keep: int = 0, **inputs):
-        out = base_lm(**inputs, **cache_kwargs(base_lm, cache), use_cache=True, logits_to_keep=logits_to_keep)
-        return out.logits[:, -1]
-
-    def next_segments(logits: torch.Tensor, budgets: list[int]):
-        toks = (logits.argmax(-1) if pick is None else pick(logits)).tolist()
-        return [[t] for t in toks], [False] * len(toks)  # one token per forward, never the stop head
-
-    def feed(segs: list[list[int]], mask: torch.Tensor, positions: torch.Tensor):
-        toks = torch.tensor([s[0] for s in segs], device=mask.device)[:, None]
-        return run_base(input_ids=toks, attention_mask=mask, position_ids=positions)
-
-    device = next(base_lm.parameters()).device
-    prefill = partial(run_base, 1)  # the prompt's last position only
+    confidences = [1.0] * len(prompts)
     return _retiring_loop(
-        prompts, max_new_tokens, eos_token_ids, pad_id, device, cache, prefill, next_segments, feed
+        BaseStepper(base_lm, pick), prompts, max_new_tokens, confidences, eos_token_ids, pad_id
     )
