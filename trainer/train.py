@@ -110,6 +110,11 @@ class Trainer:
         if self.rank0:
             resolve_model(cfg.model.base)  # converts the embedded model once
         self.engine.barrier()
+        if not self.eval_samples:
+            self.log(
+                f"warning: {self.data_dir} has no rows in split {cfg.data.eval_split!r}: no held-out metrics "
+                "(re-run prep with heldout_fraction in (0, 1))"
+            )
         for warning in check_data_fits_model(
             self.data_dir, cfg.model.base, cfg.model.hamburger, self.train_samples
         ):
