@@ -81,6 +81,10 @@ def test_batch_plan_covers_each_sample_once_within_budget_and_agrees_across_rank
     assert plan.global_batches(0) == BatchPlan(samples, 64, 2, 3, seed=5).global_batches(0)  # a pure function
     assert plan.global_batches(1) != batches  # a new order each epoch
     assert plan.steps_per_epoch() == len(batches) // 6
+    assert plan.total_steps(epochs=3, max_steps=-1) == 3 * plan.steps_per_epoch()
+    assert plan.total_steps(epochs=3, max_steps=2) == 2
+    with pytest.raises(ValueError, match="too little training data for one optimiser step of 2 ranks x 3"):
+        BatchPlan(samples[:2], 64, 2, 3, seed=5).total_steps(1, -1)
 
 
 def test_eval_batches_give_every_rank_the_same_number_of_forwards():

@@ -86,6 +86,16 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return len(self.global_batches(0)) // (self.world_size * self.grad_accum)
 
+    def total_steps(self, epochs: int, max_steps: int, where: str = "the data") -> int:
+        """Optimiser steps of a run: every epoch's steps, capped by max_steps (-1: no cap)."""
+        per_epoch = self.steps_per_epoch()
+        if per_epoch == 0:
+            raise ValueError(
+                f"{where}: too little training data for one optimiser step of "
+                f"{self.world_size} ranks x {self.grad_accum} micro-batches"
+            )
+        return min(per_epoch * epochs, max_steps) if max_steps > 0 else per_epoch * epochs
+
 
 def eval_batches(samples: list[Sample], tokens_per_batch: int, world_size: int, rank: int, limit: int = 0):
     """This rank's held-out micro-batches as (indices, weight). Ranks must run the same number of

@@ -129,23 +129,16 @@ class Trainer:
                 cfg.model.hamburger,
                 load_manifest(self.data_dir)["key_hash"],
             )
+        d = cfg.data
         self.plan = BatchPlan(
             self.train_samples,
-            cfg.data.tokens_per_batch,
+            d.tokens_per_batch,
             self.engine.world_size,
             cfg.optim.grad_accum,
             cfg.seed,
-            cfg.data.shuffle,
+            d.shuffle,
         )
-        per_epoch = self.plan.steps_per_epoch()
-        if per_epoch == 0:
-            raise ValueError(
-                f"{self.data_dir}: too little training data for one optimiser step of "
-                f"{self.engine.world_size} ranks x {cfg.optim.grad_accum} micro-batches"
-            )
-        self.total_steps = per_epoch * cfg.epochs
-        if cfg.max_steps > 0:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.total_steps = self.plan.total_steps(cfg.epochs, cfg.max_steps, where=str(self.data_dir))
         if self.rank0:
             if self.resume_from is None and cfg.resume == "none":
                 set_aside_old_checkpoints(cfg.output_dir)
