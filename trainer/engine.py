@@ -142,7 +142,10 @@ class Engine:
         return box[0]
 
     def shutdown(self) -> None:
+        """Ranks leave together: one that tears down its process group while another still
+        finishes (rank 0 closing the MLflow run) can abort in gloo's threads at exit."""
         if torch.distributed.is_initialized():
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     # ---------------------------------------------------------------- model
