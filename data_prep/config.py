@@ -6,9 +6,59 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hamburger.choice import Choice
+
 from .strategies import STRATEGIES
 
 METRICS = ("entropy", "prob")
+
+
+class Strategy(Choice):
+    decreasing_v2 = "decreasing_v2"
+    decreasing = "decreasing"
+    sliding = "sliding"
+    small_group = "small_group"
+    fixed = "fixed"
+
+
+class Metric(Choice):
+    entropy = "entropy"
+    prob = "prob"
+
+
+class DType(Choice):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class Format(Choice):
+    auto = "auto"
+    jsonl = "jsonl"
+    json = "json"
+    parquet = "parquet"
+    csv = "csv"
+    arrow = "arrow"
+
+
+class Overlong(Choice):
+    skip = "skip"
+    truncate = "truncate"
+
+
+class BadRows(Choice):
+    error = "error"
+    skip = "skip"
+
+
+class Responses(Choice):
+    source = "source"
+    regenerate = "regenerate"
+
+
+class AtLimit(Choice):
+    keep = "keep"
+    skip = "skip"
 
 
 @dataclass
@@ -53,7 +103,7 @@ class SourceConfig:
     """Split of a Hugging Face dataset."""
     name: str = ""
     """Id in shards and manifest; default derived from path / hf_name."""
-    format: str = "auto"
+    format: Format = Format.auto
     """auto (by file ending), jsonl, json, parquet, csv or arrow."""
     prompt_field: str = "instruction"
     """Field holding the user prompt."""
@@ -75,9 +125,9 @@ class SourceConfig:
 class LabelConfig:
     """How the base model's uncertainty becomes segment boundaries."""
 
-    strategy: str = "decreasing_v2"
+    strategy: Strategy = Strategy.decreasing_v2
     """decreasing_v2 (paper default), decreasing, sliding, small_group or fixed."""
-    metric: str = "entropy"
+    metric: Metric = Metric.entropy
     """entropy of the predictive distribution, or prob: surprisal -log p(actual token), in nats."""
     max_steps: int = 4
     """K: longest segment."""
@@ -93,7 +143,7 @@ class LabelConfig:
     """fixed: every segment this long (the last may be shorter); a baseline."""
     batch_tokens: int = 8192
     """Padded tokens per scoring batch (samples are sorted by length, so padding stays small)."""
-    dtype: str = "auto"
+    dtype: DType = DType.auto
     """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16."""
 
     def validate(self) -> None:
@@ -143,7 +193,7 @@ class GenerateConfig:
     shard writes the same responses."""
     batch_size: int = 16
     """Prompts decoded together (sorted by length, so padding stays small)."""
-    at_limit: str = "keep"
+    at_limit: AtLimit = AtLimit.keep
     """A response cut at max_new_tokens (no EOS): keep it as it is, or skip the row; counted either way."""
 
     def validate(self) -> None:
@@ -176,9 +226,9 @@ class PrepConfig:
     """The corpora (see the table of source keys)."""
     max_len: int = 1024
     """Most tokens (prompt + response) per sample."""
-    overlong: str = "skip"
+    overlong: Overlong = Overlong.skip
     """skip (counted) or truncate the response of samples over max_len."""
-    bad_rows: str = "error"
+    bad_rows: BadRows = BadRows.error
     """error: stop at the first malformed row, naming file, row and field; skip: count and go on."""
     heldout_fraction: float = 0.05
     """Share of rows (chosen by a hash of source and row) kept for evaluation; in (0, 1)."""
@@ -191,7 +241,7 @@ class PrepConfig:
     output_root: str = "outputs/prep"
     """Shards go to output_root/<cache key>; a re-run with the same key reuses them."""
     label: LabelConfig = field(default_factory=LabelConfig)
-    responses: str = "source"
+    responses: Responses = Responses.source
     """source: learn the sources' responses. regenerate: the base model writes them first
     (self-distillation, settings under generate); prompt-only sources need this."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)

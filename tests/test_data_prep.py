@@ -242,7 +242,7 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(PrepConfig, None, ["label.stratgy=fixed"])
     with pytest.raises(ConfigError, match="max_len"):
         load_config(PrepConfig, None, ["max_len=1.5"])
-    with pytest.raises(ValueError, match="label.strategy 'nope'"):
+    with pytest.raises(ValueError, match="'label.strategy': Invalid value 'nope'"):
         load_config(PrepConfig, None, ["sources=[{path: x.jsonl}]", "label.strategy=nope"])
     with pytest.raises(ValueError, match="label.min_threshold"):
         load_config(PrepConfig, None, ["sources=[{path: x.jsonl}]", "label.min_threshold=-1"])

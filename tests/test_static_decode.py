@@ -92,9 +92,8 @@ def test_unknown_mode_is_refused():
 
 
 def test_eval_config_decode_field():
-    from trainer.evaluate import EvalConfig
-
     from hamburger.configio import load_config
+    from trainer.evaluate import EvalConfig
 
     assert load_config(EvalConfig, None, ["model=m", "decode=graphed"]).decode == "graphed"
     with pytest.raises(
