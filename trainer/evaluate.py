@@ -529,9 +529,15 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         raise SystemExit(f"[eval] config error: {e}") from None
     torch.set_grad_enabled(False)
+    from .export import ExportError
+
     try:
         return evaluate(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad inputs: the message names file, line and field
+    except (
+        ValueError,
+        FileNotFoundError,
+        ExportError,
+    ) as e:  # bad inputs: the message names file, line, field
         raise SystemExit(f"[eval] error: {e}") from None
 
 
