@@ -273,3 +273,12 @@ def test_eval_prompt_file_error_names_file_line_field(tmp_path, content, fragmen
     (tmp_path / "p.jsonl").write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(fragment)):
         read_prompt_records(tmp_path / "p.jsonl")
+
+
+def test_eval_command_names_a_missing_model_without_a_traceback(tmp_path):
+    from trainer.evaluate import main
+
+    with pytest.raises(SystemExit, match=r"\[eval\] error: .*nope: no such run or checkpoint folder"):
+        main([str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match=r"\[eval\] config error: .*'max_new_tokens': must be >= 1"):
+        main([str(tmp_path / "nope"), "max_new_tokens=0"])
