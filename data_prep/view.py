@@ -11,7 +11,7 @@ import argparse
 import html
 from pathlib import Path
 
-from .shards import load_manifest, read_split
+from .shards import ShardError, load_manifest, read_split
 
 COLOURS = ["#ffe08a", "#a8e6cf", "#ffb3ba", "#bae1ff"]
 ANSI = ["\x1b[43m", "\x1b[42m", "\x1b[41m", "\x1b[44m"]
@@ -69,10 +69,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from hamburger.assets import resolve_model
 
-    manifest = load_manifest(args.folder)
+    try:
+        manifest = load_manifest(args.folder)
+        table = read_split(args.folder, args.split).slice(0, args.n).to_pylist()
+    except ShardError as e:
+        raise SystemExit(f"[label-view] error: {e}") from None
     key = manifest["key"]
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(key["tokenizer"]))
-    table = read_split(args.folder, args.split).slice(0, args.n).to_pylist()
     samples = []
     for row in table:
         ids, p = row["input_ids"], row["prompt_len"]

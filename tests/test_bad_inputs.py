@@ -282,3 +282,10 @@ def test_eval_command_names_a_missing_model_without_a_traceback(tmp_path):
         main([str(tmp_path / "nope")])
     with pytest.raises(SystemExit, match=r"\[eval\] config error: .*'max_new_tokens': must be >= 1"):
         main([str(tmp_path / "nope"), "max_new_tokens=0"])
+
+
+def test_label_view_names_a_folder_without_a_manifest(tmp_path):
+    from data_prep.view import main
+
+    with pytest.raises(SystemExit, match=r"\[label-view\] error: .*manifest.json: no manifest"):
+        main([str(tmp_path)])
