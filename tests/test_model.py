@@ -239,3 +239,16 @@ def test_gradient_checkpointing_changes_nothing(rng):
     for g, g2 in zip(grads, grads2, strict=True):
         if g is not None:
             torch.testing.assert_close(g2, g, atol=1e-6, rtol=1e-5)
+
+
+def test_micro_decoder_can_start_as_the_base_top():
+    model = tiny_hamburger()
+    model.copy_base_top_into_micro()
+    top = model.base.model.layers[-2:]
+    for mine, theirs in zip(model.micro.layers, top, strict=True):
+        for (n, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items(), strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
+    with pytest.raises(ValueError, match="micro_layers <= the base's"):
+        HAMburgerModel(
+            tiny_base(), HAMburgerConfig(embedder_head_dim=16, micro_layers=9)
+        ).copy_base_top_into_micro()

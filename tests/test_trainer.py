@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from launcher import env, free_port, launch, losses
 
 from trainer.tracking import replay
@@ -200,3 +201,31 @@ def test_mlflow_server_going_away_does_not_stop_training(setup, tmp_path):
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_micro_decoder_from_the_base_top_is_identical_on_every_rank(setup, tmp_path):
+    """micro_init=base_top under real ZeRO-3 partitioning (persistence threshold 0): with a zero
+    learning rate the exported micro decoder equals the base's top layer, so every rank copied
+    the gathered values (a rank copying a size-0 shard, or its own random init, would differ)."""
+    from safetensors.torch import load_file
+
+    from hamburger.model import load_model
+    from trainer.export import export
+
+    out = tmp_path / "run"
+    proc = launch(
+        setup["cfg"],
+        f"output_dir={out}",
+        "model.hamburger.micro_init=base_top",
+        "optim.lr_base=0",
+        "optim.lr_new=0",
+        "optim.min_lr=0",
+        "max_steps=1",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = load_model(export(str(out), str(tmp_path / "export"))["path"])
+    base = load_file(str(setup["base"] / "model" / "model.safetensors"))
+    top = max(int(k.split(".")[2]) for k in base if k.startswith("model.layers."))
+    for name, value in model.micro.layers[0].state_dict().items():
+        torch.testing.assert_close(value, base[f"model.layers.{top}.{name}"], atol=0, rtol=0)
+    torch.testing.assert_close(model.micro.norm.weight, base["model.norm.weight"], atol=0, rtol=0)

@@ -169,6 +169,13 @@ class Engine:
         )
         torch.manual_seed(self.cfg.seed)
         model = HAMburgerModel(base, mcfg.hamburger, teacher=teacher)
+        if mcfg.hamburger.micro_init == "base_top":
+            # Every rank gathers the same partitioned base weights and copies them into its whole
+            # (not yet partitioned) micro decoder, so all ranks hold identical values.
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(model.base_top_params(), modifier_rank=None):
+                model.copy_base_top_into_micro()
         for module in model.new_modules():  # the base is already in dtype (and maybe partitioned)
             module.to(self.dtype())
         if mcfg.gradient_checkpointing:

@@ -13,6 +13,11 @@ class PackedAttention(Choice):
     flex = "flex"
 
 
+class MicroInit(Choice):
+    random = "random"
+    base_top = "base_top"
+
+
 @dataclass
 class HAMburgerConfig:
     """Shape of the modules grafted onto the base LLM (defaults: arXiv 2505.20438)."""
@@ -38,6 +43,9 @@ class HAMburgerConfig:
     """Training attention over packed rows: dense (block-diagonal SDPA mask, O(L^2) memory),
     flex (FlexAttention block mask from the sample ids; CUDA only for training), or auto (flex
     on CUDA, dense elsewhere). Same results; needs model.attn_implementation sdpa for flex."""
+    micro_init: MicroInit = MicroInit.random
+    """random (the paper) or base_top: the micro decoder's layers and final norm start as copies of
+    the base's top micro_layers layers and its final norm (gathered first under ZeRO-3)."""
 
     def validate(self) -> None:
         """Fail early with the field's name, before any weights are built."""

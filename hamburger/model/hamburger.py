@@ -77,6 +77,26 @@ class HAMburgerModel(nn.Module):
         self.init_new_modules()
 
     # ------------------------------------------------------------------ construction
+    def base_top_params(self) -> list[nn.Parameter]:
+        """The base parameters micro_init=base_top copies (a ZeRO-3 caller gathers these first)."""
+        m = self.config.micro_layers
+        return [p for layer in self.base.model.layers[-m:] for p in layer.parameters()] + list(
+            self.base.model.norm.parameters()
+        )
+
+    @torch.no_grad()
+    def copy_base_top_into_micro(self) -> None:
+        """micro.layers[i] <- base layer L-m+i, micro.norm <- the base's final norm: the decoder
+        starts as the model's own top, which already maps hidden states to next-token space."""
+        top = self.base.model.layers[-self.config.micro_layers :]
+        if len(top) < self.config.micro_layers:
+            raise ValueError(
+                f"hamburger.micro_init=base_top needs micro_layers <= the base's {len(top)} layers"
+            )
+        for mine, theirs in zip(self.micro.layers, top, strict=True):
+            mine.load_state_dict(theirs.state_dict())
+        self.micro.norm.load_state_dict(self.base.model.norm.state_dict())
+
     @classmethod
     def from_base(
         cls,
