@@ -528,11 +528,11 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(EvalConfig, None, [f"model={args[0]}", *args[1:]])
     except ValueError as e:
         raise SystemExit(f"[eval] config error: {e}") from None
-    torch.set_grad_enabled(False)
     from .export import ExportError
 
     try:
-        return evaluate(cfg)
+        with torch.no_grad():  # scoped: main() is also called in-process (tests), never leak grad mode
+            return evaluate(cfg)
     except (
         ValueError,
         FileNotFoundError,
