@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hamburger.choice import Choice
+from hamburger.dtypes import DType
 
 from .strategies import STRATEGIES
 
@@ -24,12 +25,6 @@ class Strategy(Choice):
 class Metric(Choice):
     entropy = "entropy"
     prob = "prob"
-
-
-class DType(Choice):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
 
 
 class Format(Choice):

@@ -5,6 +5,17 @@ from __future__ import annotations
 
 import torch
 
+from hamburger.choice import Choice
+
+
+class DType(Choice):
+    """A config's `dtype` field: auto, float32 or bfloat16."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
 NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 

@@ -48,6 +48,20 @@ def tiny_hamburger(seed: int = 0, randomize: bool = True, **hcfg) -> HAMburgerMo
     return model.eval()
 
 
+def sharp_model() -> HAMburgerModel:
+    """A tiny model with confident stop decisions and a peaked base, in float64 (padding and
+    batching then change nothing but rounding): decoders must agree on it token for token."""
+    model = tiny_hamburger(seed=3)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        for layer in model.stop_head.net:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0, 0.5)
+        for p in model.base.parameters():
+            p.mul_(3.0)
+    return model.double()
+
+
 def random_sample(rng: random.Random, vocab: int, max_steps: int, prompt_len: int, n_resp: int, sid: int = 0):
     ids = [rng.randrange(3, vocab) for _ in range(prompt_len + n_resp)]
     segs, left = [], n_resp

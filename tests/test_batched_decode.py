@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_hamburger
+from conftest import sharp_model
 
 from hamburger.model import base_generate_batch, generate, generate_batch
-
-
-def sharp_model():
-    model = tiny_hamburger(seed=3)
-    with torch.no_grad():
-        torch.manual_seed(5)
-        for layer in model.stop_head.net:
-            if isinstance(layer, torch.nn.Linear):
-                layer.weight.normal_(0, 0.5)
-        for p in model.base.parameters():
-            p.mul_(3.0)
-    return model.double()  # float64: padding and batching change nothing but rounding
-
 
 PROMPTS = [[5, 17, 33, 8, 61, 12], [9, 4], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80], [44, 3, 90]]
 

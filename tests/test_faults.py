@@ -77,9 +77,7 @@ def test_crafted_checkpoint_runs_no_code_during_export(baseline, tmp_path):
     shutil.copytree(baseline / "checkpoints", run / "checkpoints")
     marker = tmp_path / "MARKER"
     victim = run / "checkpoints" / "step_000008" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
-    state = torch.load(victim, weights_only=False)
-    state["module"] = _Trap(marker)
-    torch.save(state, victim)
+    torch.save({"module": _Trap(marker)}, victim)
     with pytest.raises(ExportError, match=r"zero_pp_rank_1_mp_rank_00_model_states\.pt: refused.*GLOBAL"):
         export(str(run), str(tmp_path / "out"))
     assert not marker.exists()

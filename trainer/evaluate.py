@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from hamburger.assets import resolve_model
 from hamburger.configio import Choice, check_range, load_config, to_flat_dict
-from hamburger.dtypes import resolve_dtype
+from hamburger.dtypes import DType, resolve_dtype
 from hamburger.model import HAMburgerModel, Sample, base_generate_batch, collate, generate_batch, load_model
 
 from .config import MLflowConfig
@@ -51,12 +51,6 @@ class DecodeMode(Choice):
     eager = "eager"
     static = "static"
     graphed = "graphed"
-
-
-class DType(Choice):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
 
 
 @dataclass
