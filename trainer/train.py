@@ -73,6 +73,7 @@ class Trainer:
     plan: BatchPlan
     # data
     data_dir: Path
+    data_key_hash: str  # the prep manifest's identity, recorded in every checkpoint
     train_samples: list[Sample]
     eval_samples: list[Sample]
     # runtime state
@@ -105,6 +106,7 @@ class Trainer:
         self.engine.setup_distributed()
         self.data_dir = resolve_data(cfg.data)
         cfg.data.path = str(self.data_dir)
+        self.data_key_hash = load_manifest(self.data_dir)["key_hash"]
         self.train_samples = load_samples(self.data_dir, "train")
         self.eval_samples = load_samples(self.data_dir, cfg.data.eval_split, expand_copies=False)
         if self.rank0:
@@ -127,7 +129,7 @@ class Trainer:
                 self.resume_from,
                 cfg.model.base,
                 cfg.model.hamburger,
-                load_manifest(self.data_dir)["key_hash"],
+                self.data_key_hash,
             )
         d = cfg.data
         self.plan = BatchPlan(
@@ -280,7 +282,7 @@ class Trainer:
                 base_config=model.base.config.to_dict(),
                 hamburger=model.config.to_dict(),
                 data=str(self.data_dir),
-                data_key_hash=load_manifest(self.data_dir)["key_hash"],
+                data_key_hash=self.data_key_hash,
             ).write(root / tag)
             prune(root, self.cfg.keep_last)
         self.engine.barrier()
