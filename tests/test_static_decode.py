@@ -97,9 +97,37 @@ def test_speculative_advance_changes_nothing():
     for max_new, eos in ((9, set()), (14, {2})):
         dec = StaticHAMburgerDecoder(model, len(PROMPTS), 11, max_new, graphs=False)
         checked = dec.generate(PROMPTS, eos, 0.5)
-        dec.advance = lambda dec=dec: dec._advance(speculative=True)
+        dec.speculative = True
         speculative = dec.generate(PROMPTS, eos, 0.5)
         assert [fields(r) for r in speculative] == [fields(r) for r in checked]
         assert [fields(r) for r in checked] == [
             fields(r) for r in generate_batch(model, PROMPTS, max_new, 0.5, eos)
         ]
+
+
+def rehearse(fn, prepare, device):
+    """What `capture` does to the decoder's state, on CPU: three runs (two warm-ups and the
+    captured one), each from `prepare()`; returns no graph, so decoding then runs eagerly."""
+    for _ in range(3):
+        prepare()
+        fn()
+
+
+def test_capture_runs_stay_in_range_and_leave_no_trace(monkeypatch):
+    """Capturing runs every step three times for real. Without a rewind before each run, three
+    micro-step runs grew a segment past K, and the next step gathered outside it: a CUDA
+    device-side assert on the first GPU run. Here the same runs happen on CPU (where an
+    out-of-range index raises), and the decoder still decodes exactly as the eager one."""
+    from hamburger.model import static_decode
+
+    monkeypatch.setattr(static_decode, "capture", rehearse)
+    model = sharp_model()
+    for max_new in (1, 9):
+        dec = StaticHAMburgerDecoder(model, len(PROMPTS), 11, max_new, graphs=True)
+        got = dec.generate(PROMPTS, {2}, 0.5)
+        assert [fields(r) for r in got] == [
+            fields(r) for r in generate_batch(model, PROMPTS, max_new, 0.5, {2})
+        ]
+        base = static_decode.StaticBaseDecoder(model.base, len(PROMPTS), 11, max_new, graphs=True)
+        want = base_generate_batch(model.base, PROMPTS, max_new, {2})
+        assert [fields(r) for r in base.generate(PROMPTS, {2})] == [fields(r) for r in want]

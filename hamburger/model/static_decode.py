@@ -77,22 +77,35 @@ def run_stack(
     return hs
 
 
+def capture(fn: Callable[[], None], prepare: Callable[[], None], device: torch.device):
+    """fn as a CUDA graph (None off CUDA): two warm-up runs (allocator, lazy inits) on a side
+    stream, then the captured run. Each run starts from `prepare()`: capturing runs the step
+    three times for real, so the state it advances (columns, lengths) must start in range."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            prepare()
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    prepare()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 class Step:
     """A function of device state only; replayed as a CUDA graph when `graphs` (on CUDA)."""
 
     @torch.no_grad()  # decoding never needs autograd, and a captured graph must not record it
-    def __init__(self, fn: Callable[[], None], graphs: bool, device: torch.device):
-        self.fn, self.graph = fn, None
-        if graphs and device.type == "cuda":
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up (allocator, lazy inits) off the capture
-                    fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                fn()
+    def __init__(
+        self, fn: Callable[[], None], graphs: bool, device: torch.device, prepare: Callable[[], None]
+    ):
+        self.fn = fn
+        self.graph = capture(fn, prepare, device) if graphs else None
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -200,6 +213,12 @@ class _Common:
     def all_done(self) -> bool:
         return bool(self.done.all())  # host sync: a stop decision
 
+    def _rewind(self) -> None:
+        """The in-range state a CUDA-graph capture starts each of its runs from (column 0,
+        nothing emitted); `reset` sets the real state before decoding."""
+        for t in (self.col, self.emitted, self.last_pos, self.done):
+            t.zero_()
+
 
 class StaticBaseDecoder(_Common):
     """Greedy decoding with the base model alone (one token per step), static shapes."""
@@ -208,7 +227,7 @@ class StaticBaseDecoder(_Common):
         super().__init__(base_lm, batch, prompt_width, max_new, width_extra=1)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.ones = torch.ones(batch, dtype=torch.long, device=self.device)
-        self.step = Step(self._step, graphs, self.device)
+        self.step = Step(self._step, graphs, self.device, self._rewind)
 
     def _head(self, h_last: torch.Tensor) -> None:
         self.tok.copy_(self.base_lm.lm_head(h_last).argmax(-1)[:, None])
@@ -288,16 +307,21 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
             allowed = torch.arange(f + k - 1, device=dev)[None, :] <= cols[:, None]
             mask = additive_mask(allowed[None], self.dtype)
             self.micro_plan.append((j, cols, cols[None].expand(batch, -1), mask))
-        self.base_step = self._step_of(self._base_step, graphs)  # alone: for benchmarks
-        self.micro_steps = [self._step_of(lambda p=p: self._micro(*p), graphs) for p in self.micro_plan]
-        graphed = graphs and dev.type == "cuda"
-        self.advance = self._step_of(lambda: self._advance(speculative=graphed), graphs)
+        self.speculative = graphs  # see _advance
+        self.base_step = Step(self._base_step, graphs, dev, self._rewind)  # alone: for benchmarks
+        self.micro_steps = [
+            Step(lambda p=p: self._micro(*p), graphs, dev, self._rewind) for p in self.micro_plan
+        ]
+        self.advance = Step(self._advance, graphs, dev, self._rewind)
 
-    def _step_of(self, fn, graphs: bool) -> Step:
-        """A Step whose CUDA-graph warm-up starts from column 0 and macro step 0 (in range)."""
-        self.col.zero_()
+    def _rewind(self) -> None:
+        """In-range state for each run of a CUDA-graph capture: column 0, macro step 0, one-token
+        segments, no live row. (Three micro-step runs from a live row would grow a segment past
+        K and index outside it: a device-side assert on the GPU.)"""
+        super()._rewind()
         self.t.zero_()
-        return Step(fn, graphs, self.device)
+        self.seg_len.fill_(1)
+        self.live.zero_()
 
     # ------------------------------------------------------------------ device-side steps
     def _head(self, feats: torch.Tensor) -> None:
@@ -345,13 +369,13 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         forced = self.forced_buf.index_select(1, self.t % self.forced_period)[:, 0]
         self.cap.copy_(torch.where(self.forcing, forced, torch.full_like(forced, self.k)))
 
-    def _advance(self, speculative: bool) -> None:
+    def _advance(self) -> None:
         """End this macro step and start the next: record the segments, feed them to the base,
-        leave both stop decisions in `flags` (read with one host sync). Graphed, this is one
-        graph and the base step runs even when every row is done (its result is never read);
-        eager, it is skipped then."""
+        leave both stop decisions in `flags` (read with one host sync). Graphed (speculative),
+        this is one graph and the base step runs even when every row is done (its result is
+        never read); static, it is skipped then."""
         self._finish()
-        if not speculative and bool(self.done.all()):
+        if not self.speculative and bool(self.done.all()):
             self.flags.fill_(True)
             return
         self._cap_from_table()
