@@ -256,7 +256,7 @@ def decode_costs(model, base_dec, ham_dec, graphs: bool, device, n: int) -> dict
     def embed():
         emb_out.copy_(m.embedder.forward_dense(m.embed_tokens(ham_dec.seg_tok), ham_dec.seg_len))
 
-    embed_step = Step(embed, graphs, device)
+    embed_step = Step(embed, graphs, device, prepare=lambda: None)  # stateless: reads seg_tok, writes emb_out
     costs = {}
     for name, dec, fn in (
         ("t_base", base_dec, base_dec.step),
