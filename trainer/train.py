@@ -33,6 +33,7 @@ from .checkpoint import (
     tag_for,
 )
 from .config import TrainConfig
+from .curves import write_run_curves
 from .data import BatchPlan, load_samples, manifest_summary, resolve_data
 from .engine import Engine
 from .metrics import (
@@ -294,6 +295,7 @@ class Trainer:
         (self.out_dir / "samples.json").write_text(json.dumps(probes, indent=1))
         self.tracker.log_artifact(self.out_dir / "samples.json")
         summary = {k: v for k, v in final.items() if isinstance(v, float)}
+        summary.update(write_run_curves(self.out_dir, self.tracker))  # PNG + end slope; only warns
         (self.out_dir / "final_metrics.json").write_text(json.dumps(summary, indent=1))
         self.log(
             f"done: step {self.pos.step}, loss {final.get('loss', float('nan')):.4f}, "
