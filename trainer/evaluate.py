@@ -27,6 +27,7 @@ from hamburger.assets import resolve_model
 from hamburger.configio import Choice, check_range, load_config, to_flat_dict
 from hamburger.dtypes import DType, resolve_dtype
 from hamburger.model import HAMburgerModel, Sample, base_generate_batch, collate, generate_batch, load_model
+from hamburger.model.step_costs import measure_step_costs, micro_calls, speed_bound
 
 from .config import MLflowConfig
 
@@ -44,6 +45,18 @@ DEFINITIONS = {
     "pass_at_1": "share of code prompts whose generated function passes the task's tests (subprocess, timeout)",
     "exact_match": "share of prompts with an `answer` whose normalised answer appears in the output",
     "heldout_ce": "cross-entropy (nats/token) of the held-out reference responses, teacher-forced",
+    "base_nll": "the base model's mean negative log-likelihood (nats/token) of the run's outputs (each cut at "
+    "its first EOS), teacher-forced after its prompt: how natural the base finds them; summed over all output "
+    "tokens of all prompts / their count. The base's own greedy outputs give the reference value",
+    "micro_calls_per_macro_step": "m: micro-decoder calls / macro steps while decoding, summed over batches; "
+    "a batch's micro loop runs until the step's longest segment ends, so at batch 1 m = tau - 1",
+    "step_costs": "t_base_s, t_embed_s, t_micro_s: seconds of one base step, one embedder call, one micro step "
+    "(a one-token step) at this batch size on this hardware, measured on the static decoders' steps (graphed "
+    "when decode=graphed; eager decoding adds Python overhead on top of them); t_hamburger_step_s: HAMburger's "
+    "macro base step (embedder + base step + first token)",
+    "bound": "tau * t_base / (t_base + t_embed + m * t_micro), tau = the run's tokens_per_macro_step, m = its "
+    "micro_calls_per_macro_step: the speed-up these step costs allow at most",
+    "speedup_over_bound": "speedup / bound: the share of the attainable speed-up the decoder achieved",
 }
 
 
@@ -290,6 +303,43 @@ def heldout_ce(model: HAMburgerModel, base, prompts: list[Prompt]) -> dict[str, 
     return {"hamburger": ham_sum / n, "base": base_sum / n, "tokens": n}
 
 
+@torch.no_grad()
+def base_nll(base, prompts: list[list[int]], outputs: list[list[int]], batch_size: int = 8) -> float:
+    """The base model's mean NLL (nats/token) of each output after its prompt, teacher-forced:
+    batches of right-padded prompt+output rows (masked), the LM head applied only where an
+    output token is predicted."""
+    device = next(base.parameters()).device
+    head = base.get_output_embeddings()
+    total, count = 0.0, 0
+    for i in range(0, len(prompts), batch_size):
+        rows = [p + o for p, o in zip(prompts[i : i + batch_size], outputs[i : i + batch_size], strict=True)]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r)
+        pos = torch.arange(width)[None]
+        starts = torch.tensor([len(p) for p in prompts[i : i + batch_size]])[:, None]
+        ends = torch.tensor([len(r) for r in rows])[:, None]
+        ids, mask = ids.to(device), (pos < ends).long().to(device)
+        predicts = ((pos >= starts - 1) & (pos < ends - 1)).to(device)  # position q predicts token q + 1
+        hidden = base.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        targets = ids[:, 1:][predicts[:, :-1]]
+        logits = head(hidden[:, :-1][predicts[:, :-1]])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 kept
+        total += F.cross_entropy(logits, targets, reduction="sum").item()
+        count += targets.numel()
+    return total / max(count, 1)
+
+
+def micro_calls_per_macro_step(results: list, batch_size: int) -> float:
+    """m of a run: micro-decoder calls / macro steps over its batches (results in batch order)."""
+    calls = steps = 0
+    for i in range(0, len(results), batch_size):
+        c, s = micro_calls(results[i : i + batch_size])
+        calls, steps = calls + c, steps + s
+    return calls / steps
+
+
 # ---------------------------------------------------------------- decoding runs
 def run_decoder(fn, prompts: list[Prompt], batch_size: int) -> tuple[list, float, float]:
     """(results, seconds, mean TTFT seconds) over all prompts in batches, after a warm-up."""
@@ -359,23 +409,28 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     def measure(
         decode_fn, bs: int, reference: list[list[int]] | None
-    ) -> tuple[dict, list[list[int]], list[str]]:
+    ) -> tuple[dict, list[list[int]], list[str], list]:
         """Speed and quality of one decoder over every prompt at one batch size."""
         res, seconds, ttft = run_decoder(decode_fn, prompts, bs)
         tokens = [cut_at_eos(r.tokens, eos) for r in res]
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         quality_ = quality(prompts, texts, tokens, reference or tokens, cfg.code_timeout_s)
-        return {**speed(res, seconds, prompts), "ttft_s": ttft, **quality_}, tokens, texts
+        quality_["base_nll"] = base_nll(base, [p.ids for p in prompts], tokens, bs)
+        return {**speed(res, seconds, prompts), "ttft_s": ttft, **quality_}, tokens, texts, res
 
     for bs in cfg.batch_sizes:
-        base_run, base_tokens, _ = measure(
+        costs = measure_step_costs(
+            model, [p.ids for p in prompts[:bs]], cfg.max_new_tokens, cfg.decode == DecodeMode.graphed
+        )
+        costs = {f"{k}_s": v for k, v in costs.items()}
+        base_run, base_tokens, _, _ = measure(
             lambda ids, n: base_generate_batch(base, ids, n or cfg.max_new_tokens, no_stop, pad, cfg.decode),
             bs,
             None,
         )
-        report["runs"].append({"decoder": "base", "batch_size": bs, **base_run})
+        report["runs"].append({"decoder": "base", "batch_size": bs, **base_run, **costs})
         for conf in cfg.confidences:
-            run, _, texts = measure(
+            run, _, texts, res = measure(
                 lambda ids, n, c=conf: generate_batch(
                     model, ids, n or cfg.max_new_tokens, c, no_stop, pad, cfg.decode
                 ),
@@ -389,6 +444,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                     "batch_size": bs,
                     **run,
                     "speedup": run["tokens_per_s"] / base_run["tokens_per_s"],
+                    **bound_columns(run, micro_calls_per_macro_step(res, bs), costs, base_run),
                     "samples": texts[:3],
                 }
             )
@@ -397,6 +453,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     print(table(report))
     log_mlflow(cfg, report, out_dir, lineage)
     return report
+
+
+def bound_columns(run: dict, m: float, costs: dict[str, float], base_run: dict) -> dict[str, float]:
+    """m, the speed bound of a HAMburger run (see DEFINITIONS) and the measured share of it."""
+    tau = run["tokens_per_macro_step"]
+    bound = speed_bound(tau, m, costs["t_base_s"], costs["t_embed_s"], costs["t_micro_s"])
+    speedup = run["tokens_per_s"] / base_run["tokens_per_s"]
+    return {"micro_calls_per_macro_step": m, "bound": bound, "speedup_over_bound": speedup / bound, **costs}
 
 
 # ---------------------------------------------------------------- reporting
@@ -409,11 +473,15 @@ def table(report: dict) -> str:
         "kv_entries_per_token",
         "tokens_per_s",
         "speedup",
+        "micro_calls_per_macro_step",
+        "bound",
+        "speedup_over_bound",
         "ttft_s",
         "agreement_exact",
         "agreement_prefix",
         "pass_at_1",
         "exact_match",
+        "base_nll",
     ]
     rows = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in report["runs"]:
@@ -429,6 +497,13 @@ def table(report: dict) -> str:
         *rows,
         "",
     ]
+    for r in report["runs"]:
+        if r["decoder"] == "base" and "t_base_s" in r:
+            lines.append(
+                f"step costs at batch {r['batch_size']}: t_base {1e3 * r['t_base_s']:.3f} ms, t_embed "
+                f"{1e3 * r['t_embed_s']:.3f} ms, t_micro {1e3 * r['t_micro_s']:.3f} ms, HAMburger base step "
+                f"{1e3 * r['t_hamburger_step_s']:.3f} ms"
+            )
     ce = report.get("heldout_ce") or {}
     if ce:
         lines.append(
@@ -439,38 +514,77 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def quality_axes(runs: list[dict]) -> list[str]:
+    """The quality measures to plot: pass@1 where every run has it and it is not zero everywhere
+    (else agreement with the base's greedy output), and the base-judged NLL."""
+    if all("pass_at_1" in r for r in runs) and any(r["pass_at_1"] > 0 for r in runs):
+        return ["pass_at_1", "base_nll"]
+    return ["agreement_prefix", "base_nll"]
+
+
 def plot(report: dict, path: Path) -> None:
+    fig = speed_quality_figure(report)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def speed_quality_figure(report: dict):
+    """Speed-up (x) against each quality measure (one panel each). Points are labelled (c, batch,
+    tau) in a column right of each panel, in the points' vertical order, with leader lines, so
+    labels never overlap however close the points are; the base is the star at speed-up 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for bs in sorted({r["batch_size"] for r in report["runs"]}):
-        ham = sorted(
-            (r for r in report["runs"] if r["decoder"] == "hamburger" and r["batch_size"] == bs),
-            key=lambda r: r["confidence"],
-        )
-        qual = "pass_at_1" if all("pass_at_1" in r for r in ham) else "agreement_prefix"
-        ax.plot(
-            [r["speedup"] for r in ham], [r[qual] for r in ham], "o-", label=f"HAMburger, batch {bs} ({qual})"
-        )
-        for r in ham:
-            ax.annotate(
-                f"c={r['confidence']}\n{r['tokens_per_macro_step']:.2f} tok/step",
-                (r["speedup"], r[qual]),
-                fontsize=7,
+    runs = report["runs"]
+    measures = quality_axes(runs)
+    per_panel = len(runs)
+    panel_h = max(2.6, 0.22 * per_panel + 0.6)  # room for one label line per point
+    fig, axes = plt.subplots(len(measures), 1, figsize=(8.5, panel_h * len(measures) + 0.8), sharex=True)
+    for ax, qual in zip(axes, measures, strict=True):
+        points = []  # (x, y, label)
+        for bs in sorted({r["batch_size"] for r in runs}):
+            ham = sorted(
+                (r for r in runs if r["decoder"] == "hamburger" and r["batch_size"] == bs),
+                key=lambda r: r["confidence"],
             )
-        base = next(r for r in report["runs"] if r["decoder"] == "base" and r["batch_size"] == bs)
-        ax.plot([1.0], [base.get(qual, 1.0)], "k*", markersize=10, label=f"base, batch {bs}")
-    ax.set_xlabel("decode speed-up over the base (tokens/s ratio)")
-    ax.set_ylabel("quality")
-    ax.set_title("HAMburger speed/quality across confidence levels")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            ax.plot([r["speedup"] for r in ham], [r[qual] for r in ham], "o-", label=f"HAMburger, batch {bs}")
+            base = next(r for r in runs if r["decoder"] == "base" and r["batch_size"] == bs)
+            ax.plot([1.0], [base[qual]], "k*", markersize=10, label=f"base, batch {bs}")
+            points.append((1.0, base[qual], f"base, batch {bs}"))
+            for r in ham:
+                label = f"c={r['confidence']:g}, batch {bs}: tau {r['tokens_per_macro_step']:.2f}"
+                if "bound" in r:
+                    label += f", bound {r['bound']:.2f}x"
+                points.append((r["speedup"], r[qual], label))
+        _label_column(ax, points)
+        ax.set_ylabel(qual)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    axes[-1].set_xlabel("decode speed-up over the base (tokens/s ratio)")
+    axes[0].set_title("HAMburger speed/quality across confidence levels (tau = tokens per macro step)")
+    fig.subplots_adjust(left=0.1, right=0.62, top=0.93, bottom=0.08, hspace=0.25)
+    return fig
+
+
+def _label_column(ax, points: list[tuple[float, float, str]]) -> None:
+    """One label per point, stacked evenly in the panel's height right of it (lowest point at the
+    bottom), each joined to its point by a thin leader line."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][1], points[i][0]))
+    for slot, i in enumerate(order):
+        x, y, text = points[i]
+        ax.annotate(
+            text,
+            (x, y),
+            xytext=(1.03, (slot + 0.5) / len(points)),
+            textcoords="axes fraction",
+            fontsize=7,
+            va="center",
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5", "shrinkA": 0, "shrinkB": 2},
+        )
 
 
 def log_mlflow(cfg: EvalConfig, report: dict, out_dir: Path, lineage: dict) -> None:
