@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hamburger.model import HAMburgerConfig, HAMburgerModel, Sample, collate  # noqa: E402
-from hamburger.model.static_decode import StaticBaseDecoder, StaticHAMburgerDecoder, Step  # noqa: E402
+from hamburger.model.static_decode import StaticBaseDecoder, StaticHAMburgerDecoder  # noqa: E402
+from hamburger.model.step_costs import decode_costs, speed_bound, sync, timed  # noqa: E402
 
 SHAPES = {
     "smollm2-135m": dict(
@@ -81,21 +82,6 @@ length distribution used when no --manifest is given is a geometric one with thi
 
 
 # ---------------------------------------------------------------- shared helpers
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, n: int, device: torch.device) -> float:
-    """Mean seconds per call of fn over n calls (after the caller's warm-up)."""
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / n
-
-
 def llama_config(shape: str, attn: str = "sdpa"):
     from transformers import LlamaConfig
 
@@ -248,29 +234,6 @@ def forced_table(case: str, tau: float, batch: int, probs: list[float], rng: ran
     return table.clamp(max=2) if case == "drawn_k2" else table
 
 
-def decode_costs(model, base_dec, ham_dec, graphs: bool, device, n: int) -> dict:
-    """Seconds per call of: a base step, HAMburger's macro base step, a micro step, the embedder."""
-    m = model
-    emb_out = torch.zeros(ham_dec.batch, m.base.config.hidden_size, dtype=ham_dec.dtype, device=device)
-
-    def embed():
-        emb_out.copy_(m.embedder.forward_dense(m.embed_tokens(ham_dec.seg_tok), ham_dec.seg_len))
-
-    embed_step = Step(embed, graphs, device, prepare=lambda: None)  # stateless: reads seg_tok, writes emb_out
-    costs = {}
-    for name, dec, fn in (
-        ("t_base", base_dec, base_dec.step),
-        ("t_hamburger_step", ham_dec, ham_dec.base_step),
-        ("t_micro", ham_dec, ham_dec.micro_steps[min(1, len(ham_dec.micro_steps) - 1)]),
-        ("t_embed", ham_dec, embed_step),
-    ):
-        dec.col.fill_(dec.width)  # every row is done: steps only rewrite columns past the prompt
-        fn()
-        dec.col.fill_(dec.width)
-        costs[name] = timed(fn, n, device)
-    return costs
-
-
 def eager_base_speed(model, prompts, max_new: int, device) -> float:
     """tokens/s of the base through the eager decoder (batched_decode), for reference."""
     from hamburger.model import base_generate_batch
@@ -308,7 +271,7 @@ def decode_rows(args, device, model, shape, batch, prompts, graphs, probs, rng) 
             seconds = time.perf_counter() - t0
             m = ham_dec.micro_calls / ham_dec.macro_steps
             tau_run = sum(len(r.tokens) / len(r.seg_lens) for r in res) / batch
-            bound = tau_run * costs["t_base"] / (costs["t_base"] + costs["t_embed"] + m * costs["t_micro"])
+            bound = speed_bound(tau_run, m, costs["t_base"], costs["t_embed"], costs["t_micro"])
             tps = batch * args.max_new / seconds
             rows.append(
                 {
