@@ -125,10 +125,38 @@ def summary(
         f"{final.get('eval/expected_tokens_per_step', float('nan')):.3f} (labelled best case "
         f"{final.get('eval/labelled_tokens_per_step', float('nan')):.3f})",
         f"Eval plot:         {(eval_dir / 'speed_quality.png').resolve()}",
+        f"Verdict:           {verdict(report)}",
         "",
         table(report),
     ]
     return "\n".join(lines)
+
+
+EQUAL_QUALITY = 0.85
+"""agreement_prefix at or above which a HAMburger run counts as matching the base's quality: on
+average it reproduces 85% of the base's greedy output before the first different token."""
+
+
+def verdict(report: dict) -> str:
+    """One line: did HAMburger decode faster than the base at the base's quality, per batch size?"""
+    parts = []
+    for bs in sorted({r["batch_size"] for r in report["runs"]}):
+        runs = [r for r in report["runs"] if r["decoder"] == "hamburger" and r["batch_size"] == bs]
+        equal = [r for r in runs if r.get("agreement_prefix", 0.0) >= EQUAL_QUALITY]
+        if not equal:
+            best = max(runs, key=lambda r: r.get("agreement_prefix", 0.0))
+            parts.append(
+                f"batch {bs}: no (no confidence reaches agreement_prefix {EQUAL_QUALITY}; "
+                f"best {best.get('agreement_prefix', 0.0):.2f} at c={best['confidence']})"
+            )
+            continue
+        r = max(equal, key=lambda r: r["speedup"])
+        won = "yes" if r["speedup"] > 1.0 else "no"
+        parts.append(
+            f"batch {bs}: {won}, {r['speedup']:.2f}x the base at c={r['confidence']} "
+            f"(agreement_prefix {r['agreement_prefix']:.2f}, {r['tokens_per_macro_step']:.2f} tokens/macro step)"
+        )
+    return "HAMburger faster than the base at equal quality? " + "; ".join(parts)
 
 
 if __name__ == "__main__":
