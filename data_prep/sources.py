@@ -33,7 +33,7 @@ from .records import (
 )
 from .shards import sha256_file
 
-BUILTINS = ("builtin:chatterbot", "builtin:humaneval", "builtin:stdlib")
+BUILTINS = ("builtin:chatterbot", "builtin:humaneval", "builtin:stdlib", "builtin:smollm2_distilled")
 MAX_SKIP_EXAMPLES = 20
 __all__ = ["DataError", "Conversation", "SourceIndex", "index_source", "load_source"]
 
@@ -307,10 +307,18 @@ def _documented_functions(text: str) -> list[ast.FunctionDef]:
     ]
 
 
+def smollm2_distilled_records() -> tuple[list[tuple[str, int, dict]], str]:
+    """SmolLM2's own greedy responses to the three corpora above, shipped (data_prep/distilled.py)."""
+    from .distilled import builtin_records  # lazy: distilled imports this module
+
+    return builtin_records()
+
+
 BUILTIN_READERS = {
     "builtin:chatterbot": chatterbot_records,
     "builtin:humaneval": humaneval_records,
     "builtin:stdlib": stdlib_records,
+    "builtin:smollm2_distilled": smollm2_distilled_records,
 }
 
 
