@@ -565,7 +565,9 @@ def speed_quality_figure(report: dict):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     axes[-1].set_xlabel("decode speed-up over the base (tokens/s ratio)")
-    axes[0].set_title("HAMburger speed/quality across confidence levels (tau = tokens per macro step)")
+    fig.suptitle(
+        "HAMburger speed/quality across confidence levels (tau = tokens per macro step)", x=0.1, ha="left"
+    )
     fig.subplots_adjust(left=0.1, right=0.62, top=0.93, bottom=0.08, hspace=0.25)
     return fig
 
