@@ -71,14 +71,21 @@ def builtin_records(path: str | Path = ASSET) -> tuple[list[tuple[str, int, dict
     source response always ends with EOS, so a cut one would teach stopping where the base
     did not stop)."""
     out = []
-    for rec in read_asset(path)[1]:
+    header, records = read_asset(path)
+    for rec in records:
         fields = {
             "instruction": rec["prompt"],
             "output": rec["response"],
             "source": rec["source"],
             "cut": rec["cut"],
         }
-        out.append((rec["file"], rec["row"], {**fields, "_meta": rec.get("meta") or {}}))
+        # the exact generated tokens (used with the same vocabulary; see tokenize.ChatTokenizer)
+        exact = {
+            "ids": rec["response_ids"],
+            "vocab_sha256": header["vocab_sha256"],
+            "complete": not rec["cut"],
+        }
+        out.append((rec["file"], rec["row"], {**fields, "_meta": rec.get("meta") or {}, "_response": exact}))
     return out, hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -184,6 +191,7 @@ def export(prep_dir: str | Path, out: str | Path) -> dict:
         "tokenizer": key["tokenizer"],
         "chat_template": key["chat_template"],
         "eos_id": chat.eos,
+        "vocab_sha256": chat.vocab_sha256,
         "generate": key["generate"],
         "generator": key["generator"],
         "dtype": key["label"]["dtype"],

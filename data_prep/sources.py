@@ -46,6 +46,12 @@ class Conversation:
     file: str
     row: int
     meta: dict = field(default_factory=dict)  # e.g. HumanEval task_id and tests, for evaluation
+    response_ids: list[int] | None = None
+    """The response's exact tokens where a record carries them (a shipped self-distilled corpus):
+    used instead of re-tokenising `response` when the tokenizer's vocabulary is `ids_vocab`."""
+    ids_vocab: str = ""
+    complete: bool = True
+    """False for a response cut at a generation limit: it gets no EOS (the base did not stop)."""
 
 
 @dataclass
@@ -149,7 +155,13 @@ def to_conversation(
         raise DataError(f"{where}: field {field_name!r} is empty")
     if special is not None:
         _check_special(texts, special, where)
-    return Conversation(messages, response, name, file, row, _meta(rec))
+    conv = Conversation(messages, response, name, file, row, _meta(rec))
+    exact = rec.get("_response")  # set by builtin readers only (never a user file's field)
+    if isinstance(exact, dict):
+        conv.response_ids = list(exact["ids"])
+        conv.ids_vocab = exact["vocab_sha256"]
+        conv.complete = bool(exact["complete"])
+    return conv
 
 
 def _meta(rec: dict) -> dict:

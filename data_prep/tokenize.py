@@ -1,7 +1,9 @@
 """Chat-templated tokenisation: prompt = template with the generation prompt; response follows.
 
 The response ends with the tokenizer's EOS (the end-of-turn token for chat models), so the
-trained model learns to stop.
+trained model learns to stop; a response cut at a generation limit does not. A response that
+carries its exact tokens (a shipped self-distilled corpus) keeps them when the vocabulary is the
+one they were made with: re-tokenising the decoded text can merge tokens differently.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ class ChatTokenizer:
         self.tokenizer = tokenizer
         self.template = template
         self.eos = tokenizer.eos_token_id
+        self._vocab_sha256 = ""
+
+    @property
+    def vocab_sha256(self) -> str:
+        if not self._vocab_sha256:
+            from .fingerprint import vocab_fingerprint
+
+            self._vocab_sha256 = vocab_fingerprint(self.tokenizer)["vocab_sha256"]
+        return self._vocab_sha256
 
     def _apply(self, messages: list[dict], generation_prompt: bool) -> list[int]:
         out = self.tokenizer.apply_chat_template(
@@ -60,15 +71,18 @@ class ChatTokenizer:
     def encode(self, conv: Conversation) -> tuple[list[int], int]:
         """(token ids, prompt length): the templated prompt, then the response up to its EOS."""
         prompt = self.prompt(conv)
+        if conv.response_ids is not None and conv.ids_vocab == self.vocab_sha256:
+            return prompt + list(conv.response_ids), len(prompt)
+        eos = [self.eos] if conv.complete else []
         full = self._apply(conv.messages + [{"role": "assistant", "content": conv.response}], False)
         if full[: len(prompt)] == prompt and len(full) > len(prompt):
             response = full[len(prompt) :]
             if self.eos in response:
-                response = response[: response.index(self.eos) + 1]
+                response = response[: response.index(self.eos)] + eos
             else:
-                response = response + [self.eos]
+                response = response + eos
         else:  # a template that rewrites earlier turns: tokenise the response on its own
-            response = self.tokenizer(conv.response, add_special_tokens=False)["input_ids"] + [self.eos]
+            response = self.tokenizer(conv.response, add_special_tokens=False)["input_ids"] + eos
         return prompt + response, len(prompt)
 
 
