@@ -89,7 +89,8 @@ class SourceConfig:
 
     path: str = ""
     """Local file, glob or folder (.jsonl/.json/.parquet/.csv/.arrow), or builtin:chatterbot,
-    builtin:humaneval, builtin:stdlib. Leave empty and set hf_name for a Hugging Face dataset."""
+    builtin:humaneval, builtin:stdlib, builtin:smollm2_distilled (SmolLM2's own responses to
+    those prompts, shipped). Leave empty and set hf_name for a Hugging Face dataset."""
     hf_name: str = ""
     """Hugging Face dataset name, loaded with datasets.load_dataset (needs the hub)."""
     hf_config: str | None = None
