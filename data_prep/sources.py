@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import FilterConfig, SourceConfig, source_name
+from .distilled_asset import builtin_records
 from .records import (
     SUFFIX_FORMATS,
     DataError,
@@ -320,9 +321,8 @@ def _documented_functions(text: str) -> list[ast.FunctionDef]:
 
 
 def smollm2_distilled_records() -> tuple[list[tuple[str, int, dict]], str]:
-    """SmolLM2's own greedy responses to the three corpora above, shipped (data_prep/distilled.py)."""
-    from .distilled import builtin_records  # lazy: distilled imports this module
-
+    """SmolLM2's own greedy responses to the three corpora above, shipped (data_prep/distilled.py
+    writes the file)."""
     return builtin_records()
 
 

@@ -12,7 +12,8 @@ from helpers import tiny_model_dir, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_prep.config import FilterConfig, GenerateConfig, PrepConfig, SourceConfig
-from data_prep.distilled import ASSET, export, read_asset
+from data_prep.distilled import export
+from data_prep.distilled_asset import ASSET, read_asset
 from data_prep.run import prepare
 from data_prep.shards import read_split
 from data_prep.sources import Conversation
