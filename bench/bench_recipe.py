@@ -38,7 +38,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     ),
     "base_top+zero2": (
         "base_top under ZeRO-2 (no parameter gathers)",
-        ["model.hamburger.micro_init=base_top", "ds_config=ds_configs/zero2_cpu.json"],
+        ["model.hamburger.micro_init=base_top", "ds_config=bench/zero2_cpu.json"],
     ),
 }
 
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--confidence", type=float, default=0.8)
     ap.add_argument("--out", default="outputs/recipe_ablation")
     ap.add_argument("--data", default="output_root=outputs/distill", help="prep override (cache folder)")
+    ap.add_argument("--note", default="", help="a sentence about the runs (e.g. what else used the CPU)")
     args = ap.parse_args()
     extra = [f"data.prep_overrides=[{args.data}]"] if args.data else []
     rows = []
@@ -89,16 +90,19 @@ def main() -> None:
         print(f"[recipe] {name}: {what}", flush=True)
         try:
             seconds = train(name, overrides, args.steps, run, extra)
-            m = json.loads((run / "final_metrics.json").read_text())
-            ev = quick_eval(run, args.eval_prompts, args.confidence)
         except subprocess.CalledProcessError as exc:
-            rows.append(f"| {name} | {what} | failed: {exc} | | | | | | |")
+            rows.append(f"| {name} | {what} | training failed: {exc} | | | | | | |")
             continue
+        m = json.loads((run / "final_metrics.json").read_text())
+        try:
+            ev = quick_eval(run, args.eval_prompts, args.confidence)
+            decode = f"{ev['tokens_per_macro_step']:.3f} | {ev['agreement_prefix']:.3f}"
+        except subprocess.CalledProcessError:
+            decode = "not exported (ZeRO-3 checkpoints only) | "
         rows.append(
             f"| {name} | {what} | {seconds / 60:.1f} | {m.get('eval/expected_tokens_per_step', float('nan')):.3f} "
             f"| {m.get('eval/token_acc_slot2', float('nan')):.3f} | {m.get('eval/ce', float('nan')):.3f} "
-            f"| {ev['tokens_per_macro_step']:.3f} | {ev['agreement_prefix']:.3f} "
-            f"| {m.get('curves/expected_tokens_per_step_slope_per_100_steps', float('nan')):+.2f} |"
+            f"| {decode} | {m.get('curves/expected_tokens_per_step_slope_per_100_steps', float('nan')):+.2f} |"
         )
         print(rows[-1], flush=True)
     body = (
@@ -109,6 +113,7 @@ def main() -> None:
         "| run | what | train min | eval expected tok/step | eval slot-2 acc | eval CE | decode tok/macro step "
         "| agreement_prefix | end slope (tok/step per 100 steps) |\n|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join(rows)
+        + (f"\n\n{args.note}" if args.note else "")
     )
     write_section("Proof recipe: ablation (CPU)", body)
 

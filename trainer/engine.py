@@ -64,7 +64,13 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     bf16_block["enabled"] = bf16
     if ds.get("fp16", {}).get("enabled") is True:
         raise ValueError(f"{path}: fp16 is not supported (use bf16)")
-    ds.setdefault("zero_optimization", {}).setdefault("stage", 3)
+    stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 3)
+    if stage != 3:
+        print(
+            f"[train] warning: {path}: ZeRO stage {stage}: training and resume work, but export reads "
+            "ZeRO-3 checkpoints only (bench/bench_recipe.py uses stage 2 to time it)",
+            flush=True,
+        )
     return ds
 
 
@@ -260,6 +266,14 @@ class ZeroFileError(RuntimeError):
 
 def verify_zero_files(ckpt: Path, world_size: int) -> None:
     """Every file consolidation will read is present and safe to unpickle."""
+    if (ckpt / "mp_rank_00_model_states.pt").is_file() and not any(
+        ckpt.glob("*zero_pp_rank_*_model_states.pt")
+    ):
+        raise ZeroFileError(
+            f"{ckpt}: written under ZeRO stage 1 or 2 (one mp_rank_00_model_states.pt); export and "
+            "consolidation read ZeRO-3 checkpoints only: train with a stage-3 ds_config "
+            "(ds_configs/zero3_*.json)"
+        )
     if not (ckpt.parent / LATEST).is_file():
         raise ZeroFileError(
             f"{ckpt.parent}: missing DeepSpeed's `{LATEST}` file; the checkpoint folder is incomplete"
