@@ -79,7 +79,12 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=8)
     ap.add_argument("--confidence", type=float, default=0.8)
     ap.add_argument("--out", default="outputs/recipe_ablation")
-    ap.add_argument("--data", default="output_root=outputs/distill", help="prep override (cache folder)")
+    ap.add_argument(
+        "--data",
+        default="",
+        help="a prep override, e.g. output_root=outputs/distill (the runs in docs/BENCHMARKS.md used the "
+        "generating prep's folder: the same tokens and held-out rows as the shipped corpus)",
+    )
     ap.add_argument("--note", default="", help="a sentence about the runs (e.g. what else used the CPU)")
     args = ap.parse_args()
     extra = [f"data.prep_overrides=[{args.data}]"] if args.data else []
@@ -98,7 +103,11 @@ def main() -> None:
             ev = quick_eval(run, args.eval_prompts, args.confidence)
             decode = f"{ev['tokens_per_macro_step']:.3f} | {ev['agreement_prefix']:.3f}"
         except subprocess.CalledProcessError:
-            decode = "not exported (ZeRO-3 checkpoints only) | "
+            log = run.parent / f"{run.name}.eval.log"
+            why = (
+                "export reads ZeRO-3 checkpoints only" if "ZeRO stage 1 or 2" in log.read_text() else str(log)
+            )
+            decode = f"eval failed: {why} | "
         rows.append(
             f"| {name} | {what} | {seconds / 60:.1f} | {m.get('eval/expected_tokens_per_step', float('nan')):.3f} "
             f"| {m.get('eval/token_acc_slot2', float('nan')):.3f} | {m.get('eval/ce', float('nan')):.3f} "

@@ -35,6 +35,7 @@ from .records import (
 from .shards import sha256_file
 
 BUILTINS = ("builtin:chatterbot", "builtin:humaneval", "builtin:stdlib", "builtin:smollm2_distilled")
+EXACT_RESPONSE_BUILTINS = ("builtin:smollm2_distilled",)  # builtins whose records carry `_response` ids
 MAX_SKIP_EXAMPLES = 20
 __all__ = ["DataError", "Conversation", "SourceIndex", "index_source", "load_source"]
 
@@ -157,8 +158,8 @@ def to_conversation(
     if special is not None:
         _check_special(texts, special, where)
     conv = Conversation(messages, response, name, file, row, _meta(rec))
-    exact = rec.get("_response")  # set by builtin readers only (never a user file's field)
-    if isinstance(exact, dict):
+    exact = rec.get("_response") if cfg.path in EXACT_RESPONSE_BUILTINS else None
+    if exact is not None:  # the shipped corpus's exact generated tokens (a user file's field is ignored)
         conv.response_ids = list(exact["ids"])
         conv.ids_vocab = exact["vocab_sha256"]
         conv.complete = bool(exact["complete"])

@@ -160,3 +160,19 @@ def test_export_writes_the_generated_tokens(tmp_path):
     first = (tmp_path / "a.jsonl.gz").read_bytes()
     export(folder, tmp_path / "a.jsonl.gz")
     assert (tmp_path / "a.jsonl.gz").read_bytes() == first
+
+
+def test_a_user_file_cannot_inject_exact_ids_or_drop_the_eos(tmp_path):
+    """`_response` (exact ids, no EOS after a cut) is honoured only from the shipped builtin: in a
+    user's row it is an ordinary unknown field, and the response text is tokenised as usual."""
+    from data_prep.sources import to_conversation
+
+    rec = {
+        "instruction": "Say hi",
+        "output": "Hello there",
+        "_response": {"ids": [1, 2, 3], "vocab_sha256": "x", "complete": False},
+    }
+    conv = to_conversation(rec, SourceConfig(path=str(tmp_path / "u.jsonl")), "u", "u.jsonl", 1)
+    assert conv.response_ids is None and conv.complete
+    shipped = to_conversation(rec, SourceConfig(path="builtin:smollm2_distilled"), "d", "f", 1)
+    assert shipped.response_ids == [1, 2, 3] and not shipped.complete

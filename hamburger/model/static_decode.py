@@ -289,7 +289,7 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self.conf = torch.zeros((), dtype=torch.float64, device=dev)
         d = model.base.config.hidden_size
         self.feats = torch.zeros(batch, len(model.feature_layers), d, dtype=self.dtype, device=dev)
-        # + 4: CUDA-graph warm-up runs the end-of-step bookkeeping twice before any decoding
+        # + 4: spare columns (the speculative last step of a graphed decode writes one more)
         self.seg_log = torch.zeros(batch, max_new + 4, dtype=long, device=dev)
         self.head_log = torch.zeros(batch, max_new + 4, dtype=torch.bool, device=dev)
         self.t = torch.zeros(1, dtype=long, device=dev)  # macro step index
@@ -307,7 +307,7 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
             allowed = torch.arange(f + k - 1, device=dev)[None, :] <= cols[:, None]
             mask = additive_mask(allowed[None], self.dtype)
             self.micro_plan.append((j, cols, cols[None].expand(batch, -1), mask))
-        self.speculative = graphs  # see _advance
+        self.speculative = graphs and dev.type == "cuda"  # see _advance
         self.base_step = Step(self._base_step, graphs, dev, self._rewind)  # alone: for benchmarks
         self.micro_steps = [
             Step(lambda p=p: self._micro(*p), graphs, dev, self._rewind) for p in self.micro_plan

@@ -75,6 +75,8 @@ def decode_costs(model, base_dec, ham_dec, graphs: bool, device: torch.device, n
     if ham_dec.micro_steps:  # K = 1 has no micro decoder calls
         steps.append(("t_micro", ham_dec, ham_dec.micro_steps[min(1, len(ham_dec.micro_steps) - 1)]))
     costs = {"t_micro": 0.0}
+    ham_dec.done.fill_(True)  # no live row: timed micro steps leave every segment as it is
+    ham_dec.live.zero_()
     for name, dec, fn in steps:
         dec.col.fill_(dec.width)  # every row is done: steps only rewrite columns past the prompt
         fn()
