@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.curves import END_FRACTION, RISING_PER_100, load_series, main, plot_curves, write_run_curves
+from trainer.curves import (
+    END_FRACTION,
+    RISING_PER_100,
+    end_slope,
+    load_series,
+    main,
+    plot_curves,
+    write_run_curves,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -61,10 +69,17 @@ def test_end_slope_is_the_known_slope_of_the_last_quarter(tmp_path):
         if step % 100 == 0:
             lines.append(record(step, **eval_metrics(step)))
     summary = plot_curves(write(tmp_path / "run" / "metrics.jsonl", lines), tmp_path / "run" / "c.png")
-    slope = summary["end_slope"]
+    slope = summary["end_slope"]  # ten held-out points: fitted on their last half
+    assert summary["end_slope_basis"] == "held-out"
     assert slope["per_100_steps"] == pytest.approx(0.05, abs=1e-9)
     assert slope["stderr_per_100_steps"] == pytest.approx(0.0, abs=1e-9)
-    assert slope["to_step"] == 1000 and slope["from_step"] == math.ceil(1000 - END_FRACTION * 999)
+    assert slope["to_step"] == 1000 and slope["from_step"] == 600
+    assert summary["held_out_end_slopes_per_100_steps"]["eval/ce"] == pytest.approx(-0.1)
+    steps = np.arange(1, 1001, dtype=float)  # the train fit sees only the last quarter
+    tps = np.where(steps < 600, 1.0 + 0.5 * steps / 600, 1.5 + 0.0005 * (steps - 600))
+    train = end_slope(steps, tps)
+    assert train["per_100_steps"] == pytest.approx(0.05, abs=1e-9)
+    assert train["to_step"] == 1000 and train["from_step"] == math.ceil(1000 - END_FRACTION * 999)
     assert summary["verdict"].startswith("still rising: more steps would help")
     assert str(RISING_PER_100) in summary["verdict"]  # the threshold is stated
     assert summary["train_points"] == 1000 and summary["eval_points"] == 10

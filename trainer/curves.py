@@ -19,6 +19,8 @@ import numpy as np
 
 TPS = "expected_tokens_per_step"
 END_FRACTION = 0.25  # the end slope is fitted over the last quarter of the logged train steps
+EVAL_END_FRACTION = 0.5  # ... or over the last half of the held-out points, when there are enough
+MIN_EVAL_POINTS = 5  # held-out points needed to judge on them (the same rows every time: no batch noise)
 MIN_FIT_POINTS = 3  # a slope with a standard error needs at least three points
 RISING_PER_100 = 0.01  # tokens/step gained per 100 steps below which more steps barely pay
 SLOT_KEY = re.compile(r"^(eval/)?token_acc_slot(\d+)$")
@@ -71,12 +73,12 @@ def smoothing_window(n: int) -> int:
     return max(1, min(50, n // 10))
 
 
-def end_slope(steps: np.ndarray, values: np.ndarray) -> dict | None:
-    """Least-squares slope (per 100 steps) and its standard error over the last END_FRACTION of
+def end_slope(steps: np.ndarray, values: np.ndarray, fraction: float = END_FRACTION) -> dict | None:
+    """Least-squares slope (per 100 steps) and its standard error over the last `fraction` of
     the logged steps, on raw values (smoothing would lag the end). None below two points."""
     if len(steps) < 2:
         return None
-    start = steps[-1] - END_FRACTION * (steps[-1] - steps[0])
+    start = steps[-1] - fraction * (steps[-1] - steps[0])
     keep = steps >= start
     if keep.sum() < MIN_FIT_POINTS:
         keep = np.arange(len(steps)) >= len(steps) - MIN_FIT_POINTS
@@ -116,9 +118,26 @@ def verdict(slope: dict | None, threshold: float = RISING_PER_100) -> str:
 
 
 def summarize(series: Series, skipped: list[str], threshold: float = RISING_PER_100) -> dict:
-    """Final values, the end slope of expected tokens/step and the verdict."""
+    """Final values, the end slope of expected tokens/step and the verdict.
+
+    The slope is fitted on the held-out points when there are at least MIN_EVAL_POINTS (the
+    same rows at every evaluation, so the trend is not drowned by which samples a training
+    batch happened to hold), else on the training steps. The held-out slopes of slot-2
+    accuracy and CE are reported beside it: the micro decoder can still be learning while the
+    stop head holds expected tokens/step level."""
     steps, values = as_arrays(series[TPS])
-    slope = end_slope(steps, values)
+    held_out = series.get(f"eval/{TPS}", {})
+    if len(held_out) >= MIN_EVAL_POINTS:
+        basis = "held-out"
+        slope = end_slope(*as_arrays(held_out), EVAL_END_FRACTION)
+    else:
+        basis = "train"
+        slope = end_slope(steps, values)
+    also = {}
+    for key in ("eval/token_acc_slot2", "eval/ce"):
+        if len(series.get(key, {})) >= MIN_EVAL_POINTS:
+            fit = end_slope(*as_arrays(series[key]), EVAL_END_FRACTION)
+            also[key] = fit["per_100_steps"] if fit else None
     final_keys = [TPS, f"eval/{TPS}", "loss", "ce", "eval/ce", "eval/loss"]
     final_keys += [f"{p}token_acc_slot{k}" for p in ("", "eval/") for k in slot_numbers(series)]
     final = {k: series[k][max(series[k])] for k in final_keys if series.get(k)}
@@ -126,11 +145,13 @@ def summarize(series: Series, skipped: list[str], threshold: float = RISING_PER_
     return {
         "last_step": int(steps[-1]),
         "train_points": len(steps),
-        "eval_points": len(series.get(f"eval/{TPS}", {})),
+        "eval_points": len(held_out),
         "final": final,
         "end_slope": slope,
+        "end_slope_basis": basis,
+        "held_out_end_slopes_per_100_steps": also,
         "threshold_per_100_steps": threshold,
-        "verdict": verdict(slope, threshold),
+        "verdict": f"{verdict(slope, threshold)} [{basis}]",
         "skipped_lines": skipped,
     }
 
