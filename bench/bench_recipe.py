@@ -36,6 +36,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
         "base_top, base not updated (lr_base 0)",
         ["model.hamburger.micro_init=base_top", "optim.lr_base=0"],
     ),
+    "paper+kl": (
+        "paper + KL to the frozen base (kl_weight 1.0): keep the base on its own path",
+        ["model.hamburger.kl_weight=1.0"],
+    ),
     "base_top+zero2": (
         "base_top under ZeRO-2 (no parameter gathers)",
         ["model.hamburger.micro_init=base_top", "ds_config=bench/zero2_cpu.json"],

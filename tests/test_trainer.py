@@ -229,3 +229,15 @@ def test_micro_decoder_from_the_base_top_is_identical_on_every_rank(setup, tmp_p
     for name, value in model.micro.layers[0].state_dict().items():
         torch.testing.assert_close(value, base[f"model.layers.{top}.{name}"], atol=0, rtol=0)
     torch.testing.assert_close(model.micro.norm.weight, base["model.norm.weight"], atol=0, rtol=0)
+
+
+def test_kl_to_the_frozen_base_trains(setup, tmp_path):
+    """model.hamburger.kl_weight > 0 adds KL(frozen base || model): the batches must carry the
+    plain token layout for the teacher (they did not, and every such run failed at step 1)."""
+    proc = launch(
+        setup["cfg"], f"output_dir={tmp_path}", "model.hamburger.kl_weight=0.5", "max_steps=2", "save_every=0"
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["metrics"]["kl"] for r in records if "kl" in r["metrics"]]
+    assert kl and all(v >= 0 and v == v for v in kl)

@@ -56,7 +56,12 @@ def held_out_metrics(engine: Engine, samples: list[Sample], cfg: TrainConfig) ->
         for idx, weight in eval_batches(
             samples, cfg.data.tokens_per_batch, engine.world_size, engine.rank, cfg.eval_max_batches
         ):
-            batch = collate([samples[i] for i in idx], cfg.model.hamburger.max_steps, cfg.data.row_capacity)
+            batch = collate(
+                [samples[i] for i in idx],
+                cfg.model.hamburger.max_steps,
+                cfg.data.row_capacity,
+                with_plain=cfg.model.hamburger.kl_weight > 0,  # the teacher reads the plain tokens
+            )
             out = engine.forward(batch)
             records.append((output_values(out), batch.num_response_tokens, weight))
     engine.train(True)

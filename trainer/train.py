@@ -246,7 +246,8 @@ class Trainer:
         records, tokens = [], 0
         for micro in range(cfg.optim.grad_accum):
             samples = [self.train_samples[i] for i in batches[pos.batch + micro]]
-            batch = collate(samples, cfg.model.hamburger.max_steps, cfg.data.row_capacity)
+            kl = cfg.model.hamburger.kl_weight > 0  # the frozen teacher reads the plain tokens
+            batch = collate(samples, cfg.model.hamburger.max_steps, cfg.data.row_capacity, with_plain=kl)
             out = engine.forward(batch)
             check_finite(engine, out.loss, pos.step, [s.sample_id for s in samples])
             engine.backward(out.loss)
