@@ -103,13 +103,13 @@ case "$cmd" in
   demo)
     ensure_env
     cd "$ROOT"
-    exec "$PY" -m trainer.demo "$@" ;;
+    exec "$PY" -m trainer.tools.demo "$@" ;;
   eval)
     ensure_env
     exec "$PY" -m trainer.evaluate "$@" ;;
   serve)
     ensure_env
-    exec "$PY" -m trainer.server "$@" ;;
+    exec "$PY" -m trainer.serve "$@" ;;
   label-view)
     ensure_env
     exec "$PY" -m data_prep.view "$@" ;;

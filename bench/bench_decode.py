@@ -13,8 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_section  # noqa: E402
 
-from trainer.config import MLflowConfig  # noqa: E402
-from trainer.evaluate import DEFINITIONS, EvalConfig, evaluate  # noqa: E402
+from trainer.evaluate.evaluate import DEFINITIONS, EvalConfig, evaluate  # noqa: E402
+from trainer.train.config import MLflowConfig  # noqa: E402
 
 
 def main() -> None:

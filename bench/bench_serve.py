@@ -46,7 +46,7 @@ def build_models(work: Path, layers: int) -> dict[str, Path]:
 
     from hamburger.assets import smollm2_dir
     from hamburger.model import HAMburgerConfig, HAMburgerModel, save_model
-    from trainer.serving import pyfunc_spec
+    from trainer.export.pyfunc import pyfunc_spec
 
     src = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(str(src))
@@ -120,7 +120,7 @@ class Server:
             cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(self.port)]
             self.health = "/ping"
         else:
-            cmd = [sys.executable, "-m", "trainer.server", str(folder), "--port", str(self.port)]
+            cmd = [sys.executable, "-m", "trainer.serve", str(folder), "--port", str(self.port)]
             cmd += ["--max-batch", str(max_batch), "--max-queue", "256", "--max-tokens-cap", str(cap)]
             cmd += ["--model-name", "bench"]
             self.health = "/health"

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import random_hamburger  # noqa: E402
 from report import write_section  # noqa: E402
 
-from hamburger.model import base_generate_batch, generate_batch  # noqa: E402
+from hamburger.decode import base_generate_batch, generate_batch  # noqa: E402
 
 NOTE = (
     "On CPU the 135M shape is compute-bound (both decoders run the same matmuls), so static equals eager "

@@ -38,9 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hamburger.decode.static import StaticBaseDecoder, StaticHAMburgerDecoder  # noqa: E402
+from hamburger.decode.step_costs import decode_costs, speed_bound, sync, timed  # noqa: E402
 from hamburger.model import HAMburgerConfig, HAMburgerModel, Sample, collate  # noqa: E402
-from hamburger.model.static_decode import StaticBaseDecoder, StaticHAMburgerDecoder  # noqa: E402
-from hamburger.model.step_costs import decode_costs, speed_bound, sync, timed  # noqa: E402
 
 SHAPES = {
     "smollm2-135m": dict(
@@ -197,7 +197,7 @@ def check_flex(device) -> dict:
 
 
 def check_graphed(device) -> dict:
-    from hamburger.model import base_generate_batch, generate_batch
+    from hamburger.decode import base_generate_batch, generate_batch
 
     model = random_hamburger("tiny", device, torch.float64, micro_layers=2)
     with torch.no_grad():
@@ -236,7 +236,7 @@ def forced_table(case: str, tau: float, batch: int, probs: list[float], rng: ran
 
 def eager_base_speed(model, prompts, max_new: int, device) -> float:
     """tokens/s of the base through the eager decoder (batched_decode), for reference."""
-    from hamburger.model import base_generate_batch
+    from hamburger.decode import base_generate_batch
 
     base_generate_batch(model.base, prompts, 4)  # warm-up
     sync(device)
@@ -447,8 +447,8 @@ def model_flops(cfg, hcfg: HAMburgerConfig, samples: list[Sample], k: int) -> fl
 
 
 def section_train(args, device, shape: str) -> dict:
-    from trainer.config import TrainConfig
-    from trainer.engine import Engine
+    from trainer.train.config import TrainConfig
+    from trainer.train.strategy import DeepSpeedStrategy
 
     base_dir = Path(args.work) / f"base-{shape}"
     if not (base_dir / "config.json").exists():
@@ -467,7 +467,7 @@ def section_train(args, device, shape: str) -> dict:
         tcfg.precision = "bf16" if device.type == "cuda" else "fp32"
         tcfg.optim.warmup_steps = 0
         start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        st = Engine(tcfg)
+        st = DeepSpeedStrategy(tcfg)
         st.setup_distributed()
         model = st.build_model(str(base_dir))
         st.prepare(model, total_steps=1000)

@@ -66,7 +66,7 @@ class Regenerator:
         """One response per prompt (in the given order), decoded `batch_size` prompts at a time,
         shortest prompts together."""
         # lazy: the model package (and transformers) load only when a prep regenerates
-        from hamburger.model.batched_decode import base_generate_batch
+        from hamburger.decode.batched import base_generate_batch
 
         t0 = time.perf_counter()
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))

@@ -212,7 +212,7 @@ EVAL_CONFIG_CASES = [
     "overrides,fragment", TRAIN_CONFIG_CASES, ids=[" ".join(c[0]) for c in TRAIN_CONFIG_CASES]
 )
 def test_train_config_value_names_the_key(overrides, fragment):
-    from trainer.config import TrainConfig
+    from trainer.train.config import TrainConfig
 
     with pytest.raises(ValueError, match=re.escape(fragment)):
         load_config(TrainConfig, None, ["data.path=x", *overrides])
@@ -222,7 +222,7 @@ def test_train_config_value_names_the_key(overrides, fragment):
     "overrides,fragment", EVAL_CONFIG_CASES, ids=[" ".join(c[0]) for c in EVAL_CONFIG_CASES]
 )
 def test_eval_config_value_names_the_key(overrides, fragment):
-    from trainer.evaluate import EvalConfig
+    from trainer.evaluate.evaluate import EvalConfig
 
     with pytest.raises(ValueError, match=re.escape(fragment)):
         load_config(EvalConfig, None, ["model=x", *overrides])
@@ -243,7 +243,7 @@ CONFIG_FILE_CASES = [
 
 @pytest.mark.parametrize("text,fragment", CONFIG_FILE_CASES, ids=[c[1][:30] for c in CONFIG_FILE_CASES])
 def test_config_file_error_names_the_file_or_key(tmp_path, text, fragment):
-    from trainer.config import TrainConfig
+    from trainer.train.config import TrainConfig
 
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ValueError, match=re.escape(fragment)):
@@ -268,7 +268,7 @@ EVAL_PROMPT_CASES = [
 
 @pytest.mark.parametrize("content,fragment", EVAL_PROMPT_CASES, ids=[c[1][9:40] for c in EVAL_PROMPT_CASES])
 def test_eval_prompt_file_error_names_file_line_field(tmp_path, content, fragment):
-    from trainer.evaluate import read_prompt_records
+    from trainer.evaluate.evaluate import read_prompt_records
 
     (tmp_path / "p.jsonl").write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(fragment)):
@@ -276,7 +276,7 @@ def test_eval_prompt_file_error_names_file_line_field(tmp_path, content, fragmen
 
 
 def test_eval_command_names_a_missing_model_without_a_traceback(tmp_path):
-    from trainer.evaluate import main
+    from trainer.evaluate.evaluate import main
 
     with pytest.raises(SystemExit, match=r"\[eval\] error: .*nope: no such run or checkpoint folder"):
         main([str(tmp_path / "nope")])

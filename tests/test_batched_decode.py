@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import sharp_model
 
-from hamburger.model import base_generate_batch, generate, generate_batch
+from hamburger.decode import base_generate_batch, generate, generate_batch
 
 PROMPTS = [[5, 17, 33, 8, 61, 12], [9, 4], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80], [44, 3, 90]]
 

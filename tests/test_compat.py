@@ -15,9 +15,9 @@ import torch
 from conftest import sharp_model, tiny_hamburger
 from transformers import DynamicCache
 
-import hamburger.model.decode as decode_mod
-import hamburger.model.steppers as batched_mod  # the batched decoders build their caches there
-from hamburger.model import base_generate_batch, generate, generate_batch
+import hamburger.decode.eager as decode_mod
+import hamburger.decode.steppers as batched_mod  # the batched decoders build their caches there
+from hamburger.decode import base_generate_batch, generate, generate_batch
 from hamburger.model.compat import cache_param_name
 
 PROMPTS = [[5, 17, 33, 8, 61, 12], [9, 4], [70, 71, 72, 73, 74, 75, 76, 77]]

@@ -12,10 +12,10 @@ import torch
 from conftest import random_sample
 
 from hamburger.configio import ConfigError, load_config
-from trainer.checkpoint import COMPLETE, complete_checkpoints, prune
-from trainer.config import TrainConfig
-from trainer.data import BatchPlan, eval_batches
-from trainer.engine import build_ds_config, lr_schedule
+from trainer.train.checkpoint import COMPLETE, complete_checkpoints, prune
+from trainer.train.config import TrainConfig
+from trainer.train.data import BatchPlan, eval_batches
+from trainer.train.strategy import build_ds_config, lr_schedule
 
 
 def _cfg(tmp_path, ds: dict, *overrides: str) -> TrainConfig:

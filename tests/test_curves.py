@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.curves import (
+from trainer.train.curves import (
     END_FRACTION,
     RISING_PER_100,
     end_slope,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.demo import verdict
+from trainer.tools.demo import verdict
 
 
 def run(bs, conf, speedup, agree, tau=1.5):

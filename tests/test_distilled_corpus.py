@@ -19,7 +19,7 @@ from data_prep.shards import read_split
 from data_prep.sources import Conversation
 from data_prep.tokenize import ChatTokenizer
 from hamburger.assets import resolve_model
-from hamburger.model.batched_decode import base_generate_batch
+from hamburger.decode.batched import base_generate_batch
 
 SOURCES = ("chatterbot", "humaneval", "stdlib")
 COMPARED = 64  # new tokens regenerated per prompt: a greedy prefix is exact too

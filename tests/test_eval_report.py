@@ -14,17 +14,11 @@ from helpers import tiny_model_dir, write_jsonl
 from matplotlib.text import Text
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from hamburger.model import (
-    DecodeResult,
-    HAMburgerConfig,
-    HAMburgerModel,
-    base_generate_batch,
-    generate_batch,
-    save_model,
-)
-from hamburger.model.static_decode import StaticHAMburgerDecoder
-from hamburger.model.step_costs import measure_step_costs, micro_calls, speed_bound
-from trainer.evaluate import (
+from hamburger.decode import DecodeResult, base_generate_batch, generate_batch
+from hamburger.decode.static import StaticHAMburgerDecoder
+from hamburger.decode.step_costs import measure_step_costs, micro_calls, speed_bound
+from hamburger.model import HAMburgerConfig, HAMburgerModel, save_model
+from trainer.evaluate.evaluate import (
     EvalConfig,
     Prompt,
     base_nll,

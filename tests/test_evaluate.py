@@ -7,8 +7,8 @@ import sqlite3
 
 import pytest
 
-from hamburger.model import DecodeResult
-from trainer.evaluate import (
+from hamburger.decode import DecodeResult
+from trainer.evaluate.evaluate import (
     EvalConfig,
     Prompt,
     cut_at_eos,
@@ -18,7 +18,7 @@ from trainer.evaluate import (
     quality,
     speed,
 )
-from trainer.export import export
+from trainer.export.export import export
 
 
 def test_speed_metrics_on_a_hand_built_trace():

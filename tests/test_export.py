@@ -18,10 +18,11 @@ from launcher import env, free_port
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from hamburger.model import generate, load_model
+from hamburger.decode import generate
+from hamburger.model import load_model
 from hamburger.model.folder import WeightsError
-from trainer.export import ExportError, export
-from trainer.serving import load
+from trainer.export.export import ExportError, export
+from trainer.serve.loader import load
 
 pytestmark = pytest.mark.distributed
 
@@ -38,7 +39,7 @@ def test_export_reproduces_the_engine_greedy_outputs(exported):
     folder = exported["full"]
     assert (folder / "model.safetensors.index.json").is_file()  # sharded above the size limit
     card = (folder / "README.md").read_text()
-    assert "Final metrics" in card and "compression" in card and "from trainer.serving import load" in card
+    assert "Final metrics" in card and "compression" in card and "from trainer.serve.loader import load" in card
     model = load_model(str(folder))
     probes = json.loads((exported["run"] / "samples.json").read_text())
     eos = model.base.config.eos_token_id

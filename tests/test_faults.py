@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.export import EXPORT_MARKER, ExportError, export
+from trainer.export.export import EXPORT_MARKER, ExportError, export
 
 pytestmark = pytest.mark.distributed
 
@@ -101,14 +101,14 @@ def test_marker_records_the_source(baseline, tmp_path):
 
 # ---------------------------------------------------------------- data that does not fit the model
 def _samples(folder):
-    from trainer.data import load_samples
+    from trainer.train.data import load_samples
 
     return load_samples(folder, "train")
 
 
 def test_data_labelled_with_a_larger_k_is_refused_before_training(setup):
     from hamburger.model import HAMburgerConfig
-    from trainer.runcheck import RunMismatch, check_data_fits_model
+    from trainer.train.runcheck import RunMismatch, check_data_fits_model
 
     model = str(setup["base"] / "model")
     assert check_data_fits_model(setup["data"], model, HAMburgerConfig(), _samples(setup["data"])) == []
@@ -120,7 +120,7 @@ def test_data_from_another_tokenizer_is_refused(setup, tmp_path):
     from helpers import tiny_model_dir
 
     from hamburger.model import HAMburgerConfig
-    from trainer.runcheck import RunMismatch, check_data_fits_model
+    from trainer.train.runcheck import RunMismatch, check_data_fits_model
 
     # Same vocabulary size, two entries swapped: training would run, on the wrong tokens.
     other = tiny_model_dir(tmp_path / "other")
@@ -192,7 +192,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_model_written_code_runs_in_a_throwaway_folder_and_dies_whole(tmp_path, monkeypatch):
-    from trainer.evaluate import passes_tests
+    from trainer.evaluate.evaluate import passes_tests
 
     monkeypatch.chdir(tmp_path)
     pid_file = tmp_path / "child.pid"
@@ -216,7 +216,7 @@ def test_model_written_code_runs_in_a_throwaway_folder_and_dies_whole(tmp_path, 
 def test_a_zero2_checkpoint_is_named_not_reported_as_missing_files(tmp_path):
     """Export reads ZeRO-3 rank files; a stage-1/2 checkpoint (one mp_rank_00 model file) is
     refused naming the stage, not as a mysteriously missing rank file."""
-    from trainer.engine import ZeroFileError, verify_zero_files
+    from trainer.export.zero_files import ZeroFileError, verify_zero_files
 
     ckpt = tmp_path / "checkpoints" / "step_000024"
     ckpt.mkdir(parents=True)

@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from conftest import random_sample, tiny_base, tiny_hamburger
 
-from hamburger.model import HAMburgerConfig, HAMburgerModel, Sample, collate, generate, load_model, save_model
+from hamburger.decode import generate
+
+# ---------------------------------------------------------------- slow, obviously-correct reference
+from hamburger.model import HAMburgerConfig, HAMburgerModel, Sample, collate, load_model, save_model
 
 
 # ---------------------------------------------------------------- slow, obviously-correct reference

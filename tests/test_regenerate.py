@@ -29,7 +29,7 @@ from data_prep.sources import Conversation, index_source, load_source
 from data_prep.tokenize import ChatTokenizer
 from hamburger.assets import smollm2_tokenizer_dir
 from hamburger.configio import ConfigError, load_config
-from hamburger.model.batched_decode import base_generate_batch
+from hamburger.decode.batched import base_generate_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 6

@@ -28,8 +28,8 @@ def test_launch_script_is_executable():
 
 
 def test_readme_config_reference_is_current():
-    from trainer.configdoc import readme_block, reference
+    from trainer.tools.configdoc import readme_block, reference
 
     assert readme_block() == reference().strip(), (
-        "run: python -m trainer.configdoc and paste it into the README"
+        "run: python -m trainer.tools.configdoc and paste it into the README"
     )

@@ -19,10 +19,11 @@ from helpers import tiny_model_dir
 from launcher import free_port
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from hamburger.model import HAMburgerConfig, HAMburgerModel, base_generate_batch, generate, save_model
-from trainer.batcher import ContinuousBatch
-from trainer.scheduler import Scheduler
-from trainer.server import ServeConfig, create_app, load_engine
+from hamburger.decode import base_generate_batch, generate
+from hamburger.decode.continuous import ContinuousBatch
+from hamburger.model import HAMburgerConfig, HAMburgerModel, save_model
+from trainer.serve.app import ServeConfig, create_app, load_for_serving
+from trainer.serve.scheduler import Scheduler
 
 PROMPTS = [
     "Count from 1 to 9.",
@@ -77,7 +78,7 @@ class Server:
         import uvicorn
 
         self.cfg = ServeConfig(model=str(folder), port=free_port(), **overrides)
-        self.engine = load_engine(self.cfg.model, name="tiny")
+        self.engine = load_for_serving(self.cfg.model, name="tiny")
         pad = self.engine.tokenizer.pad_token_id or 0
         self.batch = RecordingBatch(self.engine.stepper, self.engine.eos, pad, delay_s=delay_s)
         self.scheduler = Scheduler(self.batch, self.cfg.max_batch, self.cfg.max_queue).start()
@@ -351,7 +352,7 @@ def _assert_handover(srv: Server, first: str, second: str) -> int:
 def pyfunc_model(folders, tmp_path_factory):
     import mlflow.pyfunc
 
-    from trainer.serving import pyfunc_spec
+    from trainer.export.pyfunc import pyfunc_spec
 
     path = tmp_path_factory.mktemp("pyfunc") / "model"
     mlflow.pyfunc.save_model(str(path), **pyfunc_spec(folders["ham"]))
@@ -372,7 +373,7 @@ def test_pyfunc_decodes_rows_as_one_batch_with_defaults_for_omitted_fields(folde
     import mlflow.pyfunc
     import pandas as pd
 
-    from trainer.serving import HAMburgerGenerator
+    from trainer.serve.loader import HAMburgerGenerator
 
     model = mlflow.pyfunc.load_model(str(pyfunc_model))
     rows = [
@@ -433,7 +434,7 @@ _LOADED: dict = {}
 
 
 def _loaded(path):
-    """The pyfunc loaded once per module (loading runs trainer/pyfunc_model.py)."""
+    """The pyfunc loaded once per module (loading runs trainer/export/pyfunc_model.py)."""
     import mlflow.pyfunc
 
     if str(path) not in _LOADED:
@@ -442,7 +443,7 @@ def _loaded(path):
 
 
 def test_launch_serve_cli_serves_an_mlflow_model_folder(pyfunc_model, tmp_path):
-    """`python -m trainer.server` (what `./launch.sh serve` runs) on a logged MLflow model: the
+    """`python -m trainer.serve.app` (what `./launch.sh serve` runs) on a logged MLflow model: the
     HAMburger folder is found among its artifacts; /health and a completion answer."""
     import subprocess
     import sys
@@ -452,7 +453,7 @@ def test_launch_serve_cli_serves_an_mlflow_model_folder(pyfunc_model, tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.server", str(pyfunc_model), "--port", str(port), "--max-batch", "2"],
+        [sys.executable, "-m", "trainer.serve", str(pyfunc_model), "--port", str(port), "--max-batch", "2"],
         cwd=ROOT,
         env={**env(), "OMP_NUM_THREADS": "2"},
         stdout=log,

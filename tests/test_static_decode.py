@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import sharp_model
 
-from hamburger.model import base_generate_batch, generate_batch
-from hamburger.model.static_decode import StaticHAMburgerDecoder
+from hamburger.decode import base_generate_batch, generate_batch
+from hamburger.decode.static import StaticHAMburgerDecoder
 
 PROMPTS = [[5, 17, 33, 8, 61, 12], [9, 4], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80], [44, 3, 90]]
 
@@ -81,7 +81,7 @@ def test_unknown_mode_is_refused():
 
 def test_eval_config_decode_field():
     from hamburger.configio import load_config
-    from trainer.evaluate import EvalConfig
+    from trainer.evaluate.evaluate import EvalConfig
 
     assert load_config(EvalConfig, None, ["model=m", "decode=graphed"]).decode == "graphed"
     with pytest.raises(
@@ -118,7 +118,7 @@ def test_capture_runs_stay_in_range_and_leave_no_trace(monkeypatch):
     micro-step runs grew a segment past K, and the next step gathered outside it: a CUDA
     device-side assert on the first GPU run. Here the same runs happen on CPU (where an
     out-of-range index raises), and the decoder still decodes exactly as the eager one."""
-    from hamburger.model import static_decode
+    from hamburger.decode import static as static_decode
 
     monkeypatch.setattr(static_decode, "capture", rehearse)
     model = sharp_model()

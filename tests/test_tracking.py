@@ -10,7 +10,7 @@ import time
 import mlflow
 import pytest
 
-from trainer.tracking import Tracker, artifact_location, replay
+from trainer.train.tracking import Tracker, artifact_location, replay
 
 
 @pytest.fixture(autouse=True)

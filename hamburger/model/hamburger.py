@@ -123,7 +123,7 @@ class HAMburgerModel(nn.Module):
     def init_new_modules(self) -> None:
         """Initialise the grafted modules; the smashed embedding starts as mean(e) exactly.
 
-        Under ZeRO-3 the caller gathers these parameters around this call (see trainer.engine).
+        Under ZeRO-3 the caller gathers these parameters around this call (see trainer.train.strategy).
         """
         std = getattr(self.base.config, "initializer_range", 0.02)
         for module in self.new_modules():

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from data_prep.shards import load_manifest, read_split
 from hamburger.model import Sample
-
-from .config import DataConfig
+from trainer.train.config import DataConfig
 
 
 def load_samples(folder: str | Path, split: str, expand_copies: bool = True) -> list[Sample]:

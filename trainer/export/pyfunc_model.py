@@ -2,25 +2,24 @@
 
 MLflow runs this file when it loads a registered model (instead of unpickling an object): it
 builds the pyfunc from this project's code, which must be importable (the project installed).
-Logged by trainer/export.py (register_model) through trainer.serving.pyfunc_spec. MLflow is
+Logged by trainer/export/export.py (register_model) through trainer.export.pyfunc.pyfunc_spec. MLflow is
 imported here only, so the rest of serving (and the server) works where MLflow is absent.
 """
 
 import mlflow
 import mlflow.pyfunc
 
-from trainer.batcher import Sequence, decode_all
-from trainer.serving import (
+from hamburger.decode.continuous import Sequence, decode_all
+from trainer.export.pyfunc import (
     MAX_NEW_TOKENS_CAP,
     PYFUNC_MAX_BATCH,
     _bad_input,
     _missing,
     check_confidence,
     check_max_new_tokens,
-    encode_prompt,
-    load_engine,
     pyfunc_rows,
 )
+from trainer.serve.loader import encode_prompt, load_for_serving
 
 
 class HAMburgerPyfunc(mlflow.pyfunc.PythonModel):
@@ -31,7 +30,7 @@ class HAMburgerPyfunc(mlflow.pyfunc.PythonModel):
     then decoded together by continuous batching, each row with its own settings."""
 
     def load_context(self, context) -> None:
-        self.engine = load_engine(context.artifacts["model"])
+        self.loaded = load_for_serving(context.artifacts["model"])
 
     def _sequence(self, i: int, row: dict, params: dict) -> Sequence:
         prompt = row.get("prompt")
@@ -39,12 +38,12 @@ class HAMburgerPyfunc(mlflow.pyfunc.PythonModel):
             raise _bad_input(f"row {i}: prompt must be a non-empty string, got {prompt!r}")
         n = row.get("max_new_tokens")
         n = params.get("max_new_tokens") if _missing(n) else n
-        n = min(self.engine.default_max_tokens, MAX_NEW_TOKENS_CAP) if _missing(n) else n
+        n = min(self.loaded.default_max_tokens, MAX_NEW_TOKENS_CAP) if _missing(n) else n
         conf = row.get("confidence")
         conf = params.get("confidence") if _missing(conf) else conf
         if _missing(conf):
-            conf = self.engine.default_confidence if self.engine.default_confidence is not None else 1.0
-        ids = encode_prompt(self.engine.tokenizer, prompt)
+            conf = self.loaded.default_confidence if self.loaded.default_confidence is not None else 1.0
+        ids = encode_prompt(self.loaded.tokenizer, prompt)
         return Sequence(ids, check_max_new_tokens(n, f"row {i}"), check_confidence(conf, f"row {i}"))
 
     def predict(self, context, model_input, params=None):
@@ -55,8 +54,8 @@ class HAMburgerPyfunc(mlflow.pyfunc.PythonModel):
             if not _missing(params.get(key)):
                 params[key] = check(params[key], "params")
         seqs = [self._sequence(i, row, params) for i, row in enumerate(pyfunc_rows(model_input))]
-        decode_all(self.engine.batch(), seqs, PYFUNC_MAX_BATCH)
-        tok = self.engine.tokenizer
+        decode_all(self.loaded.batch(), seqs, PYFUNC_MAX_BATCH)
+        tok = self.loaded.tokenizer
         return pd.DataFrame(
             [
                 {

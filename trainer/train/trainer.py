@@ -1,15 +1,13 @@
-"""`./launch.sh train CONFIG [key=value ...]`: fine-tune base + grafted modules under ZeRO-3.
+"""The Trainer: one training job, from set-up through the loop to the final summary.
 
-config -> Trainer.setup (data, checks, model, engine) -> resume -> fit: step, log, held-out
-metrics, checkpoint. Every rank runs this file; rank 0 logs and writes.
+Trainer.setup (data, checks, model, strategy) -> resume -> fit: step, log, held-out metrics,
+checkpoint. Every rank runs it; rank 0 logs and writes.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -18,10 +16,9 @@ from tqdm import tqdm
 
 from data_prep.shards import load_manifest
 from hamburger.assets import resolve_model
-from hamburger.configio import load_config, to_flat_dict, to_yaml
+from hamburger.configio import to_flat_dict, to_yaml
 from hamburger.model import Sample, collate
-
-from .checkpoint import (
+from trainer.train.checkpoint import (
     CheckpointInfo,
     check_world_size,
     checkpoint_root,
@@ -32,25 +29,24 @@ from .checkpoint import (
     set_rng_state,
     tag_for,
 )
-from .config import TrainConfig
-from .curves import write_run_curves
-from .data import BatchPlan, load_samples, manifest_summary, resolve_data
-from .engine import Engine
-from .metrics import (
-    NonFiniteLoss,
+from trainer.train.config import TrainConfig
+from trainer.train.curves import write_run_curves
+from trainer.train.data import BatchPlan, load_samples, manifest_summary, resolve_data
+from trainer.train.metrics import (
     check_finite,
     held_out_metrics,
     output_values,
     probe_generations,
     reduce_outputs,
 )
-from .runcheck import RunMismatch, check_data_fits_model, check_resume_matches
-from .tracking import Tracker, flatten_params
+from trainer.train.runcheck import check_data_fits_model, check_resume_matches
+from trainer.train.strategy import DeepSpeedStrategy
+from trainer.train.tracking import Tracker, flatten_params
 
 
 @dataclass
 class Position:
-    """Where training stands: enough to continue exactly (with the engine's own state)."""
+    """Where training stands: enough to continue exactly (with the strategy's own state)."""
 
     step: int = 0
     epoch: int = 0
@@ -69,7 +65,7 @@ class Trainer:
     cfg: TrainConfig
     out_dir: Path
     # components
-    engine: Engine
+    strategy: DeepSpeedStrategy
     tracker: Tracker | None
     plan: BatchPlan
     # data
@@ -85,7 +81,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.engine = Engine(cfg)
+        self.strategy = DeepSpeedStrategy(cfg)
         self.tracker = None
         self.pos = Position()
         self.run_id = None
@@ -94,7 +90,7 @@ class Trainer:
 
     @property
     def rank0(self) -> bool:
-        return self.engine.is_rank0
+        return self.strategy.is_rank0
 
     def log(self, msg: str) -> None:
         if self.rank0:
@@ -102,9 +98,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        """Data and every check first (a refused job writes nothing), then model and engine."""
+        """Data and every check first (a refused job writes nothing), then model and strategy."""
         cfg = self.cfg
-        self.engine.setup_distributed()
+        self.strategy.setup_distributed()
         self.data_dir = resolve_data(cfg.data)
         cfg.data.path = str(self.data_dir)
         self.data_key_hash = load_manifest(self.data_dir)["key_hash"]
@@ -112,7 +108,7 @@ class Trainer:
         self.eval_samples = load_samples(self.data_dir, cfg.data.eval_split, expand_copies=False)
         if self.rank0:
             resolve_model(cfg.model.base)  # converts the embedded model once
-        self.engine.barrier()
+        self.strategy.barrier()
         if not self.eval_samples:
             self.log(
                 f"warning: {self.data_dir} has no rows in split {cfg.data.eval_split!r}: no held-out metrics "
@@ -124,7 +120,7 @@ class Trainer:
             self.log(f"warning: {warning}")
         self.resume_from = find_resume_checkpoint(cfg.resume, cfg.output_dir)
         if self.resume_from is not None:
-            check_world_size(self.resume_from, self.engine.world_size)
+            check_world_size(self.resume_from, self.strategy.world_size)
             check_resume_matches(
                 CheckpointInfo.read(self.resume_from),
                 self.resume_from,
@@ -136,7 +132,7 @@ class Trainer:
         self.plan = BatchPlan(
             self.train_samples,
             d.tokens_per_batch,
-            self.engine.world_size,
+            self.strategy.world_size,
             cfg.optim.grad_accum,
             cfg.seed,
             d.shuffle,
@@ -147,9 +143,9 @@ class Trainer:
                 set_aside_old_checkpoints(cfg.output_dir)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
-            (self.out_dir / "ds_config.json").write_text(json.dumps(self.engine.ds_config, indent=1))
-        model = self.engine.build_model(resolve_model(cfg.model.base))
-        self.engine.prepare(model, self.total_steps)
+            (self.out_dir / "ds_config.json").write_text(json.dumps(self.strategy.ds_config, indent=1))
+        model = self.strategy.build_model(resolve_model(cfg.model.base))
+        self.strategy.prepare(model, self.total_steps)
 
     def resume(self) -> None:
         """Continue exactly where the checkpoint stopped: weights, optimiser, schedule, data
@@ -157,7 +153,7 @@ class Trainer:
         ckpt = self.resume_from
         if ckpt is None:
             return
-        client = self.engine.load_checkpoint(str(ckpt.parent), ckpt.name)
+        client = self.strategy.load_checkpoint(str(ckpt.parent), ckpt.name)
         self.pos = Position.from_dict(client["position"])
         set_rng_state(client["rng"])
         self.run_id = CheckpointInfo.read(ckpt).run_id
@@ -170,7 +166,7 @@ class Trainer:
             cfg.output_dir, m.enabled, m.tracking_uri, m.experiment, m.run_name, self.run_id, rank0
         )
         self.tracker = tracker
-        self.run_id = self.engine.broadcast_object(tracker.run_id)
+        self.run_id = self.strategy.broadcast_object(tracker.run_id)
         if not rank0:
             return
         (self.out_dir / "run_info.json").write_text(
@@ -182,9 +178,9 @@ class Trainer:
         tracker.log_params(
             {
                 **flatten_params("", dict(to_flat_dict(cfg))),
-                **flatten_params("ds", self.engine.ds_config),
+                **flatten_params("ds", self.strategy.ds_config),
                 **flatten_params("data_manifest", summary),
-                "world_size": str(self.engine.world_size),
+                "world_size": str(self.strategy.world_size),
                 "steps_total": str(self.total_steps),
             }
         )
@@ -208,7 +204,7 @@ class Trainer:
             total=self.total_steps, initial=pos.step, disable=not self.rank0, desc="train", unit="step"
         )
         metrics: dict[str, float] = {}
-        self.engine.train(True)
+        self.strategy.train(True)
         while pos.step < self.total_steps:
             metrics = self.step()
             if pos.step % cfg.log_every == 0 or pos.step == self.total_steps:
@@ -221,13 +217,13 @@ class Trainer:
             bar.update(1)
             before_end = pos.step < self.total_steps
             if cfg.eval_every and pos.step % cfg.eval_every == 0 and before_end and self.eval_samples:
-                self.tracker.log_metrics(held_out_metrics(self.engine, self.eval_samples, cfg), pos.step)
+                self.tracker.log_metrics(held_out_metrics(self.strategy, self.eval_samples, cfg), pos.step)
             if cfg.save_every and pos.step % cfg.save_every == 0 and before_end:
                 self.save()
         bar.close()
         final = dict(metrics)
         if self.eval_samples:
-            held_out = held_out_metrics(self.engine, self.eval_samples, cfg)
+            held_out = held_out_metrics(self.strategy, self.eval_samples, cfg)
             self.tracker.log_metrics(held_out, pos.step)
             final.update(held_out)
         self.save()
@@ -237,29 +233,29 @@ class Trainer:
     def step(self) -> dict[str, float]:
         """One optimiser step: grad_accum packed micro-batches on every rank, then metrics
         reduced over micro-batches and ranks."""
-        cfg, pos, engine = self.cfg, self.pos, self.engine
-        batches = self.plan.rank_batches(pos.epoch, engine.rank)
+        cfg, pos, strategy = self.cfg, self.pos, self.strategy
+        batches = self.plan.rank_batches(pos.epoch, strategy.rank)
         if pos.batch >= len(batches):
             pos.epoch, pos.batch = pos.epoch + 1, 0
-            batches = self.plan.rank_batches(pos.epoch, engine.rank)
+            batches = self.plan.rank_batches(pos.epoch, strategy.rank)
         t0 = time.perf_counter()
         records, tokens = [], 0
         for micro in range(cfg.optim.grad_accum):
             samples = [self.train_samples[i] for i in batches[pos.batch + micro]]
             kl = cfg.model.hamburger.kl_weight > 0  # the frozen teacher reads the plain tokens
             batch = collate(samples, cfg.model.hamburger.max_steps, cfg.data.row_capacity, with_plain=kl)
-            out = engine.forward(batch)
-            check_finite(engine, out.loss, pos.step, [s.sample_id for s in samples])
-            engine.backward(out.loss)
-            engine.step()
+            out = strategy.forward(batch)
+            check_finite(strategy, out.loss, pos.step, [s.sample_id for s in samples])
+            strategy.backward(out.loss)
+            strategy.step()
             records.append((output_values(out), batch.num_response_tokens, 1.0))
             tokens += sum(len(s.input_ids) for s in samples)
         pos.batch += cfg.optim.grad_accum
         pos.step += 1
-        metrics = reduce_outputs(engine, records)
-        metrics.update(engine.lrs())
-        metrics["grad_norm"] = engine.grad_norm()
-        metrics["tokens_per_s"] = engine.all_reduce_sum([tokens])[0] / (time.perf_counter() - t0)
+        metrics = reduce_outputs(strategy, records)
+        metrics.update(strategy.lrs())
+        metrics["grad_norm"] = strategy.grad_norm()
+        metrics["tokens_per_s"] = strategy.all_reduce_sum([tokens])[0] / (time.perf_counter() - t0)
         metrics["epoch"] = pos.epoch
         if torch.cuda.is_available():
             metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -270,13 +266,13 @@ class Trainer:
         """Every rank writes its partition; rank 0 marks the checkpoint complete afterwards."""
         root, tag = checkpoint_root(self.cfg.output_dir), tag_for(self.pos.step)
         client = {"position": asdict(self.pos), "rng": rng_state(), "run_id": self.run_id}
-        self.engine.save_checkpoint(str(root), tag, client)
-        self.engine.barrier()  # every rank's files are on disk before the marker
+        self.strategy.save_checkpoint(str(root), tag, client)
+        self.strategy.barrier()  # every rank's files are on disk before the marker
         if self.rank0:
-            model = self.engine.model
+            model = self.strategy.model
             CheckpointInfo(
                 step=self.pos.step,
-                world_size=self.engine.world_size,
+                world_size=self.strategy.world_size,
                 run_id=self.run_id,
                 base=self.cfg.model.base,
                 base_path=resolve_model(self.cfg.model.base),
@@ -287,10 +283,10 @@ class Trainer:
                 data_key_hash=self.data_key_hash,
             ).write(root / tag)
             prune(root, self.cfg.keep_last)
-        self.engine.barrier()
+        self.strategy.barrier()
 
     def write_summary(self, final: dict[str, float]) -> None:
-        probes = probe_generations(self.engine, self.eval_samples or self.train_samples)
+        probes = probe_generations(self.strategy, self.eval_samples or self.train_samples)
         if not self.rank0:
             return
         (self.out_dir / "samples.json").write_text(json.dumps(probes, indent=1))
@@ -308,44 +304,4 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.close("FAILED" if failed else "FINISHED")
         if not failed:  # a failed rank exits; the launcher ends the others
-            self.engine.shutdown()
-
-
-def train(cfg: TrainConfig) -> dict[str, float]:
-    trainer = Trainer(cfg)
-    try:
-        trainer.setup()
-        trainer.resume()
-        final = trainer.fit()
-    except BaseException:
-        trainer.close(failed=True)
-        raise
-    trainer.close()
-    return final
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
-    if not args or "=" in args[0]:
-        raise SystemExit("usage: ./launch.sh train CONFIG.yaml [key=value ...]")
-    try:
-        cfg = load_config(TrainConfig, args[0], args[1:])
-    except ValueError as e:  # ConfigError and range checks: the message names the key
-        raise SystemExit(f"[train] config error: {e}") from None
-    try:
-        train(cfg)
-    except Exception as e:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if isinstance(e, NonFiniteLoss | RunMismatch):
-            print(f"[train] rank {rank}: stopped: {e}", file=sys.stderr, flush=True)
-        else:
-            print(
-                f"[train] rank {rank} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}",
-                file=sys.stderr,
-                flush=True,
-            )
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()
+            self.strategy.shutdown()

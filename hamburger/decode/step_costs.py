@@ -7,7 +7,7 @@ same batch size, no HAMburger decoder can beat the ratio of tokens per second
     bound = tau * t_base / (t_base + t_embed + m * t_micro)
 
 (t_* = seconds of one step of each kind). The GPU check (bench/gpu_check.py) and the eval stage
-(trainer/evaluate.py) both report measured speed-ups against this bound.
+(trainer/evaluate/evaluate.py) both report measured speed-ups against this bound.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .decode import DecodeResult
-from .static_decode import Step
+from hamburger.decode.eager import DecodeResult
+from hamburger.decode.static import Step
 
 
 def sync(device: torch.device) -> None:
@@ -91,7 +91,7 @@ def measure_step_costs(
     """decode_costs at this batch size and prompt width, on the static decoders that
     generate_batch / base_generate_batch use in static (graphs=False) or graphed mode (reused
     when they exist: no second CUDA-graph capture)."""
-    from .batched_decode import _static_decoder
+    from hamburger.decode.batched import _static_decoder
 
     mode = "graphed" if graphs else "static"
     base_dec = _static_decoder(model.base, prompts, max_new, mode)

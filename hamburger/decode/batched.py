@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import torch
 
-from .decode import DecodeResult
-from .hamburger import HAMburgerModel
-from .steppers import BaseStepper, HAMburgerStepper, left_pad
+from hamburger.decode.eager import DecodeResult
+from hamburger.decode.steppers import BaseStepper, HAMburgerStepper, left_pad
+from hamburger.model.hamburger import HAMburgerModel
 
 DECODE_MODES = ("eager", "static", "graphed")
 """eager: this module (dynamic caches, finished rows retired); static: static_decode without
@@ -41,7 +41,7 @@ def _static_decoder(model, prompts: list[list[int]], max_new_tokens: int, decode
     """A static decoder for this model, batch size, padded prompt width and new-token capacity
     (reused; graphed: a warm-up of 2 tokens builds the decoder, and captures the graphs, that
     the real runs of up to 256 tokens use)."""
-    from .static_decode import StaticBaseDecoder, StaticHAMburgerDecoder
+    from hamburger.decode.static import StaticBaseDecoder, StaticHAMburgerDecoder
 
     width = -(-max(len(p) for p in prompts) // _WIDTH_STEP) * _WIDTH_STEP
     capacity = max_new_tokens  # static: building a decoder costs a few allocations

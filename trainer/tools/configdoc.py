@@ -1,6 +1,6 @@
 """Markdown reference of every config field, its default and its docstring.
 
-python -m trainer.configdoc        (the README's "Configuration reference" is this output)
+python -m trainer.tools.configdoc        (the README's "Configuration reference" is this output)
 """
 
 from __future__ import annotations
@@ -43,17 +43,16 @@ def rows(obj, prefix: str = "") -> list[tuple[str, str, str]]:
 
 def reference() -> str:
     from data_prep.config import FilterConfig, PrepConfig, SourceConfig
-
-    from .config import TrainConfig
-    from .evaluate import EvalConfig
+    from trainer.evaluate.evaluate import EvalConfig
+    from trainer.train.config import TrainConfig
 
     parts = []
     for title, obj in [
-        ("Training (`./launch.sh train`, `trainer/config.py`)", TrainConfig()),
+        ("Training (`./launch.sh train`, `trainer/train/config.py`)", TrainConfig()),
         ("Data prep (`./launch.sh prep`, `data_prep/config.py`)", PrepConfig()),
         ("Each entry of `sources:`", SourceConfig()),
         ("Each entry of a source's `filters:`", FilterConfig()),
-        ("Eval (`./launch.sh eval`, `trainer/evaluate.py`)", EvalConfig()),
+        ("Eval (`./launch.sh eval`, `trainer/evaluate/evaluate.py`)", EvalConfig()),
     ]:
         parts += [f"#### {title}", "", "| key | default | meaning |", "|---|---|---|"]
         parts += [f"| `{k}` | `{v}` | {d.replace('|', '/')} |" for k, v, d in rows(obj)]
@@ -66,7 +65,7 @@ README_END = "<!-- config-reference:end -->"
 
 
 def readme_block() -> str:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     return text.split(README_START, 1)[1].split(README_END, 1)[0].strip()
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .compat import cache_kwargs
-from .hamburger import HAMburgerModel
+from hamburger.model.compat import cache_kwargs
+from hamburger.model.hamburger import HAMburgerModel
 
 
 @dataclass

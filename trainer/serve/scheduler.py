@@ -2,7 +2,7 @@
 
 At every macro-step boundary it (1) cancels rows past their deadline and drops cancelled rows
 (deadline, client gone), (2) expires queued requests the same way, (3) admits waiting requests
-into the free slots (prefill + merge, see trainer/batcher.py) and (4) runs one macro step. A
+into the free slots (prefill + merge, see hamburger/decode/continuous.py) and (4) runs one macro step. A
 freed slot is therefore refilled within one macro step. Submitting past `max_queue` raises
 QueueFull (the HTTP layer answers 429); an exception inside the model fails the running batch
 and the joining requests, with the message, and the scheduler carries on with an empty batch.
@@ -15,7 +15,7 @@ import time
 import traceback
 from collections import deque
 
-from .batcher import ContinuousBatch, Sequence
+from hamburger.decode.continuous import ContinuousBatch, Sequence
 
 
 class QueueFull(RuntimeError):

@@ -1,6 +1,6 @@
 """How one macro step works, for a plain causal LM and for HAMburger: prefill the left-padded
 prompts, choose every row's next segment, feed the segments back as one new KV column. The
-offline batched decoder (batched_decode) and the serving batcher (trainer/batcher.py) both
+offline batched decoder (batched_decode) and the serving batcher (hamburger/decode/continuous.py) both
 drive these, so their decisions are the same by construction.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from .compat import cache_kwargs
+from hamburger.model.compat import cache_kwargs
 
 
 class BaseStepper:

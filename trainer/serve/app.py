@@ -13,7 +13,7 @@ Decoding is greedy (temperature 0; anything else is a 400). `confidence` (HAMbur
 `confidence`, `timeout` (seconds, at most --timeout-s), `ignore_eos` (benchmarks: decode
 exactly max_tokens).
 
-Requests are continuously batched by trainer/scheduler.py. Bounds: --max-batch rows,
+Requests are continuously batched by trainer/serve/scheduler.py. Bounds: --max-batch rows,
 --max-queue waiting (then 429), --max-tokens-cap (over it: 400), --timeout-s per request (then
 the slot is freed within one macro step and the client gets a 504), and a client that
 disconnects frees its slot.
@@ -31,9 +31,9 @@ from pathlib import Path
 
 from fastapi import Request  # module level: the endpoints' annotations are resolved by name
 
-from .batcher import Sequence
-from .scheduler import QueueFull, Scheduler
-from .serving import Engine, load_engine
+from hamburger.decode.continuous import Sequence
+from trainer.serve.loader import LoadedModel, load_for_serving
+from trainer.serve.scheduler import QueueFull, Scheduler
 
 MAX_BODY_BYTES = 1 << 20
 MAX_STOPS = 4
@@ -124,7 +124,7 @@ def _is_number(v) -> bool:
 
 
 def parse_params(
-    body: dict, prompt_ids: list[int], engine: Engine, cfg: ServeConfig, known: set[str]
+    body: dict, prompt_ids: list[int], loaded: LoadedModel, cfg: ServeConfig, known: set[str]
 ) -> Params:
     """Validate the fields shared by both endpoints; every error names its field."""
     unknown = sorted(set(body) - known - set(NEUTRAL) - IGNORED - COMMON)
@@ -139,18 +139,18 @@ def parse_params(
     max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(max_key)
     if max_tokens is None:
-        max_tokens = min(engine.default_max_tokens, cfg.max_tokens_cap)
+        max_tokens = min(loaded.default_max_tokens, cfg.max_tokens_cap)
     if not _is_int(max_tokens) or max_tokens < 1:
         raise APIError(400, f"{max_key}: must be an integer >= 1, got {max_tokens!r}", max_key)
     if max_tokens > cfg.max_tokens_cap:
         raise APIError(
             400, f"{max_key}: {max_tokens} is over this server's cap of {cfg.max_tokens_cap}", max_key
         )
-    if len(prompt_ids) + max_tokens > engine.max_positions:
+    if len(prompt_ids) + max_tokens > loaded.max_positions:
         raise APIError(
             400,
             f"{max_key}: prompt ({len(prompt_ids)} tokens) + {max_tokens} new tokens exceeds the model's "
-            f"context of {engine.max_positions}",
+            f"context of {loaded.max_positions}",
             max_key,
         )
     stops = body.get("stop")
@@ -163,14 +163,14 @@ def parse_params(
         raise APIError(400, f"stop: a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
     confidence = body.get("confidence")
     if confidence is not None:
-        if engine.kind != "hamburger":
+        if loaded.kind != "hamburger":
             raise APIError(
                 400, "confidence: this server serves a base model, which has no stop head", "confidence"
             )
         if not _is_number(confidence) or not 0 < confidence <= 1:
             raise APIError(400, f"confidence: must be a number in (0, 1], got {confidence!r}", "confidence")
-    elif engine.kind == "hamburger":
-        confidence = cfg.confidence if cfg.confidence is not None else engine.default_confidence
+    elif loaded.kind == "hamburger":
+        confidence = cfg.confidence if cfg.confidence is not None else loaded.default_confidence
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "stream: must be true or false", "stream")
@@ -207,15 +207,15 @@ COMMON = {
 }
 
 
-def completion_prompt(body: dict, engine: Engine) -> list[int]:
+def completion_prompt(body: dict, loaded: LoadedModel) -> list[int]:
     """`prompt`: a string (tokenized as is), a list holding one string, or a list of token ids."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = engine.tokenizer(prompt)["input_ids"]
+        ids = loaded.tokenizer(prompt)["input_ids"]
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        vocab = len(engine.tokenizer)
+        vocab = len(loaded.tokenizer)
         if not all(0 <= t < vocab for t in prompt):
             raise APIError(400, f"prompt: token ids must lie in [0, {vocab})", "prompt")
         ids = list(prompt)
@@ -232,7 +232,7 @@ def completion_prompt(body: dict, engine: Engine) -> list[int]:
     return list(ids)
 
 
-def chat_prompt(body: dict, engine: Engine) -> list[int]:
+def chat_prompt(body: dict, loaded: LoadedModel) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages: required, a non-empty list of {role, content}", "messages")
@@ -248,10 +248,10 @@ def chat_prompt(body: dict, engine: Engine) -> list[int]:
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content: must be a string", f"messages[{i}]")
         clean.append({"role": m["role"], "content": content})
-    if not getattr(engine.tokenizer, "chat_template", None):
+    if not getattr(loaded.tokenizer, "chat_template", None):
         raise APIError(400, "messages: this model has no chat template; use /v1/completions", "messages")
     try:
-        out = engine.tokenizer.apply_chat_template(
+        out = loaded.tokenizer.apply_chat_template(
             clean, add_generation_prompt=True, tokenize=True, return_dict=True
         )
     except Exception as e:  # noqa: BLE001 - templates raise their own errors on odd roles
@@ -267,8 +267,8 @@ class Job:
     sequence); a stream sends only text that can no longer change (not a possible prefix of a
     stop string, no trailing partial character), so the streamed text equals the final text."""
 
-    def __init__(self, engine: Engine, params: Params, loop: asyncio.AbstractEventLoop):
-        self.engine, self.params, self.loop = engine, params, loop
+    def __init__(self, loaded: LoadedModel, params: Params, loop: asyncio.AbstractEventLoop):
+        self.loaded, self.params, self.loop = loaded, params, loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.text, self.sent = "", 0
         self.seq = Sequence(
@@ -290,7 +290,7 @@ class Job:
     def _on_step(self, seq: Sequence, seg: list[int]) -> str | None:
         if not self.params.stream and not self.params.stops:
             return None  # nothing to look at before the end: decode once, in _on_finish
-        text = self.engine.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        text = self.loaded.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         reason, hold = None, 0
         for stop in self.params.stops:
             at = text.find(stop)
@@ -307,7 +307,7 @@ class Job:
 
     def _on_finish(self, seq: Sequence) -> None:
         if not self.params.stream and not self.params.stops:
-            self.text = self.engine.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            self.text = self.loaded.tokenizer.decode(seq.tokens, skip_special_tokens=True)
         if self.params.stream and len(self.text) > self.sent:
             self._push(("delta", self.text[self.sent :]))
             self.sent = len(self.text)
@@ -355,7 +355,7 @@ def _overlap(text: str, stop: str) -> int:
 
 
 # ---------------------------------------------------------------------------- the app
-def create_app(engine: Engine, cfg: ServeConfig, scheduler: Scheduler):
+def create_app(loaded: LoadedModel, cfg: ServeConfig, scheduler: Scheduler):
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -380,8 +380,8 @@ def create_app(engine: Engine, cfg: ServeConfig, scheduler: Scheduler):
     async def health():
         return {
             "status": "ok",
-            "model": engine.name,
-            "kind": engine.kind,
+            "model": loaded.name,
+            "kind": loaded.kind,
             **scheduler.stats(),
             "max_batch": cfg.max_batch,
             "max_queue": cfg.max_queue,
@@ -389,7 +389,7 @@ def create_app(engine: Engine, cfg: ServeConfig, scheduler: Scheduler):
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": engine.name, "object": "model", "created": created, "owned_by": "hamburger-trainer"}
+        card = {"id": loaded.name, "object": "model", "created": created, "owned_by": "hamburger-trainer"}
         return {"object": "list", "data": [card]}
 
     async def read_body(request: Request) -> dict:
@@ -410,18 +410,18 @@ def create_app(engine: Engine, cfg: ServeConfig, scheduler: Scheduler):
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
         model = body.get("model")
-        if model is not None and model != engine.name:
+        if model is not None and model != loaded.name:
             raise APIError(
                 404,
-                f"model: {model!r} is not served here (this server serves {engine.name!r})",
+                f"model: {model!r} is not served here (this server serves {loaded.name!r})",
                 "model",
                 "not_found_error",
             )
         return body
 
     async def run(request: Request, body: dict, prompt_ids: list[int], known: set[str], chat: bool):
-        params = parse_params(body, prompt_ids, engine, cfg, known)
-        job = Job(engine, params, asyncio.get_running_loop())
+        params = parse_params(body, prompt_ids, loaded, cfg, known)
+        job = Job(loaded, params, asyncio.get_running_loop())
         try:
             scheduler.submit(job.seq)
         except QueueFull as e:
@@ -446,7 +446,7 @@ def create_app(engine: Engine, cfg: ServeConfig, scheduler: Scheduler):
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
-            "model": engine.name,
+            "model": loaded.name,
             "choices": [choice],
             "usage": job.usage(),
             "hamburger": job.stats(),
@@ -483,7 +483,7 @@ def create_app(engine: Engine, cfg: ServeConfig, scheduler: Scheduler):
                 "id": rid,
                 "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()),
-                "model": engine.name,
+                "model": loaded.name,
                 "choices": [choice],
                 **extra,
             }
@@ -508,7 +508,7 @@ def create_app(engine: Engine, cfg: ServeConfig, scheduler: Scheduler):
                         "id": rid,
                         "object": "chat.completion.chunk" if chat else "text_completion",
                         "created": int(time.time()),
-                        "model": engine.name,
+                        "model": loaded.name,
                         "choices": [],
                         "usage": job.usage(),
                     }
@@ -521,12 +521,12 @@ def create_app(engine: Engine, cfg: ServeConfig, scheduler: Scheduler):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        return await run(request, body, completion_prompt(body, engine), {"prompt"}, chat=False)
+        return await run(request, body, completion_prompt(body, loaded), {"prompt"}, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        return await run(request, body, chat_prompt(body, engine), {"messages"}, chat=True)
+        return await run(request, body, chat_prompt(body, loaded), {"messages"}, chat=True)
 
     return app
 
@@ -539,11 +539,11 @@ def serve(cfg: ServeConfig) -> None:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    engine = load_engine(cfg.model, cfg.dtype, cfg.device, cfg.model_name)
-    scheduler = Scheduler(engine.batch(), cfg.max_batch, cfg.max_queue).start()
-    app = create_app(engine, cfg, scheduler)
+    loaded = load_for_serving(cfg.model, cfg.dtype, cfg.device, cfg.model_name)
+    scheduler = Scheduler(loaded.batch(), cfg.max_batch, cfg.max_queue).start()
+    app = create_app(loaded, cfg, scheduler)
     print(
-        f"[serve] {engine.kind} model {engine.name!r} on http://{cfg.host}:{cfg.port} "
+        f"[serve] {loaded.kind} model {loaded.name!r} on http://{cfg.host}:{cfg.port} "
         f"(max_batch {cfg.max_batch}, max_queue {cfg.max_queue}, max_tokens cap {cfg.max_tokens_cap})",
         flush=True,
     )

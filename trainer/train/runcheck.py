@@ -16,8 +16,7 @@ from data_prep.fingerprint import vocab_fingerprint
 from data_prep.shards import load_manifest
 from hamburger.assets import resolve_model
 from hamburger.model import HAMburgerConfig, Sample
-
-from .checkpoint import CheckpointInfo
+from trainer.train.checkpoint import CheckpointInfo
 
 ARCHITECTURE_KEYS = ("max_steps", "micro_layers", "feature_layers", "num_features", "embedder_head_dim")
 

@@ -2,7 +2,7 @@
 
 ZeRO-3 checkpoint (any world size) -> consolidated fp32 -> a HAMburger model folder (or, with
 --base-only, a standard Hugging Face causal-LM folder), optionally registered in the MLflow
-Model Registry as a pyfunc that serves text. Runs in one process, no DeepSpeed engine.
+Model Registry as a pyfunc that serves text. Runs in one process, no DeepSpeed zero_files.
 
 Memory stays bounded: the rank partitions are memory-mapped and tensors are materialised one
 output shard at a time, so the full fp32 model is never held several times over.
@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from hamburger.model import folder
-
-from . import engine
-from .checkpoint import COMPLETE, CheckpointInfo, NotOurCheckpoint, latest_checkpoint
-from .data import manifest_summary
+from trainer.export import zero_files
+from trainer.train.checkpoint import COMPLETE, CheckpointInfo, NotOurCheckpoint, latest_checkpoint
+from trainer.train.data import manifest_summary
 
 EXPORT_MARKER = ".hamburger-export.json"  # written into every export; --overwrite replaces only such folders
 
@@ -45,7 +44,7 @@ def resolve_checkpoint(src: str | Path) -> Path:
     else:
         ckpt = p
     if not (ckpt / COMPLETE).is_file():
-        if engine.has_rank_files(ckpt):
+        if zero_files.has_rank_files(ckpt):
             raise ExportError(
                 f"{ckpt}: incomplete checkpoint (no {COMPLETE} marker: the save was interrupted)"
             )
@@ -54,8 +53,8 @@ def resolve_checkpoint(src: str | Path) -> Path:
         )
     try:
         info = CheckpointInfo.read(ckpt)
-        engine.verify_zero_files(ckpt, info.world_size)
-    except (NotOurCheckpoint, engine.ZeroFileError) as e:
+        zero_files.verify_zero_files(ckpt, info.world_size)
+    except (NotOurCheckpoint, zero_files.ZeroFileError) as e:
         raise ExportError(str(e)) from None
     return ckpt
 
@@ -119,8 +118,8 @@ def _alive(pid: int) -> bool:
 def consolidated(ckpt: Path) -> dict:
     """Lazy fp32 tensors of the model (materialised on .contiguous()), the frozen teacher left out."""
     try:
-        state = engine.consolidated_zero_state(ckpt)
-    except engine.ZeroFileError as e:
+        state = zero_files.consolidated_zero_state(ckpt)
+    except zero_files.ZeroFileError as e:
         raise ExportError(str(e)) from None
     return {k: v for k, v in state.items() if not k.startswith("teacher.")}
 
@@ -242,7 +241,7 @@ def model_card(ckpt: Path, info: CheckpointInfo, base_only: bool, confidence: fl
         ]
     else:
         lines += [
-            "from trainer.serving import load",
+            "from trainer.serve.loader import load",
             "gen = load(PATH)",
             f"print(gen.generate('Hello!', confidence={confidence}).text)",
         ]
@@ -274,7 +273,7 @@ def model_card(ckpt: Path, info: CheckpointInfo, base_only: bool, confidence: fl
 def register_model(path: Path, name: str, info: CheckpointInfo, ckpt: Path, tracking_uri: str = "") -> dict:
     """Log the folder to the training run as a pyfunc and register it; lineage goes in tags.
 
-    The pyfunc is logged as MLflow "models from code" (trainer/pyfunc_model.py) with a signature."""
+    The pyfunc is logged as MLflow "models from code" (trainer/export/pyfunc_model.py) with a signature."""
     import os
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -282,7 +281,7 @@ def register_model(path: Path, name: str, info: CheckpointInfo, ckpt: Path, trac
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     import mlflow
 
-    from .serving import pyfunc_spec
+    from trainer.export.pyfunc import pyfunc_spec
 
     run_info_file = ckpt.parent.parent / "run_info.json"
     uri = tracking_uri or (
@@ -299,13 +298,13 @@ def register_model(path: Path, name: str, info: CheckpointInfo, ckpt: Path, trac
         }
         run_id = info.run_id
         if not run_id:  # a run without tracking: a new run, its artifacts beside a local store
-            from .tracking import experiment_id
+            from trainer.train.tracking import experiment_id
 
             mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(), "hamburger", uri))
         with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run():
             model_info = mlflow.pyfunc.log_model(
                 name="hamburger_model",
-                **pyfunc_spec(path),  # models from code: loading runs trainer/pyfunc_model.py, no pickle
+                **pyfunc_spec(path),  # models from code: loading runs trainer/export/pyfunc_model.py, no pickle
                 registered_model_name=name,
                 pip_requirements=_pip_requirements(),
             )

@@ -14,7 +14,7 @@ the HAMburger server and the base server batch the same way. Greedy output of a 
 depend on what else runs (tests/test_server.py checks it against `generate`).
 
 `decode_all` runs a list of sequences to completion on one thread (the MLflow pyfunc uses it);
-trainer/server.py drives the same `ContinuousBatch` from a scheduler thread.
+trainer/serve/app.py drives the same `ContinuousBatch` from a scheduler thread.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hamburger.model.steppers import BaseStepper, HAMburgerStepper, left_pad  # noqa: F401 - re-exported
+from hamburger.decode.steppers import BaseStepper, HAMburgerStepper, left_pad  # noqa: F401 - re-exported
 
 
 @dataclass

@@ -24,9 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .compat import cache_kwargs
-from .decode import DecodeResult
-from .hamburger import HAMburgerModel
+from hamburger.decode.eager import DecodeResult
+from hamburger.model.compat import cache_kwargs
+from hamburger.model.hamburger import HAMburgerModel
 
 
 class StaticKV:

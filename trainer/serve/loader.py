@@ -1,34 +1,29 @@
 """Loading an exported model to generate text: the one-line loader, the serving engine and the
 MLflow pyfunc.
 
-from trainer.serving import load
+from trainer.serve.loader import load
 gen = load("exports/my-model")          # or an MLflow URI: "models:/NAME/VERSION"
 gen.generate("Write a haiku about bread.")
 
-`load_engine` loads a HAMburger folder or a plain HF folder (the base) for continuous batching
-(trainer/batcher.py); the OpenAI server (trainer/server.py) and the pyfunc both use it. The
-pyfunc is logged as MLflow "models from code" (trainer/pyfunc_model.py): loading a registered
+`load_for_serving` loads a HAMburger folder or a plain HF folder (the base) for continuous batching
+(hamburger/decode/continuous.py); the OpenAI server (trainer/serve/app.py) and the pyfunc both use it. The
+pyfunc is logged as MLflow "models from code" (trainer/export/pyfunc_model.py): loading a registered
 model runs this project's code, never an unpickled object.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from hamburger.model import generate, load_model
-
-from .batcher import BaseStepper, ContinuousBatch, HAMburgerStepper
+from hamburger.decode import generate
+from hamburger.decode.continuous import BaseStepper, ContinuousBatch, HAMburgerStepper
+from hamburger.model import load_model
 
 DEFAULT_CONFIDENCE = 0.9
-MAX_NEW_TOKENS_CAP = 1024
-"""The pyfunc's cap on max_new_tokens (a request over it is refused, never run)."""
-PYFUNC_MAX_BATCH = 16
-MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 @dataclass
@@ -116,7 +111,7 @@ def load(path_or_uri: str, **kw) -> HAMburgerGenerator:
 
 
 @dataclass
-class Engine:
+class LoadedModel:
     """A loaded model (HAMburger or plain base) with what serving needs to know about it."""
 
     stepper: object
@@ -134,7 +129,7 @@ class Engine:
         return ContinuousBatch(self.stepper, self.eos, pad if pad is not None else 0, self.device)
 
 
-def load_engine(spec: str, dtype: str = "float32", device: str = "", name: str = "") -> Engine:
+def load_for_serving(spec: str, dtype: str = "float32", device: str = "", name: str = "") -> LoadedModel:
     """A HAMburger folder, a plain HF causal-LM folder, or an MLflow model URI."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,7 +149,7 @@ def load_engine(spec: str, dtype: str = "float32", device: str = "", name: str =
         stepper, kind, base_cfg, confidence = BaseStepper(lm), "base", lm.config, None
     eos = defaults.get("eos_token_id", tokenizer.eos_token_id)
     eos_set = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
-    return Engine(
+    return LoadedModel(
         stepper=stepper,
         tokenizer=tokenizer,
         eos=eos_set,
@@ -165,81 +160,3 @@ def load_engine(spec: str, dtype: str = "float32", device: str = "", name: str =
         default_confidence=confidence,
         device=dev,
     )
-
-
-def pyfunc_signature():
-    """Input: `prompt` (string), optional `max_new_tokens` and `confidence`. max_new_tokens is
-    declared double on purpose: a row that omits it arrives as NaN (and gets the default) and 2.5
-    arrives as 2.5 (and is refused); a long column would fail the whole request on the first and
-    silently truncate the second. Request-level params (same names) fill rows that omit them."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-
-    inputs = Schema(
-        [
-            ColSpec("string", "prompt"),
-            ColSpec("double", "max_new_tokens", required=False),
-            ColSpec("double", "confidence", required=False),
-        ]
-    )
-    outputs = Schema(
-        [
-            ColSpec("string", "text"),
-            ColSpec("long", "tokens"),
-            ColSpec("long", "macro_steps"),
-            ColSpec("double", "tokens_per_step"),
-        ]
-    )
-    params = ParamSchema([ParamSpec("max_new_tokens", "long", None), ParamSpec("confidence", "double", None)])
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
-
-
-def pyfunc_spec(folder: str | Path) -> dict:
-    """Keyword arguments of mlflow.pyfunc.log_model / save_model for a model folder: models from
-    code (the file trainer/pyfunc_model.py, no pickle), the folder as an artifact, the signature."""
-    return {
-        "python_model": str(MODEL_CODE),
-        "artifacts": {"model": str(folder)},
-        "signature": pyfunc_signature(),
-    }
-
-
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _bad_input(message: str):
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)  # a 400 under `mlflow models serve`
-
-
-def check_max_new_tokens(v, where: str) -> int:
-    ok = (
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer()
-    )
-    if not ok or not 1 <= v <= MAX_NEW_TOKENS_CAP:
-        raise _bad_input(
-            f"{where}: max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_CAP}], got {v!r}"
-        )
-    return int(v)
-
-
-def check_confidence(v, where: str) -> float:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or not 0 < v <= 1:
-        raise _bad_input(f"{where}: confidence must be a number in (0, 1], got {v!r}")
-    return float(v)
-
-
-def pyfunc_rows(model_input) -> list[dict]:
-    """Rows as dicts from a DataFrame, a list of strings or dicts, or one string."""
-    import pandas as pd
-
-    if isinstance(model_input, pd.DataFrame):
-        if "prompt" not in model_input.columns:
-            raise _bad_input(f"the input has no `prompt` column (columns: {list(model_input.columns)})")
-        return model_input.to_dict("records")
-    items = model_input if isinstance(model_input, list) else [model_input]
-    return [item if isinstance(item, dict) else {"prompt": item} for item in items]

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def step(title: str, cmd: list[str]) -> float:
@@ -103,7 +103,7 @@ def summary(
 ) -> str:
     import mlflow
 
-    from trainer.evaluate import table
+    from trainer.evaluate.evaluate import table
 
     report = json.loads((eval_dir / "eval.json").read_text())
     uri = run_info["tracking_uri"]

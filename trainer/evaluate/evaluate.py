@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 from hamburger.assets import resolve_model
 from hamburger.configio import Choice, check_range, load_config, to_flat_dict
+from hamburger.decode import base_generate_batch, generate_batch
+from hamburger.decode.step_costs import measure_step_costs, micro_calls, speed_bound
 from hamburger.dtypes import DType, resolve_dtype
-from hamburger.model import HAMburgerModel, Sample, base_generate_batch, collate, generate_batch, load_model
-from hamburger.model.step_costs import measure_step_costs, micro_calls, speed_bound
-
-from .config import MLflowConfig
+from hamburger.model import HAMburgerModel, Sample, collate, load_model
+from trainer.train.config import MLflowConfig
 
 DEFINITIONS = {
     "regime": "speed runs decode exactly max_new_tokens per prompt (EOS does not stop them, as in fixed-length "
@@ -120,12 +120,12 @@ class Prompt:
 def resolve_model_folder(spec: str, output_dir: Path) -> Path:
     p = Path(spec)
     if spec.startswith("models:/") or spec.startswith("runs:/"):
-        from .serving import load
+        from trainer.serve.loader import load
 
         return load(spec).path
     if (p / "config.json").is_file():
         return p
-    from .export import export
+    from trainer.export.export import export
 
     out = output_dir / "model"
     return Path(export(spec, str(out), overwrite=True)["path"])
@@ -596,7 +596,7 @@ def log_mlflow(cfg: EvalConfig, report: dict, out_dir: Path, lineage: dict) -> N
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     import mlflow
 
-    from .tracking import default_tracking_uri, experiment_id, flatten_params
+    from trainer.train.tracking import default_tracking_uri, experiment_id, flatten_params
 
     uri = default_tracking_uri(str(out_dir), cfg.mlflow.tracking_uri)
     mlflow.set_tracking_uri(uri)
@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(EvalConfig, None, [f"model={args[0]}", *args[1:]])
     except ValueError as e:
         raise SystemExit(f"[eval] config error: {e}") from None
-    from .export import ExportError
+    from trainer.export.export import ExportError
 
     try:
         with torch.no_grad():  # scoped: main() is also called in-process (tests), never leak grad mode

@@ -1,0 +1,103 @@
+"""DeepSpeed's ZeRO checkpoint files, read without an engine: which files a checkpoint holds,
+that each is safe to unpickle, and their consolidation into one full state (for export).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+LATEST = "latest"  # DeepSpeed writes the newest tag's name here, last
+
+
+class ZeroFileError(RuntimeError):
+    """A DeepSpeed checkpoint file is missing, truncated or unsafe; the message names it."""
+
+
+def verify_zero_files(ckpt: Path, world_size: int) -> None:
+    """Every file consolidation will read is present and safe to unpickle."""
+    if (ckpt / "mp_rank_00_model_states.pt").is_file() and not any(
+        ckpt.glob("*zero_pp_rank_*_model_states.pt")
+    ):
+        raise ZeroFileError(
+            f"{ckpt}: written under ZeRO stage 1 or 2 (one mp_rank_00_model_states.pt); export and "
+            "consolidation read ZeRO-3 checkpoints only: train with a stage-3 ds_config "
+            "(ds_configs/zero3_*.json)"
+        )
+    if not (ckpt.parent / LATEST).is_file():
+        raise ZeroFileError(
+            f"{ckpt.parent}: missing DeepSpeed's `{LATEST}` file; the checkpoint folder is incomplete"
+        )
+    for f in rank_files(ckpt, world_size):
+        check_safe_to_unpickle(f)
+
+
+def has_rank_files(ckpt: Path) -> bool:
+    return any(ckpt.glob("*_model_states.pt"))
+
+
+def rank_files(ckpt: Path, world_size: int) -> list[Path]:
+    """DeepSpeed's per-rank model and optimiser files of one checkpoint; a missing one is named."""
+    files = []
+    for r in range(world_size):
+        for kind in ("model_states", "optim_states"):
+            names = [f"zero_pp_rank_{r}_mp_rank_00_{kind}.pt", f"bf16_zero_pp_rank_{r}_mp_rank_00_{kind}.pt"]
+            found = [ckpt / n for n in names if (ckpt / n).is_file()]
+            if not found:
+                raise ZeroFileError(f"{ckpt}: missing rank file {names[0]} (written by {world_size} ranks)")
+            files.append(found[0])
+    return files
+
+
+def _safe_globals() -> list:
+    """The only non-tensor classes a DeepSpeed ZeRO checkpoint of this trainer pickles: numpy
+    arrays (RNG state), DeepSpeed's stage enum and loss scalers. Nothing here runs code."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
+    dtypes = [getattr(np.dtypes, n) for n in np.dtypes.__all__]
+    return [
+        core.multiarray._reconstruct,
+        np.ndarray,
+        np.dtype,
+        *dtypes,
+        ZeroStageEnum,
+        LossScaler,
+        DynamicLossScaler,
+    ]
+
+
+def check_safe_to_unpickle(path: Path) -> None:
+    """Refuse a rank file that is truncated or whose unpickling would build anything beyond
+    tensors and the allow-listed classes. DeepSpeed's consolidation loads these files with
+    `weights_only=False`; reading each one first with torch's restricted unpickler means a
+    crafted checkpoint is refused before any of its code could run."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, OSError...
+        text = str(e)
+        found = re.search(
+            r"(unsupported global: GLOBAL \S+|unsupported GLOBAL \S+|but got [^\n]*)", text, re.I
+        )
+        detail = found.group(1) if found else (text.strip().splitlines() or [""])[0][:200]
+        raise ZeroFileError(
+            f"{path}: refused: not a readable checkpoint file of this trainer ({type(e).__name__}: {detail}). "
+            "Rank files are read with torch's restricted unpickler; a file that needs anything else "
+            "(truncated, or crafted to run code) is never loaded."
+        ) from None
+
+
+def consolidated_zero_state(ckpt: Path) -> dict:
+    """Lazy fp32 tensors (materialised on .contiguous()) of the whole model, by name, from the
+    rank partitions of any world size. Call verify_zero_files first: DeepSpeed unpickles freely."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+    except Exception as e:  # noqa: BLE001 - torch.load / DeepSpeed raise many kinds on bad files
+        raise ZeroFileError(f"{ckpt}: cannot consolidate the checkpoint ({type(e).__name__}: {e})") from None

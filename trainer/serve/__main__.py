@@ -1,0 +1,5 @@
+"""`python -m trainer.serve` (`./launch.sh serve`)."""
+
+from trainer.serve.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Tools around the commands: the end-to-end demo and the configuration reference."""
