@@ -13,7 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_section  # noqa: E402
 
-from trainer.evaluate.evaluate import DEFINITIONS, EvalConfig, evaluate  # noqa: E402
+from trainer.evaluate.config import DEFINITIONS, EvalConfig  # noqa: E402
+from trainer.evaluate.evaluate import evaluate  # noqa: E402
 from trainer.train.config import MLflowConfig  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import random_hamburger  # noqa: E402
+from gpu_check_models import random_hamburger  # noqa: E402
 from report import write_section  # noqa: E402
 
 from hamburger.decode import base_generate_batch, generate_batch  # noqa: E402

@@ -3,12 +3,48 @@
 from __future__ import annotations
 
 import random
+import subprocess
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hamburger.model import HAMburgerConfig, HAMburgerModel, Sample
+
+# ---------------------------------------------------------------------------- markers match what a test does
+# A test (or a fixture it sets up) that starts one of the project's commands in a process (the
+# deepspeed launcher, `python -m trainer...`/`data_prep...`, launch.sh) must be marked
+# `distributed`, so `./launch.sh test -m "not distributed"` is the fast, in-process loop.
+_COMMANDS = ("deepspeed", "launch.sh", "trainer.", "data_prep.")
+_started: list[str] = []
+_real_popen_init = subprocess.Popen.__init__
+
+
+def _recording_popen_init(self, args, *rest, **kw):
+    argv = [args] if isinstance(args, str | bytes) else [str(a) for a in args]
+    if any(c in " ".join(map(str, argv)) for c in _COMMANDS):
+        _started.append(" ".join(map(str, argv))[:120])
+    _real_popen_init(self, args, *rest, **kw)
+
+
+subprocess.Popen.__init__ = _recording_popen_init
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    _started.clear()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    result = yield
+    if _started and item.get_closest_marker("distributed") is None:
+        raise AssertionError(
+            f"{item.nodeid} starts the project's commands in processes ({_started[0]!r}) but is not "
+            "marked `distributed`"
+        )
+    return result
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:

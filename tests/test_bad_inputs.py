@@ -222,7 +222,7 @@ def test_train_config_value_names_the_key(overrides, fragment):
     "overrides,fragment", EVAL_CONFIG_CASES, ids=[" ".join(c[0]) for c in EVAL_CONFIG_CASES]
 )
 def test_eval_config_value_names_the_key(overrides, fragment):
-    from trainer.evaluate.evaluate import EvalConfig
+    from trainer.evaluate.config import EvalConfig
 
     with pytest.raises(ValueError, match=re.escape(fragment)):
         load_config(EvalConfig, None, ["model=x", *overrides])
@@ -268,7 +268,7 @@ EVAL_PROMPT_CASES = [
 
 @pytest.mark.parametrize("content,fragment", EVAL_PROMPT_CASES, ids=[c[1][9:40] for c in EVAL_PROMPT_CASES])
 def test_eval_prompt_file_error_names_file_line_field(tmp_path, content, fragment):
-    from trainer.evaluate.evaluate import read_prompt_records
+    from trainer.evaluate.prompts import read_prompt_records
 
     (tmp_path / "p.jsonl").write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(fragment)):

@@ -18,19 +18,12 @@ from hamburger.decode import DecodeResult, base_generate_batch, generate_batch
 from hamburger.decode.static import StaticHAMburgerDecoder
 from hamburger.decode.step_costs import measure_step_costs, micro_calls, speed_bound
 from hamburger.model import HAMburgerConfig, HAMburgerModel, save_model
-from trainer.evaluate.evaluate import (
-    EvalConfig,
-    Prompt,
-    base_nll,
-    bound_columns,
-    cut_at_eos,
-    evaluate,
-    micro_calls_per_macro_step,
-    plot,
-    quality_axes,
-    speed,
-    speed_quality_figure,
-)
+from trainer.evaluate.config import EvalConfig
+from trainer.evaluate.evaluate import evaluate
+from trainer.evaluate.prompts import Prompt
+from trainer.evaluate.quality import base_nll, cut_at_eos
+from trainer.evaluate.report import plot, quality_axes, speed_quality_figure
+from trainer.evaluate.speed import bound_columns, micro_calls_per_macro_step, speed
 
 PROMPTS = [[5, 9, 11], [7, 3, 30, 41, 12, 8], [60], [22, 23, 24, 25]]
 

@@ -8,16 +8,11 @@ import sqlite3
 import pytest
 
 from hamburger.decode import DecodeResult
-from trainer.evaluate.evaluate import (
-    EvalConfig,
-    Prompt,
-    cut_at_eos,
-    evaluate,
-    extract_code,
-    passes_tests,
-    quality,
-    speed,
-)
+from trainer.evaluate.config import EvalConfig
+from trainer.evaluate.evaluate import evaluate
+from trainer.evaluate.prompts import Prompt
+from trainer.evaluate.quality import cut_at_eos, extract_code, passes_tests, quality
+from trainer.evaluate.speed import speed
 from trainer.export.export import export
 
 

@@ -192,7 +192,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_model_written_code_runs_in_a_throwaway_folder_and_dies_whole(tmp_path, monkeypatch):
-    from trainer.evaluate.evaluate import passes_tests
+    from trainer.evaluate.quality import passes_tests
 
     monkeypatch.chdir(tmp_path)
     pid_file = tmp_path / "child.pid"

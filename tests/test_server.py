@@ -22,7 +22,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from hamburger.decode import base_generate_batch, generate
 from hamburger.decode.continuous import ContinuousBatch
 from hamburger.model import HAMburgerConfig, HAMburgerModel, save_model
-from trainer.serve.app import ServeConfig, create_app, load_for_serving
+from trainer.serve.app import create_app
+from trainer.serve.config import ServeConfig
+from trainer.serve.loader import load_for_serving
 from trainer.serve.scheduler import Scheduler
 
 PROMPTS = [

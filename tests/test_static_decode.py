@@ -81,7 +81,7 @@ def test_unknown_mode_is_refused():
 
 def test_eval_config_decode_field():
     from hamburger.configio import load_config
-    from trainer.evaluate.evaluate import EvalConfig
+    from trainer.evaluate.config import EvalConfig
 
     assert load_config(EvalConfig, None, ["model=m", "decode=graphed"]).decode == "graphed"
     with pytest.raises(

@@ -17,6 +17,7 @@ import torch
 
 from hamburger.decode.eager import DecodeResult
 from hamburger.decode.steppers import BaseStepper, HAMburgerStepper, left_pad
+from hamburger.model.config import DEFAULT_CONFIDENCE
 from hamburger.model.hamburger import HAMburgerModel
 
 DECODE_MODES = ("eager", "static", "graphed")
@@ -62,7 +63,7 @@ def generate_batch(
     model: HAMburgerModel,
     prompts: list[list[int]],
     max_new_tokens: int = 128,
-    confidence: float = 0.9,
+    confidence: float = DEFAULT_CONFIDENCE,
     eos_token_ids: set[int] | None = None,
     pad_id: int = 0,
     decode: str = "eager",

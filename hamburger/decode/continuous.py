@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hamburger.decode.steppers import BaseStepper, HAMburgerStepper, left_pad  # noqa: F401 - re-exported
+from hamburger.model.config import DEFAULT_CONFIDENCE
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Sequence:
 
     prompt_ids: list[int]
     max_new_tokens: int
-    confidence: float = 0.9
+    confidence: float = DEFAULT_CONFIDENCE
     tokens: list[int] = field(default_factory=list)
     seg_lens: list[int] = field(default_factory=list)
     forced_stop: list[bool] = field(default_factory=list)

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from hamburger.model.compat import cache_kwargs
+from hamburger.model.config import DEFAULT_CONFIDENCE
 from hamburger.model.hamburger import HAMburgerModel
 
 
@@ -33,7 +34,7 @@ def generate(
     model: HAMburgerModel,
     prompt_ids: list[int],
     max_new_tokens: int = 128,
-    confidence: float = 0.9,
+    confidence: float = DEFAULT_CONFIDENCE,
     eos_token_ids: set[int] | None = None,
 ) -> DecodeResult:
     """Emit segments until EOS or max_new_tokens; stop a segment once P(continue) < confidence."""

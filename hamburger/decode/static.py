@@ -26,6 +26,7 @@ from torch import nn
 
 from hamburger.decode.eager import DecodeResult
 from hamburger.model.compat import cache_kwargs
+from hamburger.model.config import DEFAULT_CONFIDENCE
 from hamburger.model.hamburger import HAMburgerModel
 
 
@@ -395,7 +396,7 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self,
         prompts: list[list[int]],
         eos: set[int] | None = None,
-        confidence: float = 0.9,
+        confidence: float = DEFAULT_CONFIDENCE,
         forced_seg_lens: torch.Tensor | None = None,
         max_new: int | None = None,
     ) -> list[DecodeResult]:

@@ -6,6 +6,10 @@ from dataclasses import asdict, dataclass, field
 
 from hamburger.choice import Choice
 
+DEFAULT_CONFIDENCE = 0.9
+"""The stop head's default confidence threshold when a caller gives none (the paper's decoding
+setting); every decoder, the export's generation_config.json and the server start from it."""
+
 
 class PackedAttention(Choice):
     auto = "auto"

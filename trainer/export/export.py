@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from hamburger.model import folder
+from hamburger.model.config import DEFAULT_CONFIDENCE
 from trainer.export import zero_files
 from trainer.train.checkpoint import COMPLETE, CheckpointInfo, NotOurCheckpoint, latest_checkpoint
 from trainer.train.data import manifest_summary
@@ -136,7 +137,7 @@ def export(
     register: str = "",
     tracking_uri: str = "",
     max_shard_size: str = "2GB",
-    confidence: float = 0.9,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict:
     ckpt = resolve_checkpoint(src)
     info = CheckpointInfo.read(ckpt)
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tracking-uri", default="")
     ap.add_argument("--max-shard-size", default="2GB")
     ap.add_argument(
-        "--confidence", type=float, default=0.9, help="default confidence in generation_config.json"
+        "--confidence", type=float, default=DEFAULT_CONFIDENCE, help="default confidence in generation_config.json"
     )
     args = ap.parse_args(argv)
     try:

@@ -22,8 +22,7 @@ import torch
 from hamburger.decode import generate
 from hamburger.decode.continuous import BaseStepper, ContinuousBatch, HAMburgerStepper
 from hamburger.model import load_model
-
-DEFAULT_CONFIDENCE = 0.9
+from hamburger.model.config import DEFAULT_CONFIDENCE
 
 
 @dataclass

@@ -103,7 +103,7 @@ def summary(
 ) -> str:
     import mlflow
 
-    from trainer.evaluate.evaluate import table
+    from trainer.evaluate.report import table
 
     report = json.loads((eval_dir / "eval.json").read_text())
     uri = run_info["tracking_uri"]

@@ -104,6 +104,42 @@ def prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+class Checkpointer:
+    """Owns the run's checkpoints: decides when one is due, saves it (every rank its partition,
+    then rank 0 the COMPLETE record once every rank's files are on disk) and prunes old ones.
+
+    `identity` is what the record says about the run beyond the model: base (as configured),
+    base_path, data and data_key_hash."""
+
+    def __init__(self, output_dir: str, save_every: int, keep_last: int, strategy, identity: dict):
+        self.root = checkpoint_root(output_dir)
+        self.save_every, self.keep_last = save_every, keep_last
+        self.strategy, self.identity = strategy, identity
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Between steps; the end of the run always saves."""
+        return bool(self.save_every) and step % self.save_every == 0 and step < total_steps
+
+    def save(self, step: int, client_state: dict, run_id: str | None) -> Path:
+        strategy, ckpt = self.strategy, self.root / tag_for(step)
+        strategy.save_checkpoint(str(self.root), ckpt.name, client_state)
+        strategy.barrier()  # every rank's files are on disk before the marker
+        if strategy.is_rank0:
+            model = strategy.model
+            CheckpointInfo(
+                step=step,
+                world_size=strategy.world_size,
+                run_id=run_id,
+                base_architecture=type(model.base).__name__,
+                base_config=model.base.config.to_dict(),
+                hamburger=model.config.to_dict(),
+                **self.identity,
+            ).write(ckpt)
+            prune(self.root, self.keep_last)
+        strategy.barrier()
+        return ckpt
+
+
 def rng_state() -> dict:
     return {
         "python": random.getstate(),

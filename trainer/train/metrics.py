@@ -1,16 +1,10 @@
-"""What a training step reports, reduced over micro-batches and ranks, and the held-out
-evaluation and sample generations made inside the strategy during training."""
+"""What a training step reports, reduced over micro-batches and ranks, and the finiteness
+check every rank agrees on. Held-out evaluation is trainer/train/validate.py."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from hamburger.decode import generate
-from hamburger.model import Sample, collate
-from trainer.train.config import TrainConfig
-from trainer.train.data import eval_batches
 from trainer.train.strategy import DeepSpeedStrategy
 
 METRIC_KEYS = ("loss", "ce", "stop_bce", "kl")
@@ -46,56 +40,3 @@ def check_finite(strategy: DeepSpeedStrategy, loss: torch.Tensor, step: int, sam
         f"non-finite loss at step {step + 1} ({where}). Lower the learning rate, check these "
         "samples, or resume from the last checkpoint."
     )
-
-
-def held_out_metrics(strategy: DeepSpeedStrategy, samples: list[Sample], cfg: TrainConfig) -> dict[str, float]:
-    """Loss and HAMburger metrics on the held-out split (eval/...), every rank its share."""
-    strategy.train(False)
-    records = []
-    with torch.no_grad():
-        for idx, weight in eval_batches(
-            samples, cfg.data.tokens_per_batch, strategy.world_size, strategy.rank, cfg.eval_max_batches
-        ):
-            batch = collate(
-                [samples[i] for i in idx],
-                cfg.model.hamburger.max_steps,
-                cfg.data.row_capacity,
-                with_plain=cfg.model.hamburger.kl_weight > 0,  # the teacher reads the plain tokens
-            )
-            out = strategy.forward(batch)
-            records.append((output_values(out), batch.num_response_tokens, weight))
-    strategy.train(True)
-    if not records:
-        return {}
-    result = reduce_outputs(strategy, records)
-    result["perplexity"] = math.exp(min(result["ce"], 50.0))
-    return {f"eval/{k}": v for k, v in result.items()}
-
-
-def probe_generations(
-    strategy: DeepSpeedStrategy, samples: list[Sample], n: int = 2, max_new_tokens: int = 24
-) -> list[dict]:
-    """Greedy HAMburger decodes of a few held-out prompts, inside the strategy: a sanity sample for
-    the run and the reference an export must reproduce. Every rank decodes the same prompts,
-    so ZeRO-3's parameter gathers line up."""
-    strategy.train(False)
-    eos = strategy.model.base.config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    out = []
-    for s in samples[:n]:
-        prompt = list(s.input_ids[: s.prompt_len])
-        res = generate(
-            strategy.model, prompt, max_new_tokens=max_new_tokens, confidence=0.5, eos_token_ids=eos_ids
-        )
-        out.append(
-            {
-                "sample_id": s.sample_id,
-                "prompt_ids": prompt,
-                "confidence": 0.5,
-                "max_new_tokens": max_new_tokens,
-                "tokens": res.tokens,
-                "seg_lens": res.seg_lens,
-            }
-        )
-    strategy.train(True)
-    return out

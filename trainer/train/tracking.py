@@ -107,6 +107,14 @@ class Tracker:
             self._monitor = _start_system_metrics(self.run_id, self.uri, system_metrics_s)
 
     # ---------------------------------------------------------------- params and artifacts (start-up)
+    def log_run_start(self, params: dict[str, str], tags: dict[str, str], artifacts: list[Path]) -> None:
+        """What the run is, logged once when it starts: params (a resumed run keeps the ones it
+        has), tags, and the files that define it (config, DeepSpeed config, data manifest)."""
+        self.log_params(params)
+        self.set_tags(tags)
+        for path in artifacts:
+            self.log_artifact(path)
+
     def log_params(self, params: dict[str, str]) -> None:
         if not self.enabled:
             return

@@ -19,29 +19,22 @@ from hamburger.assets import resolve_model
 from hamburger.configio import to_flat_dict, to_yaml
 from hamburger.model import Sample, collate
 from trainer.train.checkpoint import (
+    Checkpointer,
     CheckpointInfo,
     check_world_size,
-    checkpoint_root,
     find_resume_checkpoint,
-    prune,
     rng_state,
     set_aside_old_checkpoints,
     set_rng_state,
-    tag_for,
 )
 from trainer.train.config import TrainConfig
 from trainer.train.curves import write_run_curves
 from trainer.train.data import BatchPlan, load_samples, manifest_summary, resolve_data
-from trainer.train.metrics import (
-    check_finite,
-    held_out_metrics,
-    output_values,
-    probe_generations,
-    reduce_outputs,
-)
+from trainer.train.metrics import check_finite, output_values, reduce_outputs
 from trainer.train.runcheck import check_data_fits_model, check_resume_matches
 from trainer.train.strategy import DeepSpeedStrategy
 from trainer.train.tracking import Tracker, flatten_params
+from trainer.train.validate import Validator, probe_generations
 
 
 @dataclass
@@ -68,6 +61,8 @@ class Trainer:
     strategy: DeepSpeedStrategy
     tracker: Tracker | None
     plan: BatchPlan
+    validator: Validator
+    checkpointer: Checkpointer
     # data
     data_dir: Path
     data_key_hash: str  # the prep manifest's identity, recorded in every checkpoint
@@ -146,6 +141,14 @@ class Trainer:
             (self.out_dir / "ds_config.json").write_text(json.dumps(self.strategy.ds_config, indent=1))
         model = self.strategy.build_model(resolve_model(cfg.model.base))
         self.strategy.prepare(model, self.total_steps)
+        self.validator = Validator(cfg, self.eval_samples)
+        identity = {
+            "base": cfg.model.base,
+            "base_path": resolve_model(cfg.model.base),
+            "data": str(self.data_dir),
+            "data_key_hash": self.data_key_hash,
+        }
+        self.checkpointer = Checkpointer(cfg.output_dir, cfg.save_every, cfg.keep_last, self.strategy, identity)
 
     def resume(self) -> None:
         """Continue exactly where the checkpoint stopped: weights, optimiser, schedule, data
@@ -169,66 +172,55 @@ class Trainer:
         self.run_id = self.strategy.broadcast_object(tracker.run_id)
         if not rank0:
             return
-        (self.out_dir / "run_info.json").write_text(
-            json.dumps(
-                {"run_id": self.run_id, "tracking_uri": tracker.uri, "data": str(self.data_dir)}, indent=1
-            )
-        )
+        run_info = {"run_id": self.run_id, "tracking_uri": tracker.uri, "data": str(self.data_dir)}
+        (self.out_dir / "run_info.json").write_text(json.dumps(run_info, indent=1))
         summary = manifest_summary(self.data_dir)
-        tracker.log_params(
-            {
-                **flatten_params("", dict(to_flat_dict(cfg))),
-                **flatten_params("ds", self.strategy.ds_config),
-                **flatten_params("data_manifest", summary),
-                "world_size": str(self.strategy.world_size),
-                "steps_total": str(self.total_steps),
-            }
-        )
-        tracker.set_tags({"data_manifest_hash": summary["key_hash"], "base_model": cfg.model.base})
-        for f in ("config.yaml", "ds_config.json"):
-            tracker.log_artifact(self.out_dir / f)
-        tracker.log_artifact(self.data_dir / "manifest.json")
+        params = {
+            **flatten_params("", dict(to_flat_dict(cfg))),
+            **flatten_params("ds", self.strategy.ds_config),
+            **flatten_params("data_manifest", summary),
+            "world_size": str(self.strategy.world_size),
+            "steps_total": str(self.total_steps),
+        }
+        tags = {"data_manifest_hash": summary["key_hash"], "base_model": cfg.model.base}
+        files = [self.out_dir / "config.yaml", self.out_dir / "ds_config.json", self.data_dir / "manifest.json"]
+        tracker.log_run_start(params, tags, files)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, float]:
-        cfg, pos = self.cfg, self.pos
+        pos = self.pos
         if pos.step >= self.total_steps:  # a finished run: retraining nothing would log NaNs and re-save
-            self.log(
-                f"{self.resume_from} is at step {pos.step} of {self.total_steps}: this run is finished, "
-                "nothing to do (another output_dir, or resume=none, starts a new run)"
-            )
-            final = self.out_dir / "final_metrics.json"
-            return json.loads(final.read_text()) if final.is_file() else {}
+            return self.already_finished()
         self.start_tracking()
-        bar = tqdm(
-            total=self.total_steps, initial=pos.step, disable=not self.rank0, desc="train", unit="step"
-        )
+        bar = tqdm(total=self.total_steps, initial=pos.step, disable=not self.rank0, desc="train", unit="step")
         metrics: dict[str, float] = {}
         self.strategy.train(True)
         while pos.step < self.total_steps:
             metrics = self.step()
-            if pos.step % cfg.log_every == 0 or pos.step == self.total_steps:
+            if pos.step % self.cfg.log_every == 0 or pos.step == self.total_steps:
                 self.tracker.log_metrics(metrics, pos.step)
-            bar.set_postfix(
-                loss=f"{metrics['loss']:.3f}",
-                tok_s=f"{metrics['tokens_per_s']:.0f}",
-                tps=f"{metrics['expected_tokens_per_step']:.2f}",
-            )
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tps=f"{metrics['expected_tokens_per_step']:.2f}")
             bar.update(1)
-            before_end = pos.step < self.total_steps
-            if cfg.eval_every and pos.step % cfg.eval_every == 0 and before_end and self.eval_samples:
-                self.tracker.log_metrics(held_out_metrics(self.strategy, self.eval_samples, cfg), pos.step)
-            if cfg.save_every and pos.step % cfg.save_every == 0 and before_end:
+            if self.validator.due(pos.step, self.total_steps):
+                self.tracker.log_metrics(self.validator.run(self.strategy), pos.step)
+            if self.checkpointer.due(pos.step, self.total_steps):
                 self.save()
         bar.close()
-        final = dict(metrics)
-        if self.eval_samples:
-            held_out = held_out_metrics(self.strategy, self.eval_samples, cfg)
+        held_out = self.validator.run(self.strategy)
+        if held_out:
             self.tracker.log_metrics(held_out, pos.step)
-            final.update(held_out)
         self.save()
+        final = {**metrics, **held_out}
         self.write_summary(final)
         return final
+
+    def already_finished(self) -> dict[str, float]:
+        self.log(
+            f"{self.resume_from} is at step {self.pos.step} of {self.total_steps}: this run is finished, "
+            "nothing to do (another output_dir, or resume=none, starts a new run)"
+        )
+        final = self.out_dir / "final_metrics.json"
+        return json.loads(final.read_text()) if final.is_file() else {}
 
     def step(self) -> dict[str, float]:
         """One optimiser step: grad_accum packed micro-batches on every rank, then metrics
@@ -263,27 +255,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- saving and the end
     def save(self) -> None:
-        """Every rank writes its partition; rank 0 marks the checkpoint complete afterwards."""
-        root, tag = checkpoint_root(self.cfg.output_dir), tag_for(self.pos.step)
         client = {"position": asdict(self.pos), "rng": rng_state(), "run_id": self.run_id}
-        self.strategy.save_checkpoint(str(root), tag, client)
-        self.strategy.barrier()  # every rank's files are on disk before the marker
-        if self.rank0:
-            model = self.strategy.model
-            CheckpointInfo(
-                step=self.pos.step,
-                world_size=self.strategy.world_size,
-                run_id=self.run_id,
-                base=self.cfg.model.base,
-                base_path=resolve_model(self.cfg.model.base),
-                base_architecture=type(model.base).__name__,
-                base_config=model.base.config.to_dict(),
-                hamburger=model.config.to_dict(),
-                data=str(self.data_dir),
-                data_key_hash=self.data_key_hash,
-            ).write(root / tag)
-            prune(root, self.cfg.keep_last)
-        self.strategy.barrier()
+        self.checkpointer.save(self.pos.step, client, self.run_id)
 
     def write_summary(self, final: dict[str, float]) -> None:
         probes = probe_generations(self.strategy, self.eval_samples or self.train_samples)

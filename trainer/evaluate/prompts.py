@@ -1,0 +1,96 @@
+"""What the eval stage decodes: the model folder it evaluates and the prompts it feeds both models.
+
+A model spec (export folder, models:/ URI or training run) is resolved to an export folder, and
+prompts come from a .jsonl prompt file (every malformed line named) or a prep folder's split
+(with the reference response and its segment lengths, for the held-out cross-entropy).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.evaluate.config import EvalConfig
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    meta: dict
+    reference: list[int] | None = None
+    seg_lens: list[int] | None = None
+
+
+# ---------------------------------------------------------------- inputs
+def resolve_model_folder(spec: str, output_dir: Path) -> Path:
+    p = Path(spec)
+    if spec.startswith("models:/") or spec.startswith("runs:/"):
+        from trainer.serve.loader import load
+
+        return load(spec).path
+    if (p / "config.json").is_file():
+        return p
+    from trainer.export.export import export
+
+    out = output_dir / "model"
+    return Path(export(spec, str(out), overwrite=True)["path"])
+
+
+def load_prompts(cfg: EvalConfig, tokenizer, default_data: str) -> list[Prompt]:
+    data = cfg.data or default_data
+    if not data:
+        raise ValueError("data: no prompt file or prep folder given, and the model records none")
+    if data.endswith(".jsonl"):
+        out = []
+        for _line, rec in read_prompt_records(Path(data)):
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": rec["prompt"]}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )
+            out.append(Prompt(list(ids["input_ids"]), rec))
+        return out[: cfg.max_prompts]
+    from data_prep.shards import read_split
+
+    rows = read_split(data, cfg.split).to_pylist()[: cfg.max_prompts]
+    return [
+        Prompt(
+            r["input_ids"][: r["prompt_len"]],
+            json.loads(r["meta"] or "{}"),
+            r["input_ids"][r["prompt_len"] :],
+            r["seg_lens"],
+        )
+        for r in rows
+    ]
+
+
+def read_prompt_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of a .jsonl prompt file; every malformed line is named."""
+    if not path.is_file():
+        raise ValueError(f"data={path}: no such prompt file")
+    records = []
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not UTF-8 text (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}: line {n}: expected a JSON object, got {type(rec).__name__}")
+            if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+                raise ValueError(f"{path}: line {n}: field 'prompt' must be a non-empty string")
+            for field_name in ("answer", "test", "entry_point"):
+                if rec.get(field_name) is not None and not isinstance(rec[field_name], str):
+                    raise ValueError(f"{path}: line {n}: field {field_name!r} must be a string")
+            records.append((n, rec))
+    if not records:
+        raise ValueError(f"{path}: no prompts (the file has no records)")
+    return records
