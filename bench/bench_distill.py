@@ -1,4 +1,4 @@
-"""Labelled compression of self-distilled responses, per source (issue 10, the Data goal).
+"""Labelled compression of self-distilled responses, per source.
 
 The embedded SmolLM2-135M-Instruct writes its own greedy responses to a sample of each offline
 prompt source through data_prep (`responses: regenerate`), which then labels them with

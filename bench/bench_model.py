@@ -181,7 +181,7 @@ def main() -> None:
     lines += [
         "",
         "The reference-style variant re-implements the reference code's structure here (one embedder call per "
-        "segment); it is slower than the reference code itself, which the model-core issue measured at 0.63x "
+        "segment); it is slower than the reference code itself, which was measured at 0.63x "
         f"plain SFT. Against that figure ours is {ours / 0.63:.2f}x the reference ({ours:.2f}x / 0.63x).",
     ]
     lines += ["", "Forward-only breakdown of our step (no grad), seconds:", ""]

@@ -169,7 +169,7 @@ def main() -> None:
     lines += [
         "",
         f"Source side (after plan minus after imports, worst rank): all-rows {source_side['all-rows']:.0f} MiB, "
-        f"locators {source_side['locators']:.0f} MiB. Goal (issue 11.6): at most 2 GiB per rank at "
+        f"locators {source_side['locators']:.0f} MiB. Goal: at most 2 GiB per rank at "
         "1,000,000 rows, 2 ranks.",
     ]
     body = "\n".join(lines)

@@ -1,5 +1,5 @@
-"""The proof run (issue 10): the recipe trained by the real trainer, then the eval stage's full
-speed/quality sweep against the base, checked against the issue's goals.
+"""The proof run: the recipe trained by the real trainer, then the eval stage's full
+speed/quality sweep against the base, checked against its goals.
 
 1. `./launch.sh train configs/train_distill.yaml` (2 CPU ranks) with the ablation's winning
    settings (bench/bench_recipe.py), for --steps steps;
@@ -28,7 +28,7 @@ from report import write_section  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/train_distill.yaml"
 CONFIDENCES = [0.5, 0.6, 0.7, 0.8, 0.9]
-EQUAL_QUALITY = 0.85  # agreement_prefix at which HAMburger counts as the base's quality (issue 10)
+EQUAL_QUALITY = 0.85  # agreement_prefix at which HAMburger counts as the base's quality
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -44,7 +44,7 @@ def labelled_compression(manifest: dict, split: str) -> float:
 
 
 def goals(report: dict, eval_compression: float, data_compression: float) -> list[str]:
-    """The issue's goals, each with the measured numbers and met / not met."""
+    """The proof goals, each with the measured numbers and met / not met."""
     ham = [r for r in report["runs"] if r["decoder"] == "hamburger"]
     met = {True: "met", False: "not met"}
     out = [
@@ -184,7 +184,7 @@ def main() -> None:
             "",
             table(report),
             "",
-            "Goals (issue 10):",
+            "Goals:",
             *goals(report, eval_comp, data_comp),
         ]
     )

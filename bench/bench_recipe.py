@@ -1,4 +1,4 @@
-"""The proof recipe's ablation (issue 10): which settings make the grafted modules learn fastest
+"""The proof recipe's ablation: which settings make the grafted modules learn fastest
 on CPU, each trained by the real trainer (2 ranks, `./launch.sh train`) for the same number of
 steps on the same self-distilled data, then decoded against the base by the eval stage.
 

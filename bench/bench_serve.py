@@ -353,7 +353,7 @@ def main() -> None:
         "--repeats", type=int, default=2, help="passes per row (order reversed each pass); best kept"
     )
     ap.add_argument("--confidences", default="0.9,0.3")
-    ap.add_argument("--soak-s", type=float, default=0.0, help="then a soak of this many seconds (issue: 600)")
+    ap.add_argument("--soak-s", type=float, default=0.0, help="then a soak of this many seconds")
     ap.add_argument("--threads", default="1", help="torch threads per server process")
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-pyfunc", action="store_true")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, one call (< 8 minutes on one H100/H200): decode, labelling and training
 # numbers of HAMburger against its base, written to $OUT as gpu_check.json + gpu_check.md.
-# Runs on the bare GPU machine (system python3, no venv, no network; see ../shared/GPU.md):
+# Runs on the bare GPU machine (system python3, no venv, no network; docs/gpu_check.md):
 # missing packages come from bench/wheels/ (filled here by bench/gpu_wheels.sh, git-ignored,
 # carried with the tree) and go to a scratch --target folder. Where they are importable
 # already (this repo's .venv: PYTHON=.venv/bin/python), nothing is installed.

@@ -1,6 +1,6 @@
 """The eval stage's settings and the definitions of the numbers it reports.
 
-EvalConfig is what `./launch.sh eval MODEL key=value ...` parses (and the README's config
+EvalConfig is what `./launch.sh eval MODEL key=value ...` parses (and docs/configuration.md's config
 reference documents); DEFINITIONS is written next to every metric, in eval.json and in the
 printed table. Both are read by the decoding, quality and report modules, so they live apart
 from all of them.
