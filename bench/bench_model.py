@@ -66,7 +66,7 @@ def plain_sft_step(base: LlamaForCausalLM, samples: list[Sample]) -> torch.Tenso
 
 def reference_style_step(model: HAMburgerModel, samples: list[Sample]) -> torch.Tensor:
     """Loop over segments in the embedder; micro decoder on every macro position, K padded slots."""
-    k = model.config.max_steps
+    k = model.config.max_segment_len
     batch = collate(samples, k)
     emb = model.embed_tokens
     smashed = []
@@ -104,7 +104,7 @@ def timed(fn) -> float:
 
 def breakdown(model: HAMburgerModel, samples: list[Sample]) -> dict[str, float]:
     """Forward-only time of each part of our step (no grad), to see where time goes."""
-    k = model.config.max_steps
+    k = model.config.max_segment_len
     batch = collate(samples, k)
     t = {}
     with torch.no_grad():

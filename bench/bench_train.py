@@ -46,7 +46,7 @@ def single_token_copy(src: Path, dst: Path) -> Path:
             )
             pq.write_table(table, path)
             shard["sha256"] = sha256_file(path)
-    manifest["key"]["label"]["max_steps"] = 1
+    manifest["key"]["label"]["max_segment_len"] = 1
     (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
 
@@ -90,7 +90,7 @@ def main() -> None:
     res = {
         "HAMburger, 1 rank": run(data, 1, args.steps, base / "h1"),
         "HAMburger, 2 ranks": run(data, 2, args.steps, base / "h2"),
-        "plain SFT (K=1), 2 ranks": run(k1, 2, args.steps, base / "s2", "model.hamburger.max_steps=1"),
+        "plain SFT (K=1), 2 ranks": run(k1, 2, args.steps, base / "s2", "model.hamburger.max_segment_len=1"),
     }
     manifest = json.loads((data / "manifest.json").read_text())
     lines = [

@@ -175,7 +175,7 @@ def decode_rows(args, device, model, shape, batch, prompts, graphs, probs, rng) 
 def section_decode(args, device, shape: str) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_hamburger(shape, device, dtype)
-    k = model.config.max_steps
+    k = model.config.max_segment_len
     probs = segment_distribution(args.manifest, k)
     rng = random.Random(0)
     vocab = model.base.config.vocab_size
@@ -342,7 +342,7 @@ def section_train(args, device, shape: str) -> dict:
     rows, errors = [], []
     for k in (4, 1):
         tcfg = TrainConfig()
-        tcfg.model.hamburger.max_steps = k
+        tcfg.model.hamburger.max_segment_len = k
         tcfg.precision = "bf16" if device.type == "cuda" else "fp32"
         tcfg.optim.warmup_steps = 0
         start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from hamburger.choice import Choice
 from hamburger.dtypes import DType
@@ -121,11 +122,14 @@ class SourceConfig:
 class LabelConfig:
     """How the base model's uncertainty becomes segment boundaries."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"max_steps": "max_segment_len"}
+    """Old key -> its new name: an old config fails naming the new key."""
+
     strategy: Strategy = Strategy.decreasing_v2
     """decreasing_v2 (paper default), decreasing, sliding, small_group or fixed."""
     metric: Metric = Metric.entropy
     """entropy of the predictive distribution, or prob: surprisal -log p(actual token), in nats."""
-    max_steps: int = 4
+    max_segment_len: int = 4
     """K: longest segment."""
     min_threshold: float = 0.05
     """decreasing_v2: a token under this value always joins."""
@@ -151,8 +155,8 @@ class LabelConfig:
             )
         if self.metric not in METRICS:
             raise ValueError(f"label.metric {self.metric!r} is unknown; choose one of {list(METRICS)}")
-        if not 1 <= self.max_steps <= 127:  # seg_lens are stored as int8
-            raise ValueError(f"label.max_steps (K) must lie in 1..127, got {self.max_steps}")
+        if not 1 <= self.max_segment_len <= 127:  # seg_lens are stored as int8
+            raise ValueError(f"label.max_segment_len (K) must lie in 1..127, got {self.max_segment_len}")
         if self.min_threshold < 0:
             raise ValueError(f"label.min_threshold must be >= 0, got {self.min_threshold}")
         if not 0 <= self.ratio <= 1:
@@ -160,8 +164,8 @@ class LabelConfig:
         for name in ("sliding_confidence", "small_group_confidence"):
             if not 0.5 <= getattr(self, name) < 1:
                 raise ValueError(f"label.{name} must lie in [0.5, 1), got {getattr(self, name)}")
-        if not 1 <= self.fixed_k <= self.max_steps:
-            raise ValueError(f"label.fixed_k must lie in 1..max_steps={self.max_steps}, got {self.fixed_k}")
+        if not 1 <= self.fixed_k <= self.max_segment_len:
+            raise ValueError(f"label.fixed_k must lie in 1..max_segment_len={self.max_segment_len}, got {self.fixed_k}")
         if self.batch_tokens < 1:
             raise ValueError(f"label.batch_tokens must be >= 1, got {self.batch_tokens}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

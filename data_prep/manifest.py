@@ -28,7 +28,7 @@ def shard_name(split: str, start: int, cfg: PrepConfig) -> str:
 def build_manifest(
     folder: Path, work, sources: list[SourceIndex], key: dict, digest: str, cfg: PrepConfig
 ) -> dict:
-    k = cfg.label.max_steps
+    k = cfg.label.max_segment_len
     splits: dict = {}
     per_source: dict = {
         s.name: {

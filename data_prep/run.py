@@ -238,7 +238,7 @@ def label_shard(
     shard: str = "",
 ):
     """(Regenerate responses,) tokenise, fit to max_len, score, segment. Returns (columns, stats)."""
-    k = cfg.label.max_steps
+    k = cfg.label.max_segment_len
     stats: dict = {
         "rows_in": len(rows),
         "skipped": Counter(),

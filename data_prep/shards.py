@@ -103,6 +103,9 @@ def load_manifest(folder: str | Path) -> dict:
         raise ShardError(
             f"{path}: schema version {manifest.get('schema_version')}, expected {SCHEMA_VERSION}"
         )
+    label = manifest.get("key", {}).get("label", {})
+    if "max_steps" in label and "max_segment_len" not in label:  # written before K was renamed
+        label["max_segment_len"] = label.pop("max_steps")
     return manifest
 
 

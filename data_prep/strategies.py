@@ -85,7 +85,7 @@ def segment(values: Sequence[float], label_cfg, vocab_size: int) -> list[int]:
     return fn(
         values,
         vocab_size=vocab_size,
-        k=label_cfg.max_steps,
+        k=label_cfg.max_segment_len,
         min_threshold=label_cfg.min_threshold,
         ratio=label_cfg.ratio,
         sliding_confidence=label_cfg.sliding_confidence,

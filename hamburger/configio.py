@@ -6,9 +6,9 @@ run saves beside its outputs, so a run can always be repeated.
 
 from __future__ import annotations
 
-from dataclasses import is_dataclass
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, get_type_hints
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -42,11 +42,27 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         where = f" (in {path})" if path else ""
+        renamed = _renamed_to(cls, key) if key else None
+        if renamed:
+            raise ConfigError(f"config key {key!r} was renamed: use {renamed!r}{where}") from None
         raise ConfigError(f"config key {key!r}: {e.msg if hasattr(e, 'msg') else e}{where}") from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
     return obj
+
+
+def _renamed_to(cls: type, dotted: str) -> str | None:
+    """The new dotted name of a key its dataclass lists in RENAMED (old -> new), else None."""
+    *parents, last = str(dotted).split(".")
+    current = cls
+    for part in parents:
+        hints = get_type_hints(current) if is_dataclass(current) else {}
+        if part not in {f.name for f in fields(current)} or not is_dataclass(hints.get(part)):
+            return None
+        current = hints[part]
+    new = getattr(current, "RENAMED", {}).get(last)
+    return ".".join([*parents, new]) if new else None
 
 
 def _load_yaml_mapping(path: str | Path):

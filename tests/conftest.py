@@ -98,11 +98,11 @@ def sharp_model() -> HAMburgerModel:
     return model.double()
 
 
-def random_sample(rng: random.Random, vocab: int, max_steps: int, prompt_len: int, n_resp: int, sid: int = 0):
+def random_sample(rng: random.Random, vocab: int, max_segment_len: int, prompt_len: int, n_resp: int, sid: int = 0):
     ids = [rng.randrange(3, vocab) for _ in range(prompt_len + n_resp)]
     segs, left = [], n_resp
     while left:
-        s = rng.randint(1, min(max_steps, left))
+        s = rng.randint(1, min(max_segment_len, left))
         segs.append(s)
         left -= s
     return Sample(input_ids=ids, prompt_len=prompt_len, seg_lens=segs, sample_id=sid)

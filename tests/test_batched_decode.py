@@ -22,7 +22,7 @@ def test_batched_equals_single_per_sequence():
                     single.seg_lens,
                     single.forced_stop,
                 )
-                assert b.base_forwards == single.base_forwards == len(b.seg_lens)
+                assert b.macro_steps == single.macro_steps == len(b.seg_lens)
                 assert b.kv_entries == single.kv_entries == len(p) + len(b.seg_lens) - 1
 
 
@@ -50,4 +50,4 @@ def test_base_batch_matches_plain_greedy():
             logits = base(input_ids=torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
         assert r.tokens == ids[len(p) :]
-        assert r.base_forwards == len(r.tokens) and r.kv_entries == len(p) + len(r.tokens) - 1
+        assert r.macro_steps == len(r.tokens) and r.kv_entries == len(p) + len(r.tokens) - 1

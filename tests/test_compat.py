@@ -90,7 +90,7 @@ def test_batched_caches_grow(recording):
     width = max(len(p) for p in PROMPTS)
     assert recording[0] == [width + i for i in range(len(recording[0]))]
     assert len(recording[0]) > 1
-    f, k = model.micro.num_features, model.config.max_steps
+    f, k = model.micro.num_features, model.config.max_segment_len
     assert [log for log in recording[1:] if log] and all(
         log == [f + 1 + i for i in range(k - 1)] for log in recording[1:]
     )
@@ -101,7 +101,7 @@ def test_batched_caches_grow(recording):
 
 def recompute_generate(model, prompt: list[int], max_new: int, confidence: float) -> tuple[list, list]:
     """HAMburger greedy decoding with no cache at all: every step re-reads everything."""
-    k = model.config.max_steps
+    k = model.config.max_segment_len
     emb = model.embed_tokens
     inputs = emb(torch.tensor(prompt))
     positions = list(range(len(prompt)))

@@ -81,6 +81,7 @@ def test_end_to_end_shards_and_manifest(tiny_dir, corpus, tmp_path):
         assert sum(r["seg_lens"]) == len(response) and len(r["values"]) == len(response)
 
 
+@pytest.mark.distributed
 def test_two_ranks_equal_one_rank(tiny_dir, corpus, tmp_path):
     one = prepare(make_cfg(tiny_dir, tmp_path / "one", SourceConfig(path=str(corpus))))
     cfg_file = tmp_path / "prep.yaml"
@@ -482,6 +483,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.distributed
 def test_scoring_peak_memory_does_not_grow_with_the_batch():
     """Issue 11.2, measured: peak RSS while scoring a 4,000-response-token batch at a 32k
     vocabulary. Whole-batch fp32 logits are 500 MiB per tensor; chunks of 2^22 logits are 16 MiB."""

@@ -55,8 +55,8 @@ def test_bound_and_micro_calls_on_known_numbers():
     # segments 3,1,2 and 4,4 decoded together: step 0 runs max(2, 3) micro calls, step 1
     # max(0, 3), step 2 (row 2 retired) 1
     batch = [
-        DecodeResult(tokens=[9] * 6, seg_lens=[3, 1, 2], base_forwards=3),
-        DecodeResult(tokens=[9] * 8, seg_lens=[4, 4], base_forwards=2),
+        DecodeResult(tokens=[9] * 6, seg_lens=[3, 1, 2], macro_steps=3),
+        DecodeResult(tokens=[9] * 8, seg_lens=[4, 4], macro_steps=2),
     ]
     assert micro_calls(batch) == (7, 3)
     assert micro_calls_per_macro_step(batch, 1) == pytest.approx((2 + 0 + 1 + 3 + 3) / 5)
@@ -164,7 +164,7 @@ def test_eval_report_end_to_end(tmp_path):
     """A tiny exported model: eval.json, the table and MLflow carry the new columns."""
     base_dir = tiny_model_dir(tmp_path / "base", seed=0, layers=2)
     base = LlamaForCausalLM.from_pretrained(str(base_dir))
-    model = HAMburgerModel(base, HAMburgerConfig(embedder_head_dim=16, micro_layers=1, max_steps=3))
+    model = HAMburgerModel(base, HAMburgerConfig(embedder_head_dim=16, micro_layers=1, max_segment_len=3))
     torch.manual_seed(7)
     with torch.no_grad():
         for layer in model.stop_head.net:

@@ -21,8 +21,8 @@ def test_speed_metrics_on_a_hand_built_trace():
     # prompt 1: segments 3,1,2 -> 6 tokens, 3 base forwards (prefill + 2), KV 3 + 2
     # prompt 2: segments 4,4 -> 8 tokens, 2 base forwards, KV 2 + 1
     results = [
-        DecodeResult(tokens=[9] * 6, seg_lens=[3, 1, 2], base_forwards=3, kv_entries=5),
-        DecodeResult(tokens=[9] * 8, seg_lens=[4, 4], base_forwards=2, kv_entries=3),
+        DecodeResult(tokens=[9] * 6, seg_lens=[3, 1, 2], macro_steps=3, kv_entries=5),
+        DecodeResult(tokens=[9] * 8, seg_lens=[4, 4], macro_steps=2, kv_entries=3),
     ]
     m = speed(results, 2.0, prompts)
     assert m["tokens_per_macro_step"] == pytest.approx(14 / 5)

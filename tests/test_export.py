@@ -117,7 +117,7 @@ def test_mlflow_models_serve_answers_rest(exported):
             server.kill()
             pytest.fail("mlflow models serve gave no answer:\n" + server.communicate()[0][-3000:])
         row = answer["predictions"][0]
-        assert isinstance(row["text"], str) and 1 <= row["tokens"] <= 8 and row["tokens_per_step"] >= 1
+        assert isinstance(row["text"], str) and 1 <= row["tokens"] <= 8 and row["tokens_per_macro_step"] >= 1
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)

@@ -112,8 +112,8 @@ def test_data_labelled_with_a_larger_k_is_refused_before_training(setup):
 
     model = str(setup["base"] / "model")
     assert check_data_fits_model(setup["data"], model, HAMburgerConfig(), _samples(setup["data"])) == []
-    with pytest.raises(RunMismatch, match=r"labelled with K=4 .* model\.hamburger\.max_steps=2"):
-        check_data_fits_model(setup["data"], model, HAMburgerConfig(max_steps=2), _samples(setup["data"]))
+    with pytest.raises(RunMismatch, match=r"labelled with K=4 .* model\.hamburger\.max_segment_len=2"):
+        check_data_fits_model(setup["data"], model, HAMburgerConfig(max_segment_len=2), _samples(setup["data"]))
 
 
 def test_data_from_another_tokenizer_is_refused(setup, tmp_path):

@@ -138,7 +138,7 @@ def test_train_decode_consistency(confidence):
     prompt = [5, 17, 33, 8, 61, 12]
     res = generate(model, prompt, max_new_tokens=40, confidence=confidence, eos_token_ids={2})
     assert len(set(res.seg_lens)) > 1, res.seg_lens  # the test must exercise several lengths
-    assert res.base_forwards == len(res.seg_lens)
+    assert res.macro_steps == len(res.seg_lens)
     sample = Sample(prompt + res.tokens, len(prompt), res.seg_lens)
     out = model(collate([sample], 4), return_logits=True)
     assert out.logits.argmax(-1).tolist() == res.tokens
@@ -212,8 +212,8 @@ def test_feature_layers_default_and_errors():
     assert HAMburgerConfig().resolved_feature_layers(2) == [1, 2]  # a shallow base: each layer once
     with pytest.raises(ValueError, match="feature_layers"):
         HAMburgerConfig(feature_layers=[2, 3]).resolved_feature_layers(4)
-    with pytest.raises(ValueError, match="max_steps"):
-        HAMburgerConfig(max_steps=0).validate()
+    with pytest.raises(ValueError, match="max_segment_len"):
+        HAMburgerConfig(max_segment_len=0).validate()
     with pytest.raises(ValueError, match="unknown hamburger config keys"):
         HAMburgerConfig.from_dict({"max_step": 3})
 
@@ -255,3 +255,19 @@ def test_micro_decoder_can_start_as_the_base_top():
         HAMburgerModel(
             tiny_base(), HAMburgerConfig(embedder_head_dim=16, micro_layers=9)
         ).copy_base_top_into_micro()
+
+
+def test_the_old_name_of_k_is_refused_naming_the_new_one():
+    """`max_steps` meant K in model.hamburger and the step budget at the top of the same YAML;
+    K is now `max_segment_len`, and an old config or model folder fails naming it."""
+    from data_prep.config import PrepConfig
+    from hamburger.configio import ConfigError, load_config
+    from trainer.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"'model.hamburger.max_steps' was renamed: use 'model.hamburger.max_segment_len'"):
+        load_config(TrainConfig, None, ["model.hamburger.max_steps=3"])
+    with pytest.raises(ConfigError, match=r"'label.max_steps' was renamed: use 'label.max_segment_len'"):
+        load_config(PrepConfig, None, ["sources=[{path: x.jsonl}]", "label.max_steps=3"])
+    with pytest.raises(ValueError, match="'max_steps' was renamed to 'max_segment_len'"):
+        HAMburgerConfig.from_dict({"max_steps": 4})
+    assert load_config(PrepConfig, None, ["sources=[{path: x.jsonl}]", "label.max_segment_len=3"]).label.max_segment_len == 3

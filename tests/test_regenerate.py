@@ -275,6 +275,7 @@ def test_sampled_regeneration_is_seeded_per_shard_and_resumes_exactly(
     assert token_ids(sampled) != token_ids(regenerated)
 
 
+@pytest.mark.distributed
 def test_two_ranks_regenerate_what_one_rank_does(eos_dir, prompts_only, regenerated, tmp_path):
     """Shards are split over ranks as in labelling: each rank writes its own shards' responses."""
     cfg_file = tmp_path / "prep.yaml"

@@ -13,7 +13,7 @@ PROMPTS = [[5, 17, 33, 8, 61, 12], [9, 4], [70, 71, 72, 73, 74, 75, 76, 77, 78, 
 
 
 def fields(r):
-    return r.tokens, r.seg_lens, r.forced_stop, r.base_forwards, r.kv_entries
+    return r.tokens, r.seg_lens, r.forced_stop, r.macro_steps, r.kv_entries
 
 
 @pytest.mark.parametrize("mode", ["static", "graphed"])

@@ -30,7 +30,7 @@ def cuts(lengths: list[int]) -> list[list[int]]:
 
 def join_rule(name: str, cfg: LabelConfig):
     """The documented rule, restated independently: may token v join segment `seg` (its values)?"""
-    k = cfg.max_steps
+    k = cfg.max_segment_len
     if name == "decreasing_v2":
         return lambda seg, v: len(seg) < k and (v < cfg.min_threshold or v < cfg.ratio * max(seg))
     if name == "decreasing":
@@ -54,7 +54,7 @@ def test_contract_and_rule_token_by_token(name):
         n = rng.randint(1, 40)
         values = [rng.choice([0.0, 0.01, 0.04, 0.2, 0.5, 1.0, 3.0]) * rng.random() * 3 for _ in range(n)]
         lengths = segment(values, cfg, VOCAB)
-        assert sum(lengths) == n and all(1 <= x <= cfg.max_steps for x in lengths), (trial, lengths)
+        assert sum(lengths) == n and all(1 <= x <= cfg.max_segment_len for x in lengths), (trial, lengths)
         segs = cuts(lengths)
         for si, seg in enumerate(segs):
             vals = [values[i] for i in seg]

@@ -95,11 +95,11 @@ def _retiring_loop(
     ids, mask, positions = left_pad(prompts, pad_id, device)
     cache = stepper.new_cache()
     state = stepper.prefill(ids, mask, positions, cache)
-    results = [DecodeResult(tokens=[], seg_lens=[], base_forwards=1) for _ in prompts]
+    results = [DecodeResult(tokens=[], seg_lens=[], macro_steps=1) for _ in prompts]
     active = list(range(len(prompts)))  # original index of each batch row
     last_pos = torch.tensor([len(p) - 1 for p in prompts], device=device)
     while True:
-        budgets = [min(stepper.max_steps, max_new_tokens - len(results[i].tokens)) for i in active]
+        budgets = [min(stepper.max_segment_len, max_new_tokens - len(results[i].tokens)) for i in active]
         segs, by_head = stepper.segments(state, budgets, [confidences[i] for i in active], eos)
         keep = []
         for row, i in enumerate(active):
@@ -125,7 +125,7 @@ def _retiring_loop(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         state = stepper.advance(segs, mask, last_pos[:, None], cache)
         for i in active:
-            results[i].base_forwards += 1
+            results[i].macro_steps += 1
 
 
 @torch.no_grad()

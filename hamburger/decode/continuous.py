@@ -20,27 +20,24 @@ trainer/serve/app.py drives the same `ContinuousBatch` from a scheduler thread.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from hamburger.decode.eager import DecodeResult
 from hamburger.decode.steppers import BaseStepper, HAMburgerStepper, left_pad  # noqa: F401 - re-exported
 from hamburger.model.config import DEFAULT_CONFIDENCE
 
 
 @dataclass
-class Sequence:
-    """One request's decode state. `cancel` may be called from any thread; the batch honours it
-    at the next macro-step boundary."""
+class Sequence(DecodeResult):
+    """One request's decode state: its DecodeResult (tokens, segments, macro steps) as it grows,
+    and what the batch needs to run it. `cancel` may be called from any thread; the batch honours
+    it at the next macro-step boundary."""
 
     prompt_ids: list[int]
     max_new_tokens: int
     confidence: float = DEFAULT_CONFIDENCE
-    tokens: list[int] = field(default_factory=list)
-    seg_lens: list[int] = field(default_factory=list)
-    forced_stop: list[bool] = field(default_factory=list)
-    macro_steps: int = 0
-    """Base forward passes that produced this sequence's segments, the prefill counted as one."""
     finish_reason: str | None = None
     """'stop' (EOS or a stop string), 'length', or why it was cut: 'deadline', 'cancelled', 'error'."""
     error: str = ""
@@ -63,10 +60,6 @@ class Sequence:
         self.finish_reason, self.error = reason, error
         if self.on_finish is not None:
             self.on_finish(self)
-
-    @property
-    def tokens_per_step(self) -> float:
-        return len(self.tokens) / max(self.macro_steps, 1)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -131,7 +124,7 @@ class ContinuousBatch:
         """One macro step for every row: emit a segment each, retire the finished, feed the rest."""
         if not self.rows:
             return []
-        budgets = [min(self.stepper.max_steps, s.max_new_tokens - len(s.tokens)) for s in self.rows]
+        budgets = [min(self.stepper.max_segment_len, s.max_new_tokens - len(s.tokens)) for s in self.rows]
         confs = [s.confidence for s in self.rows]
         segs, by_head = self.stepper.segments(self.state, budgets, confs, self.eos)
         keep, finished = [], []

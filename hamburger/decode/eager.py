@@ -16,17 +16,27 @@ from hamburger.model.config import DEFAULT_CONFIDENCE
 from hamburger.model.hamburger import HAMburgerModel
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DecodeResult:
-    tokens: list[int]
-    seg_lens: list[int]
+    """One decoded sequence, from every decoder (eager, batched, static, continuous) and from
+    `load().generate()`: the same fields under the same names everywhere."""
+
+    tokens: list[int] = field(default_factory=list)
+    seg_lens: list[int] = field(default_factory=list)
     forced_stop: list[bool] = field(default_factory=list)
     """Per segment: True when it ended by K, EOS or the length limit, not by the stop head."""
-    base_forwards: int = 0
+    macro_steps: int = 0
     """Base forward passes, the prefill counted as one."""
     kv_entries: int = 0
     """Base KV-cache entries of this sequence at the end: prompt + one per macro step after the
     prefill (the last segment is emitted but never fed back)."""
+    text: str = ""
+    """The tokens decoded to text, where the caller has a tokenizer (load().generate())."""
+
+    @property
+    def tokens_per_macro_step(self) -> float:
+        """Generated tokens / base forward passes (the prefill counted as one)."""
+        return len(self.tokens) / max(self.macro_steps, 1)
 
 
 @torch.no_grad()
@@ -40,7 +50,7 @@ def generate(
     """Emit segments until EOS or max_new_tokens; stop a segment once P(continue) < confidence."""
     model.eval()
     eos = eos_token_ids or set()
-    k = model.config.max_steps
+    k = model.config.max_segment_len
     device = next(model.parameters()).device
     base = model.base.model
     cache = DynamicCache(config=model.base.config)
@@ -52,7 +62,7 @@ def generate(
         use_cache=True,
         output_hidden_states=True,
     )
-    result = DecodeResult(tokens=[], seg_lens=[], base_forwards=1)
+    result = DecodeResult(tokens=[], seg_lens=[], macro_steps=1)
     pos = len(prompt_ids) - 1
     while True:
         feats = torch.stack([h[:, -1] for h in model.features(out.hidden_states)], dim=1)  # [1, F, D]
@@ -74,7 +84,7 @@ def generate(
             use_cache=True,
             output_hidden_states=True,
         )
-        result.base_forwards += 1
+        result.macro_steps += 1
 
 
 def _segment(model: HAMburgerModel, feats: torch.Tensor, budget: int, confidence: float, eos: set[int]):

@@ -258,7 +258,7 @@ class StaticBaseDecoder(_Common):
                 tokens=toks[i][: sum(seg_lens[i])],
                 seg_lens=seg_lens[i],
                 forced_stop=[not b for b in by_head[i]] if by_head else [True] * len(seg_lens[i]),
-                base_forwards=fw[i],
+                macro_steps=fw[i],
                 kv_entries=kv[i],
             )
             for i in range(self.batch)
@@ -274,7 +274,7 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
     """
 
     def __init__(self, model: HAMburgerModel, batch: int, prompt_width: int, max_new: int, graphs: bool):
-        k = model.config.max_steps
+        k = model.config.max_segment_len
         _Common.__init__(self, model.base, batch, prompt_width, max_new, width_extra=k)
         self.model, self.k = model, k
         dev, long = self.device, torch.long

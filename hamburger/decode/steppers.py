@@ -24,7 +24,7 @@ class BaseStepper:
         self.lm = self.parameters_of = lm.eval()
         self.pick = pick
         self.config = lm.config
-        self.max_steps = 1
+        self.max_segment_len = 1
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
@@ -59,7 +59,7 @@ class HAMburgerStepper:
     def __init__(self, model):
         self.model = self.parameters_of = model.eval()
         self.config = model.base.config
-        self.max_steps = model.config.max_steps
+        self.max_segment_len = model.config.max_segment_len
         self._base = model.base.model
 
     def new_cache(self) -> DynamicCache:
@@ -79,7 +79,7 @@ class HAMburgerStepper:
         return self._forward(cache, input_ids=ids, attention_mask=mask, position_ids=positions)
 
     def advance(self, segs, mask, positions, cache) -> torch.Tensor:
-        k, device = self.max_steps, mask.device
+        k, device = self.max_segment_len, mask.device
         lens = torch.tensor([len(s) for s in segs], device=device)
         seg_t = torch.tensor([s + [0] * (k - len(s)) for s in segs], device=device)
         x = self.model.smash(seg_t, lens)[:, None]

@@ -27,7 +27,7 @@ class Sample:
     seg_lens: list[int]
     sample_id: int = -1
 
-    def check(self, max_steps: int) -> None:
+    def check(self, max_segment_len: int) -> None:
         """Reject a malformed sample with a message naming it, before it can corrupt a batch."""
         resp = len(self.input_ids) - self.prompt_len
         where = f"sample {self.sample_id}"
@@ -40,9 +40,9 @@ class Sample:
             )
         if sum(self.seg_lens) != resp:
             raise ValueError(f"{where}: seg_lens sum to {sum(self.seg_lens)}, response has {resp} tokens")
-        if min(self.seg_lens) < 1 or max(self.seg_lens) > max_steps:
+        if min(self.seg_lens) < 1 or max(self.seg_lens) > max_segment_len:
             raise ValueError(
-                f"{where}: seg_lens must lie in 1..{max_steps}, got {sorted(set(self.seg_lens))}"
+                f"{where}: seg_lens must lie in 1..{max_segment_len}, got {sorted(set(self.seg_lens))}"
             )
 
     @property
@@ -101,7 +101,7 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def collate(
-    samples: list[Sample], max_steps: int, row_capacity: int | None = None, with_plain: bool = False
+    samples: list[Sample], max_segment_len: int, row_capacity: int | None = None, with_plain: bool = False
 ) -> PackedBatch:
     """Pack samples into rows (no attention across samples; the mask is built from seq_ids).
 
@@ -112,8 +112,8 @@ def collate(
     if not samples:
         raise ValueError("collate needs at least one sample")
     for s in samples:
-        s.check(max_steps)
-    k = max_steps
+        s.check(max_segment_len)
+    k = max_segment_len
     lengths = [s.macro_len for s in samples]
     if row_capacity is None:
         rows = [[i] for i in range(len(samples))]

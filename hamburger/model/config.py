@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 from hamburger.choice import Choice
 
@@ -26,7 +27,10 @@ class MicroInit(Choice):
 class HAMburgerConfig:
     """Shape of the modules grafted onto the base LLM (defaults: arXiv 2505.20438)."""
 
-    max_steps: int = 4
+    RENAMED: ClassVar[dict[str, str]] = {"max_steps": "max_segment_len"}
+    """Old key -> its new name: an old config or model folder fails naming the new key."""
+
+    max_segment_len: int = 4
     """K: the most tokens one macro step may emit (and one KV entry may hold)."""
     micro_layers: int = 4
     """Decoder layers in the micro-step decoder (built from the base model's own layer class)."""
@@ -53,8 +57,8 @@ class HAMburgerConfig:
 
     def validate(self) -> None:
         """Fail early with the field's name, before any weights are built."""
-        if self.max_steps < 1:
-            raise ValueError(f"hamburger.max_steps must be >= 1, got {self.max_steps}")
+        if self.max_segment_len < 1:
+            raise ValueError(f"hamburger.max_segment_len must be >= 1, got {self.max_segment_len}")
         if self.micro_layers < 1:
             raise ValueError(f"hamburger.micro_layers must be >= 1, got {self.micro_layers}")
         if not self.feature_layers and self.num_features < 1:
@@ -96,6 +100,12 @@ class HAMburgerConfig:
     @classmethod
     def from_dict(cls, data: dict) -> HAMburgerConfig:
         known = set(cls.__dataclass_fields__)
+        for old, new in cls.RENAMED.items():
+            if old in data:
+                raise ValueError(
+                    f"hamburger config key {old!r} was renamed to {new!r} (K, the most tokens per segment); "
+                    f"rename it in the config (a model folder written before the rename: its config.json)"
+                )
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown hamburger config keys: {unknown} (known: {sorted(known)})")

@@ -16,18 +16,18 @@ class CompositionalEmbedder(nn.Module):
     slot-position vector, so the result knows the order of the tokens it fused.
     """
 
-    def __init__(self, hidden_size: int, max_steps: int, head_dim: int = 32):
+    def __init__(self, hidden_size: int, max_segment_len: int, head_dim: int = 32):
         super().__init__()
         if hidden_size % head_dim != 0:
             raise ValueError(
                 f"hamburger.embedder_head_dim={head_dim} must divide the base hidden size {hidden_size}"
             )
         self.hidden_size = hidden_size
-        self.max_steps = max_steps
+        self.max_segment_len = max_segment_len
         self.head_dim = head_dim
         self.num_heads = hidden_size // head_dim
         pos_dim = hidden_size // 2
-        self.slot_pos = nn.Parameter(torch.zeros(max_steps, pos_dim))
+        self.slot_pos = nn.Parameter(torch.zeros(max_segment_len, pos_dim))
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size + pos_dim, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size + pos_dim, hidden_size, bias=False)

@@ -59,7 +59,7 @@ class HAMburgerModel(nn.Module):
         bcfg = base.config
         self.feature_layers = config.resolved_feature_layers(bcfg.num_hidden_layers)
         d = bcfg.hidden_size
-        self.embedder = CompositionalEmbedder(d, config.max_steps, config.embedder_head_dim)
+        self.embedder = CompositionalEmbedder(d, config.max_segment_len, config.embedder_head_dim)
         self.micro = MicroDecoder(
             bcfg,
             num_layers=config.micro_layers,
@@ -164,7 +164,7 @@ class HAMburgerModel(nn.Module):
            segments cost no decoder compute;
         4. LM head and stop head on all o_j; CE + stop_weight * BCE (+ kl_weight * KL).
         """
-        k = self.config.max_steps
+        k = self.config.max_segment_len
         rows, width = batch.seq_ids.shape
         x = self.smash(batch.group_tokens, batch.group_lens)
         d = x.shape[-1]
@@ -218,7 +218,7 @@ class HAMburgerModel(nn.Module):
         one-token segments); a length absent from the batch costs one dummy sequence.
         """
         s, f, d = feats.shape
-        k = self.config.max_steps
+        k = self.config.max_segment_len
         pieces = [feats[:, -1]]  # o_1 = h_L
         index = [torch.arange(s, device=feats.device) * k]
         tok_emb = self.embed_tokens(tgt_tokens[:, : k - 1]) if k > 1 else None
@@ -258,7 +258,7 @@ class HAMburgerModel(nn.Module):
         along the labelled segment (so it is capped by the labelled length): how many of the
         segment's tokens greedy decoding with this stop head would emit in one macro step.
         """
-        k = self.config.max_steps
+        k = self.config.max_segment_len
         correct = (logits.argmax(-1) == targets).float()
         m: dict[str, torch.Tensor] = {"token_acc": correct.mean()}
         for j in range(k):

@@ -126,7 +126,7 @@ def heldout_ce(model: HAMburgerModel, base, prompts: list[Prompt]) -> dict[str, 
     for p in labelled:
         s = Sample(p.ids + p.reference, len(p.ids), p.seg_lens)
         device = next(base.parameters()).device
-        ham = model(collate([s], model.config.max_steps).to(device)).ce.item()
+        ham = model(collate([s], model.config.max_segment_len).to(device)).ce.item()
         logits = base(input_ids=torch.tensor([s.input_ids], device=device)).logits[0, len(p.ids) - 1 : -1]
         b = F.cross_entropy(logits.float(), torch.tensor(p.reference, device=device)).item()
         k = len(p.reference)

@@ -39,11 +39,11 @@ def run_decoder(fn, prompts: list[Prompt], batch_size: int) -> tuple[list, float
 
 def speed(results, seconds: float, prompts: list[Prompt]) -> dict[str, float]:
     tokens = sum(len(r.tokens) for r in results)
-    forwards = sum(r.base_forwards for r in results)
+    forwards = sum(r.macro_steps for r in results)
     kv_added = sum(r.kv_entries - len(p.ids) for r, p in zip(results, prompts, strict=True))
     return {
         "generated_tokens": tokens,
-        "base_forwards": forwards,
+        "macro_steps": forwards,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "tokens_per_macro_step": tokens / forwards,

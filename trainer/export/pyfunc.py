@@ -34,7 +34,7 @@ def pyfunc_signature():
             ColSpec("string", "text"),
             ColSpec("long", "tokens"),
             ColSpec("long", "macro_steps"),
-            ColSpec("double", "tokens_per_step"),
+            ColSpec("double", "tokens_per_macro_step"),
         ]
     )
     params = ParamSchema([ParamSpec("max_new_tokens", "long", None), ParamSpec("confidence", "double", None)])

@@ -62,11 +62,11 @@ class HAMburgerPyfunc(mlflow.pyfunc.PythonModel):
                     "text": tok.decode(s.tokens, skip_special_tokens=True),
                     "tokens": len(s.tokens),
                     "macro_steps": s.macro_steps,
-                    "tokens_per_step": s.tokens_per_step,
+                    "tokens_per_macro_step": s.tokens_per_macro_step,
                 }
                 for s in seqs
             ],
-            columns=["text", "tokens", "macro_steps", "tokens_per_step"],
+            columns=["text", "tokens", "macro_steps", "tokens_per_macro_step"],
         )
 
 

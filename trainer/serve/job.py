@@ -93,7 +93,7 @@ class Job:
     def stats(self) -> dict:
         return {
             "macro_steps": self.seq.macro_steps,
-            "tokens_per_macro_step": round(self.seq.tokens_per_step, 4),
+            "tokens_per_macro_step": round(self.seq.tokens_per_macro_step, 4),
             "confidence": self.params.confidence,
         }
 

@@ -19,22 +19,10 @@ from pathlib import Path
 
 import torch
 
-from hamburger.decode import generate
+from hamburger.decode import DecodeResult, generate
 from hamburger.decode.continuous import BaseStepper, ContinuousBatch, HAMburgerStepper
 from hamburger.model import load_model
 from hamburger.model.config import DEFAULT_CONFIDENCE
-
-
-@dataclass
-class Generation:
-    text: str
-    tokens: int
-    macro_steps: int
-
-    @property
-    def tokens_per_step(self) -> float:
-        """Generated tokens / base forward passes (the prefill counted as one)."""
-        return self.tokens / max(self.macro_steps, 1)
 
 
 class HAMburgerGenerator:
@@ -55,12 +43,12 @@ class HAMburgerGenerator:
 
     def generate(
         self, prompt: str | list[dict], max_new_tokens: int | None = None, confidence: float | None = None
-    ) -> Generation:
+    ) -> DecodeResult:
         max_new = max_new_tokens or self.defaults.get("max_new_tokens", 256)
         conf = confidence if confidence is not None else self.defaults.get("confidence", DEFAULT_CONFIDENCE)
         res = generate(self.model, self.encode(prompt), max_new, conf, self.eos)
-        text = self.tokenizer.decode(res.tokens, skip_special_tokens=True)
-        return Generation(text=text, tokens=len(res.tokens), macro_steps=res.base_forwards)
+        res.text = self.tokenizer.decode(res.tokens, skip_special_tokens=True)
+        return res
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:

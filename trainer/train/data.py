@@ -37,7 +37,7 @@ def manifest_summary(folder: str | Path) -> dict:
         "key_hash": m["key_hash"],
         "model": m["key"]["model"],
         "strategy": m["key"]["label"]["strategy"],
-        "max_steps": m["key"]["label"]["max_steps"],
+        "max_segment_len": m["key"]["label"]["max_segment_len"],
         "rows_out": m["rows_out"],
         "response_tokens": m["response_tokens"],
         "compression": round(m["compression"], 4),

@@ -18,7 +18,7 @@ from hamburger.assets import resolve_model
 from hamburger.model import HAMburgerConfig, Sample
 from trainer.train.checkpoint import CheckpointInfo
 
-ARCHITECTURE_KEYS = ("max_steps", "micro_layers", "feature_layers", "num_features", "embedder_head_dim")
+ARCHITECTURE_KEYS = ("max_segment_len", "micro_layers", "feature_layers", "num_features", "embedder_head_dim")
 
 
 class RunMismatch(ValueError):
@@ -36,11 +36,11 @@ def check_data_fits_model(
     base_path = resolve_model(base)
     problems, warnings = [], []
 
-    data_k = key["label"]["max_steps"]
-    if data_k > hcfg.max_steps:
+    data_k = key["label"]["max_segment_len"]
+    if data_k > hcfg.max_segment_len:
         problems.append(
-            f"segments were labelled with K={data_k} (label.max_steps) but the model has "
-            f"model.hamburger.max_steps={hcfg.max_steps}; relabel with K<={hcfg.max_steps} or raise the model's K"
+            f"segments were labelled with K={data_k} (label.max_segment_len) but the model has "
+            f"model.hamburger.max_segment_len={hcfg.max_segment_len}; relabel with K<={hcfg.max_segment_len} or raise the model's K"
         )
     vocab = AutoConfig.from_pretrained(base_path).vocab_size
     top = max((max(s.input_ids) for s in samples if s.input_ids), default=-1)

@@ -235,7 +235,7 @@ class Trainer:
         for micro in range(cfg.optim.grad_accum):
             samples = [self.train_samples[i] for i in batches[pos.batch + micro]]
             kl = cfg.model.hamburger.kl_weight > 0  # the frozen teacher reads the plain tokens
-            batch = collate(samples, cfg.model.hamburger.max_steps, cfg.data.row_capacity, with_plain=kl)
+            batch = collate(samples, cfg.model.hamburger.max_segment_len, cfg.data.row_capacity, with_plain=kl)
             out = strategy.forward(batch)
             check_finite(strategy, out.loss, pos.step, [s.sample_id for s in samples])
             strategy.backward(out.loss)

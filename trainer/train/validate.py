@@ -41,7 +41,7 @@ def held_out_metrics(strategy: DeepSpeedStrategy, samples: list[Sample], cfg: Tr
         ):
             batch = collate(
                 [samples[i] for i in idx],
-                cfg.model.hamburger.max_steps,
+                cfg.model.hamburger.max_segment_len,
                 cfg.data.row_capacity,
                 with_plain=cfg.model.hamburger.kl_weight > 0,  # the teacher reads the plain tokens
             )
