@@ -81,7 +81,35 @@ run_distributed() {
   elif [[ -n "$nprocs" ]]; then
     launcher_args+=(--num_gpus "$nprocs")
   fi
-  exec "$VENV/bin/deepspeed" "${launcher_args[@]}" --module "$module" "${args[@]}"
+  run_in_group "$VENV/bin/deepspeed" "${launcher_args[@]}" --module "$module" "${args[@]}"
+}
+
+# The job runs in a process group of its own, and a TERM, INT or HUP sent to this script (what
+# `kill`, `timeout`, systemd, SLURM and a closed terminal send) reaches every process in it: the
+# DeepSpeed launcher and every rank stop, instead of finishing the job with parent 1. A
+# checkpoint being written is left without its COMPLETE marker (resume ignores it).
+run_in_group() {
+  setsid "$@" &
+  local pid=$! rc=0
+  trap "stop_group $pid" TERM INT HUP
+  wait "$pid" || rc=$?
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || rc=$?; done
+  trap - TERM INT HUP
+  if [[ -n "${STOPPED:-}" ]]; then
+    local waited=0
+    while kill -0 -- "-$pid" 2>/dev/null; do   # the rest of the group, a moment to exit cleanly
+      if (( waited++ >= 100 )); then kill -KILL -- "-$pid" 2>/dev/null || true; break; fi
+      sleep 0.1
+    done
+    exit 143
+  fi
+  return "$rc"
+}
+
+stop_group() {
+  STOPPED=1
+  log "stopping the job (signal received): every process of group $1"
+  kill -TERM -- "-$1" 2>/dev/null || true
 }
 
 cmd="${1:-help}"; shift || true

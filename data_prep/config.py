@@ -262,6 +262,12 @@ class PrepConfig:
             names[name] = i
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.responses == "regenerate" and self.generate.max_new_tokens >= self.max_len:
+            raise ValueError(
+                f"generate.max_new_tokens ({self.generate.max_new_tokens}) cannot fit in max_len "
+                f"({self.max_len}): a row is its prompt + response within max_len; lower "
+                "generate.max_new_tokens or raise max_len"
+            )
         if self.overlong not in ("skip", "truncate"):
             raise ValueError(f"overlong must be skip or truncate, got {self.overlong!r}")
         if self.bad_rows not in ("error", "skip"):

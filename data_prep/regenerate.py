@@ -55,6 +55,12 @@ class Regenerator:
     """Writes responses with `model` (a causal LM) under GenerateConfig; counts what it did."""
 
     def __init__(self, model, cfg: GenerateConfig, eos_id: int, pad_id: int):
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context is not None and cfg.max_new_tokens >= context:
+            raise ValueError(
+                f"generate.max_new_tokens ({cfg.max_new_tokens}) cannot fit in the model's context "
+                f"({context} positions) with any prompt; lower generate.max_new_tokens"
+            )
         self.model = model
         self.cfg = cfg
         self.eos_id = eos_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -10,6 +11,15 @@ from hamburger.choice import Choice
 DEFAULT_CONFIDENCE = 0.9
 """The stop head's default confidence threshold when a caller gives none (the paper's decoding
 setting); every decoder, the export's generation_config.json and the server start from it."""
+
+
+def check_confidence(value, where: str) -> float:
+    """The one rule for a stop-head confidence, wherever it is written or read: a number in
+    (0, 1]. Outside it every segment is one token (above 1) or always K (0 or below)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not 0 < value <= 1:
+        raise ValueError(f"{where}: confidence must be a number in (0, 1], got {value!r}")
+    return float(value)
 
 
 class PackedAttention(Choice):

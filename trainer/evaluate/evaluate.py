@@ -24,7 +24,7 @@ from hamburger.decode.step_costs import measure_step_costs
 from hamburger.dtypes import resolve_dtype
 from hamburger.model import load_model
 from trainer.evaluate.config import DEFINITIONS, DecodeMode, EvalConfig
-from trainer.evaluate.prompts import load_prompts, resolve_model_folder
+from trainer.evaluate.prompts import check_lengths, load_prompts, resolve_model_folder
 from trainer.evaluate.quality import base_nll, cut_at_eos, heldout_ce, quality
 from trainer.evaluate.report import log_mlflow, plot, table
 from trainer.evaluate.speed import bound_columns, micro_calls_per_macro_step, run_decoder, speed
@@ -55,6 +55,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     prompts = load_prompts(cfg, tokenizer, lineage.get("data", ""))
     if not prompts:
         raise ValueError("no prompts to evaluate")
+    context = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (model.base, base))
+    check_lengths(prompts, cfg.max_new_tokens, context)
     report: dict = {
         "model": str(folder),
         "base": base_name,

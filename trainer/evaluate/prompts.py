@@ -20,6 +20,8 @@ class Prompt:
     meta: dict
     reference: list[int] | None = None
     seg_lens: list[int] | None = None
+    where: str = ""
+    """Where it came from, for messages: `FILE line N` or `FOLDER split S row N`."""
 
 
 # ---------------------------------------------------------------- inputs
@@ -41,16 +43,21 @@ def load_prompts(cfg: EvalConfig, tokenizer, default_data: str) -> list[Prompt]:
     data = cfg.data or default_data
     if not data:
         raise ValueError("data: no prompt file or prep folder given, and the model records none")
+    if Path(data).is_file() and not data.endswith(".jsonl"):
+        raise ValueError(
+            f"data={data}: a file that is not .jsonl; eval reads a .jsonl prompt file (one JSON object "
+            "with a 'prompt' per line) or a prep folder (its manifest.json and shards)"
+        )
     if data.endswith(".jsonl"):
         out = []
-        for _line, rec in read_prompt_records(Path(data)):
+        for line, rec in read_prompt_records(Path(data)):
             ids = tokenizer.apply_chat_template(
                 [{"role": "user", "content": rec["prompt"]}],
                 add_generation_prompt=True,
                 tokenize=True,
                 return_dict=True,
             )
-            out.append(Prompt(list(ids["input_ids"]), rec))
+            out.append(Prompt(list(ids["input_ids"]), rec, where=f"{data} line {line}"))
         return out[: cfg.max_prompts]
     from data_prep.shards import read_split
 
@@ -61,9 +68,26 @@ def load_prompts(cfg: EvalConfig, tokenizer, default_data: str) -> list[Prompt]:
             json.loads(r["meta"] or "{}"),
             r["input_ids"][r["prompt_len"] :],
             r["seg_lens"],
+            where=f"{data} split {cfg.split} row {i}",
         )
-        for r in rows
+        for i, r in enumerate(rows)
     ]
+
+
+def check_lengths(prompts: list[Prompt], max_new_tokens: int, context: int) -> None:
+    """Every prompt + max_new_tokens fits the model's context, or the first that does not is
+    named with the limit (decoding past the position table fails deep inside, or allocates for
+    a prompt no model can read)."""
+    if max_new_tokens >= context:
+        raise ValueError(
+            f"max_new_tokens ({max_new_tokens}) does not fit the model's context of {context} positions"
+        )
+    for p in prompts:
+        if len(p.ids) + max_new_tokens > context:
+            raise ValueError(
+                f"{p.where}: prompt of {len(p.ids)} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                f"model's context of {context} positions; shorten the prompt or lower max_new_tokens"
+            )
 
 
 def read_prompt_records(path: Path) -> list[tuple[int, dict]]:

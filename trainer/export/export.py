@@ -21,9 +21,15 @@ from pathlib import Path
 import torch
 
 from hamburger.model import folder
-from hamburger.model.config import DEFAULT_CONFIDENCE
+from hamburger.model.config import DEFAULT_CONFIDENCE, check_confidence
 from trainer.export import zero_files
-from trainer.train.checkpoint import COMPLETE, CheckpointInfo, NotOurCheckpoint, latest_checkpoint
+from trainer.train.checkpoint import (
+    COMPLETE,
+    CheckpointInfo,
+    NotOurCheckpoint,
+    is_step_folder,
+    latest_checkpoint,
+)
 from trainer.train.data import manifest_summary
 
 EXPORT_MARKER = ".hamburger-export.json"  # written into every export; --overwrite replaces only such folders
@@ -71,6 +77,14 @@ def check_output_folder(out: Path, ckpt: Path, overwrite: bool) -> None:
         raise ExportError(
             f"--out {out}: holds the source checkpoint {ckpt} (the source run or a folder containing it); "
             "export to another folder"
+        )
+    inside = next(
+        (d for d in target.parents if d.name == "checkpoints" and any(map(is_step_folder, d.iterdir()))), None
+    )
+    if inside is not None:
+        raise ExportError(
+            f"--out {out}: lies inside a run's checkpoints folder ({inside}), which training owns; "
+            "export to a folder outside it"
         )
     if not out.exists() or not any(out.iterdir()):
         return
@@ -139,6 +153,10 @@ def export(
     max_shard_size: str = "2GB",
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict:
+    try:
+        check_confidence(confidence, "export --confidence")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     ckpt = resolve_checkpoint(src)
     info = CheckpointInfo.read(ckpt)
     out_path = Path(out)
@@ -305,7 +323,9 @@ def register_model(path: Path, name: str, info: CheckpointInfo, ckpt: Path, trac
         with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run():
             model_info = mlflow.pyfunc.log_model(
                 name="hamburger_model",
-                **pyfunc_spec(path),  # models from code: loading runs trainer/export/pyfunc_model.py, no pickle
+                **pyfunc_spec(
+                    path
+                ),  # models from code: loading runs trainer/export/pyfunc_model.py, no pickle
                 registered_model_name=name,
                 pip_requirements=_pip_requirements(),
             )
@@ -342,7 +362,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tracking-uri", default="")
     ap.add_argument("--max-shard-size", default="2GB")
     ap.add_argument(
-        "--confidence", type=float, default=DEFAULT_CONFIDENCE, help="default confidence in generation_config.json"
+        "--confidence",
+        type=float,
+        default=DEFAULT_CONFIDENCE,
+        help="default confidence in generation_config.json",
     )
     args = ap.parse_args(argv)
     try:

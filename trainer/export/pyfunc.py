@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from hamburger.model.config import check_confidence as model_check_confidence
+
 MAX_NEW_TOKENS_CAP = 1024
 """The pyfunc's cap on max_new_tokens (a request over it is refused, never run)."""
 PYFUNC_MAX_BATCH = 16
@@ -74,10 +76,10 @@ def check_max_new_tokens(v, where: str) -> int:
 
 
 def check_confidence(v, where: str) -> float:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or not 0 < v <= 1:
-        raise _bad_input(f"{where}: confidence must be a number in (0, 1], got {v!r}")
-    return float(v)
+    try:
+        return model_check_confidence(v, where)
+    except ValueError as e:
+        raise _bad_input(str(e)) from None
 
 
 def pyfunc_rows(model_input) -> list[dict]:

@@ -10,19 +10,25 @@ from pathlib import Path
 import torch
 
 LATEST = "latest"  # DeepSpeed writes the newest tag's name here, last
+STAGE12_MODEL = "mp_rank_00_model_states.pt"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+"""Files beside the rank files that anything might unpickle: a checkpoint holding one is refused."""
 
 
 class ZeroFileError(RuntimeError):
     """A DeepSpeed checkpoint file is missing, truncated or unsafe; the message names it."""
 
 
+def is_stage_1_or_2(ckpt: Path) -> bool:
+    """ZeRO stage 1/2 write one full model file; stage 3 one model partition per rank."""
+    return (ckpt / STAGE12_MODEL).is_file() and not any(ckpt.glob("*zero_pp_rank_*_model_states.pt"))
+
+
 def verify_zero_files(ckpt: Path, world_size: int) -> None:
-    """Every file consolidation will read is present and safe to unpickle."""
-    if (ckpt / "mp_rank_00_model_states.pt").is_file() and not any(
-        ckpt.glob("*zero_pp_rank_*_model_states.pt")
-    ):
+    """For export: a ZeRO-3 checkpoint whose files are all present and safe (see verify_loadable)."""
+    if is_stage_1_or_2(ckpt):
         raise ZeroFileError(
-            f"{ckpt}: written under ZeRO stage 1 or 2 (one mp_rank_00_model_states.pt); export and "
+            f"{ckpt}: written under ZeRO stage 1 or 2 (one {STAGE12_MODEL}); export and "
             "consolidation read ZeRO-3 checkpoints only: train with a stage-3 ds_config "
             "(ds_configs/zero3_*.json)"
         )
@@ -30,7 +36,24 @@ def verify_zero_files(ckpt: Path, world_size: int) -> None:
         raise ZeroFileError(
             f"{ckpt.parent}: missing DeepSpeed's `{LATEST}` file; the checkpoint folder is incomplete"
         )
-    for f in rank_files(ckpt, world_size):
+    verify_loadable(ckpt, world_size)
+
+
+def verify_loadable(ckpt: Path, world_size: int) -> None:
+    """Every file DeepSpeed will read (to consolidate, or to resume) is present and passes the
+    restricted unpickler, and no other file it might unpickle lies beside them: DeepSpeed itself
+    loads with the ordinary unpickler, so a file that is not checked first is never left there."""
+    expected = rank_files(ckpt, world_size)
+    unexpected = sorted(
+        p.name for p in ckpt.iterdir() if p.is_file() and p not in expected and p.suffix in PICKLE_SUFFIXES
+    )
+    if unexpected:
+        raise ZeroFileError(
+            f"{ckpt}: {unexpected[0]} is not a file of this {world_size}-rank checkpoint (it holds "
+            f"{', '.join(p.name for p in expected)}); DeepSpeed would unpickle it, so the checkpoint is "
+            "refused: remove the file if you know where it came from"
+        )
+    for f in expected:
         check_safe_to_unpickle(f)
 
 
@@ -39,10 +62,12 @@ def has_rank_files(ckpt: Path) -> bool:
 
 
 def rank_files(ckpt: Path, world_size: int) -> list[Path]:
-    """DeepSpeed's per-rank model and optimiser files of one checkpoint; a missing one is named."""
-    files = []
+    """DeepSpeed's model and optimiser files of one checkpoint (per rank; stage 1/2 keep one
+    model file); a missing one is named."""
+    kinds = ("optim_states",) if is_stage_1_or_2(ckpt) else ("model_states", "optim_states")
+    files = [ckpt / STAGE12_MODEL] if is_stage_1_or_2(ckpt) else []
     for r in range(world_size):
-        for kind in ("model_states", "optim_states"):
+        for kind in kinds:
             names = [f"zero_pp_rank_{r}_mp_rank_00_{kind}.pt", f"bf16_zero_pp_rank_{r}_mp_rank_00_{kind}.pt"]
             found = [ckpt / n for n in names if (ckpt / n).is_file()]
             if not found:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -24,16 +25,18 @@ class ServeConfig:
     waiting on a descheduled partner at every barrier of the small decode kernels."""
 
     def validate(self) -> None:
-        checks = {
-            "max_batch": self.max_batch >= 1,
-            "max_queue": self.max_queue >= 0,
-            "max_tokens_cap": self.max_tokens_cap >= 1,
-            "timeout_s": self.timeout_s > 0,
-            "port": 0 <= self.port < 65536,
-            "confidence": self.confidence is None or 0 < self.confidence <= 1,
-            "dtype": self.dtype in ("float32", "bfloat16", "float16"),
-            "threads": self.threads >= 0,
+        """Refuse at start what would make every request fail (a queue of 0 answers only 429s)."""
+        rules = {
+            "max_batch": (self.max_batch >= 1, "an integer >= 1"),
+            "max_queue": (self.max_queue >= 1, "an integer >= 1 (0 would refuse every request with 429)"),
+            "max_tokens_cap": (self.max_tokens_cap >= 1, "an integer >= 1"),
+            "timeout_s": (self.timeout_s > 0 and math.isfinite(self.timeout_s), "a number of seconds > 0"),
+            "port": (0 <= self.port < 65536, "in 0..65535"),
+            "confidence": (self.confidence is None or 0 < self.confidence <= 1, "a number in (0, 1]"),
+            "dtype": (self.dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+            "threads": (self.threads >= 0, "an integer >= 0 (0: torch's default)"),
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"serve: invalid value for {bad[0]}: {getattr(self, bad[0])!r}")
+        for name, (ok, must) in rules.items():
+            if not ok:
+                option = "--" + name.replace("_", "-")
+                raise ValueError(f"serve {option}: must be {must}, got {getattr(self, name)!r}")

@@ -22,7 +22,7 @@ import torch
 from hamburger.decode import DecodeResult, generate
 from hamburger.decode.continuous import BaseStepper, ContinuousBatch, HAMburgerStepper
 from hamburger.model import load_model
-from hamburger.model.config import DEFAULT_CONFIDENCE
+from hamburger.model.config import DEFAULT_CONFIDENCE, check_confidence
 
 
 class HAMburgerGenerator:
@@ -33,8 +33,7 @@ class HAMburgerGenerator:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(str(path), dtype=dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        gen_cfg = self.path / "generation_config.json"
-        self.defaults = json.loads(gen_cfg.read_text()) if gen_cfg.is_file() else {}
+        self.defaults = generation_defaults(self.path)
         eos = self.defaults.get("eos_token_id", self.tokenizer.eos_token_id)
         self.eos = set(eos if isinstance(eos, list) else [eos])
 
@@ -49,6 +48,26 @@ class HAMburgerGenerator:
         res = generate(self.model, self.encode(prompt), max_new, conf, self.eos)
         res.text = self.tokenizer.decode(res.tokens, skip_special_tokens=True)
         return res
+
+
+def generation_defaults(folder: Path) -> dict:
+    """The folder's generation_config.json (or {}), checked where it is read: a confidence
+    outside (0, 1] or a max_new_tokens below 1 is refused naming the file."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        defaults = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(defaults).__name__}")
+    if "confidence" in defaults:
+        check_confidence(defaults["confidence"], str(path))
+    n = defaults.get("max_new_tokens", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{path}: max_new_tokens must be an integer >= 1, got {n!r}")
+    return defaults
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
@@ -124,8 +143,7 @@ def load_for_serving(spec: str, dtype: str = "float32", device: str = "", name: 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype)
     cfg = json.loads((path / "config.json").read_text())
-    gen_file = path / "generation_config.json"
-    defaults = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    defaults = generation_defaults(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if cfg.get("model_type") == "hamburger":
         model = load_model(str(path), dtype=dt).to(dev).eval()

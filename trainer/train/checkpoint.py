@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import time
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -35,10 +36,15 @@ def tag_for(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def is_step_folder(p: Path) -> bool:
+    """A folder this trainer writes into checkpoints/ (step_000100); nothing else is ours."""
+    return p.is_dir() and re.fullmatch(r"step_\d{6,}", p.name) is not None
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
+    return sorted(p for p in root.iterdir() if is_step_folder(p) and (p / COMPLETE).is_file())
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -93,12 +99,13 @@ class NotOurCheckpoint(ValueError):
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Keep the newest keep_last complete checkpoints; drop incomplete leftovers older than them."""
+    """Keep the newest keep_last complete checkpoints; drop incomplete leftovers older than them.
+    Only step folders are touched: anything else a user put in the folder (an export, notes) stays."""
     complete = complete_checkpoints(root)
     keep = set(complete[-keep_last:]) if keep_last > 0 else set(complete)
     newest = complete[-1] if complete else None
     for p in root.iterdir():
-        if not p.is_dir() or p in keep:
+        if not is_step_folder(p) or p in keep:
             continue
         if p in complete or (newest is not None and p.name < newest.name):
             shutil.rmtree(p, ignore_errors=True)

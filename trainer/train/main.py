@@ -12,6 +12,7 @@ import traceback
 import torch
 
 from hamburger.configio import load_config
+from trainer.export.zero_files import ZeroFileError
 from trainer.train.config import TrainConfig
 from trainer.train.metrics import NonFiniteLoss
 from trainer.train.runcheck import RunMismatch
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg)
     except Exception as e:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if isinstance(e, NonFiniteLoss | RunMismatch):
+        if isinstance(e, NonFiniteLoss | RunMismatch | ZeroFileError):
             print(f"[train] rank {rank}: stopped: {e}", file=sys.stderr, flush=True)
         else:
             print(

@@ -18,6 +18,7 @@ from data_prep.shards import load_manifest
 from hamburger.assets import resolve_model
 from hamburger.configio import to_flat_dict, to_yaml
 from hamburger.model import Sample, collate
+from trainer.export.zero_files import verify_loadable
 from trainer.train.checkpoint import (
     Checkpointer,
     CheckpointInfo,
@@ -116,6 +117,7 @@ class Trainer:
         self.resume_from = find_resume_checkpoint(cfg.resume, cfg.output_dir)
         if self.resume_from is not None:
             check_world_size(self.resume_from, self.strategy.world_size)
+            verify_loadable(self.resume_from, self.strategy.world_size)  # before DeepSpeed unpickles
             check_resume_matches(
                 CheckpointInfo.read(self.resume_from),
                 self.resume_from,

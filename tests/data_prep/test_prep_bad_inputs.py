@@ -1,5 +1,6 @@
-"""The bad-input matrix: what a careful user can get wrong, one case per line, and the message
-fragment they must see (it names the file, the line or row, and the field or key).
+"""data_prep's part of the bad-input matrix: what a careful user can get wrong in source files,
+prep config values and whole prep runs (and the label viewer's folder), one case per line, and the
+message fragment they must see (it names the file, the line or row, and the field or key).
 
 Each section is one table and one small helper; a new case is one line in its table.
 """
@@ -161,129 +162,7 @@ def test_prep_run_refuses_untrainable_output(prep_model, tmp_path, rows, keys, f
         prepare(cfg)
 
 
-# ================================================================ training and eval: config values
-# (key=value overrides, message fragment naming the key); training cases get data.path=x first
-# fmt: off
-TRAIN_CONFIG_CASES = [
-    (["optim.warmup_steps=-1"], "'optim.warmup_steps': must be >= 0"),
-    (["optim.betas=[0.9,1.0]"], "'optim.betas.1': must be in [0, 1)"),
-    (["optim.betas=[-0.1,0.9]"], "'optim.betas.0': must be in [0, 1)"),
-    (["optim.betas=[0.9]"], "'optim.betas': must be two values"),
-    (["optim.lr_base=.nan"], "'optim.lr_base': must be a finite number >= 0"),
-    (["optim.lr_new=-1e-4"], "'optim.lr_new': must be a finite number >= 0"),
-    (["optim.min_lr=.inf"], "'optim.min_lr': must be a finite number >= 0"),
-    (["optim.grad_clip=-1"], "'optim.grad_clip': must be a finite number >= 0"),
-    (["optim.weight_decay=-0.1"], "'optim.weight_decay': must be a finite number >= 0"),
-    (["optim.eps=0"], "'optim.eps': must be a finite number > 0"),
-    (["optim.grad_accum=0"], "'optim.grad_accum': must be >= 1"),
-    (["max_steps=0"], "'max_steps': must be -1 (off) or >= 1"),
-    (["max_steps=-5"], "'max_steps': must be -1 (off) or >= 1"),
-    (["epochs=0"], "'epochs': must be >= 1"),
-    (["log_every=0"], "'log_every': must be >= 1"),
-    (["eval_every=-5"], "'eval_every': must be >= 0 (0: off)"),
-    (["save_every=-1"], "'save_every': must be >= 0 (0: off)"),
-    (["eval_max_batches=-1"], "'eval_max_batches': must be >= 0 (0: off)"),
-    (["keep_last=0"], "'keep_last': must be >= 1"),
-    (["dist_timeout_s=0"], "'dist_timeout_s': must be >= 1"),
-    (["data.tokens_per_batch=0"], "'data.tokens_per_batch': must be >= 1"),
-    (["data.row_capacity=8192"], "'data.row_capacity': must be <= data.tokens_per_batch (4096)"),
-    (["precision=fp16"], "'precision': Invalid value 'fp16', expected one of [auto, bf16, fp32]"),
-    (["model.hamburger.packed_attention=sparse"], "'model.hamburger.packed_attention': Invalid value 'sparse', expected one of [auto, dense, flex]"),
-    (["model.hamburger.stop_weight=.nan"], "hamburger.stop_weight must be >= 0"),
-    (["model.hamburger.max_segment_len=0"], "max_segment_len"),
-    (["output_dir=${oc.env:HOME}"], "output_dir: interpolations are not allowed"),
-    (["optim.lr=1"], "optim.lr"),
-    (["epochs=1.5"], "epochs"),
-]
-EVAL_CONFIG_CASES = [
-    (["max_new_tokens=0"], "'max_new_tokens': must be >= 1"),
-    (["max_new_tokens=-3"], "'max_new_tokens': must be >= 1"),
-    (["max_prompts=0"], "'max_prompts': must be >= 1"),
-    (["code_timeout_s=0"], "'code_timeout_s': must be > 0"),
-    (["confidences=[0]"], "confidences must lie in (0, 1]"),
-    (["batch_sizes=[0]"], "batch_sizes must be >= 1"),
-    (["dtype=half"], "'dtype': Invalid value 'half', expected one of [auto, float32, bfloat16]"),
-    (["decode=fast"], "'decode': Invalid value 'fast', expected one of [eager, static, graphed]"),
-]
-# fmt: on
-
-
-@pytest.mark.parametrize(
-    "overrides,fragment", TRAIN_CONFIG_CASES, ids=[" ".join(c[0]) for c in TRAIN_CONFIG_CASES]
-)
-def test_train_config_value_names_the_key(overrides, fragment):
-    from trainer.train.config import TrainConfig
-
-    with pytest.raises(ValueError, match=re.escape(fragment)):
-        load_config(TrainConfig, None, ["data.path=x", *overrides])
-
-
-@pytest.mark.parametrize(
-    "overrides,fragment", EVAL_CONFIG_CASES, ids=[" ".join(c[0]) for c in EVAL_CONFIG_CASES]
-)
-def test_eval_config_value_names_the_key(overrides, fragment):
-    from trainer.evaluate.config import EvalConfig
-
-    with pytest.raises(ValueError, match=re.escape(fragment)):
-        load_config(EvalConfig, None, ["model=x", *overrides])
-
-
-# ================================================================ config files
-# (YAML file text, message fragment: it names the file)
-# fmt: off
-CONFIG_FILE_CASES = [
-    ("- a\n- b\n", "c.yaml: the top level must be a mapping of config keys, but it is a list"),
-    ("just words\n", "Key 'just words' not in 'TrainConfig'"),
-    ("data: [1,\n", "c.yaml: not valid YAML"),
-    ("data:\n  path: x\noptim:\n  lr_base: fast\n", "'optim.lr_base'"),
-    ("data:\n  path: x\nepochs: 0\n", "'epochs': must be >= 1"),
-]
-# fmt: on
-
-
-@pytest.mark.parametrize("text,fragment", CONFIG_FILE_CASES, ids=[c[1][:30] for c in CONFIG_FILE_CASES])
-def test_config_file_error_names_the_file_or_key(tmp_path, text, fragment):
-    from trainer.train.config import TrainConfig
-
-    (tmp_path / "c.yaml").write_text(text)
-    with pytest.raises(ValueError, match=re.escape(fragment)):
-        load_config(TrainConfig, tmp_path / "c.yaml")
-
-
-# ================================================================ eval prompt files
-# (file bytes, message fragment: it names the file, the line and the field)
-# fmt: off
-EVAL_PROMPT_CASES = [
-    (b'{"prompt": "hi"}\n{not json\n', "p.jsonl: line 2: not JSON"),
-    (b'[{"prompt": "hi"}]\n', "p.jsonl: line 1: expected a JSON object, got list"),
-    (b'{"prompt": "hi"}\n{"prompt": "caf\xe9"}\n', "p.jsonl: line 2: not UTF-8 text"),
-    (b'{"prompt": null}\n', "p.jsonl: line 1: field 'prompt' must be a non-empty string"),
-    (b'{"text": "hi"}\n', "p.jsonl: line 1: field 'prompt' must be a non-empty string"),
-    (b'{"prompt": "  "}\n', "p.jsonl: line 1: field 'prompt' must be a non-empty string"),
-    (b'{"prompt": "hi", "answer": 3}\n', "p.jsonl: line 1: field 'answer' must be a string"),
-    (b"\n\n", "p.jsonl: no prompts"),
-]
-# fmt: on
-
-
-@pytest.mark.parametrize("content,fragment", EVAL_PROMPT_CASES, ids=[c[1][9:40] for c in EVAL_PROMPT_CASES])
-def test_eval_prompt_file_error_names_file_line_field(tmp_path, content, fragment):
-    from trainer.evaluate.prompts import read_prompt_records
-
-    (tmp_path / "p.jsonl").write_bytes(content)
-    with pytest.raises(ValueError, match=re.escape(fragment)):
-        read_prompt_records(tmp_path / "p.jsonl")
-
-
-def test_eval_command_names_a_missing_model_without_a_traceback(tmp_path):
-    from trainer.evaluate.evaluate import main
-
-    with pytest.raises(SystemExit, match=r"\[eval\] error: .*nope: no such run or checkpoint folder"):
-        main([str(tmp_path / "nope")])
-    with pytest.raises(SystemExit, match=r"\[eval\] config error: .*'max_new_tokens': must be >= 1"):
-        main([str(tmp_path / "nope"), "max_new_tokens=0"])
-
-
+# ================================================================ label viewer
 def test_label_view_names_a_folder_without_a_manifest(tmp_path):
     from data_prep.view import main
 

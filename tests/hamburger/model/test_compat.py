@@ -4,7 +4,7 @@ transformers renamed the decoders' cache argument (`past_key_values` -> `cache` 
 every forward swallows unknown keywords, so a wrong name decodes without a cache and raises
 nothing. These tests fail in that case: the cache must grow by one entry per step, and cached
 decoding must equal recomputation from scratch without any cache.
-Run them on another version with `PYTHONPATH=/tmp/tf517 pytest tests/test_compat.py` (passes on
+Run them on another version with `PYTHONPATH=/tmp/tf517 pytest tests/hamburger/model/test_compat.py` (passes on
 4.56.2, 5.17.0 and 5.24.0).
 """
 

@@ -27,7 +27,7 @@ from data_prep.tokenize import ChatTokenizer
 from data_prep.view import main as view_main
 from hamburger.configio import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

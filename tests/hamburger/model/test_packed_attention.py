@@ -70,6 +70,7 @@ def test_flex_needs_sdpa():
         HAMburgerConfig(packed_attention="varlen").validate()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU")
 def test_flex_and_dense_give_the_same_gradients_on_gpu():
     model = tiny_hamburger(packed_attention="flex").cuda().train()

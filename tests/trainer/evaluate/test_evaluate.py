@@ -1,9 +1,13 @@
-"""The eval stage: metric definitions on hand-built traces, and the command end to end."""
+"""The eval stage: metric definitions on hand-built traces, the sandbox that runs model-written
+code, and the command end to end."""
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import time
+from pathlib import Path
 
 import pytest
 
@@ -54,9 +58,62 @@ def test_cut_at_eos():
     assert cut_at_eos([5, 6], {2}) == [5, 6]
 
 
-def test_code_runner_times_out_and_isolates():
+def test_code_runner_times_out_and_isolates(tmp_path, monkeypatch):
     assert extract_code("text\n```python\nx = 1\n```\nmore") == "x = 1\n"
+    # It runs the code: a right solution passes, a wrong one fails.
+    check = "def check(g):\n    assert g(1) == 2"
+    assert passes_tests("def f(x):\n    return x + 1", check, "f", 5.0)
+    assert not passes_tests("def f(x):\n    return x + 2", check, "f", 5.0)
+    # A short sleep is no failure; a long one fails by the timeout, within a bounded wall time.
+    assert passes_tests("import time\ndef f():\n    time.sleep(0.1)", "def check(g):\n    g()", "f", 5.0)
+    start = time.monotonic()
     assert not passes_tests("import time\ndef f():\n    time.sleep(30)", "def check(g):\n    g()", "f", 1.0)
+    assert 1.0 <= time.monotonic() - start < 10.0  # it waited out the 1 s timeout, not the 30 s sleep
+
+    # Isolated as documented: a fresh -I interpreter in a throw-away folder that is its working and
+    # home directory, with an empty environment (none of this process's variables).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HAMBURGER_TEST_SECRET", "leaked")
+    seen = tmp_path / "seen.json"
+    code = (
+        "import json, os, pathlib, sys\n"
+        "pathlib.Path('written_by_model.txt').write_text('x')\n"
+        "def f():\n"
+        f"    pathlib.Path({str(seen)!r}).write_text(json.dumps(dict(cwd=os.getcwd(),"
+        " home=os.environ.get('HOME'), env=sorted(os.environ), isolated=sys.flags.isolated)))\n"
+        "    return pathlib.Path('written_by_model.txt').read_text()\n"
+    )
+    assert passes_tests(code, "def check(g):\n    assert g() == 'x'", "f", 5.0)
+    assert not (tmp_path / "written_by_model.txt").exists()  # written into its own folder, not ours
+    report = json.loads(seen.read_text())
+    assert os.path.realpath(report["cwd"]) == os.path.realpath(report["home"]) != os.path.realpath(tmp_path)
+    assert not os.path.exists(report["cwd"])  # the throw-away folder is gone, with what it wrote
+    assert "HAMBURGER_TEST_SECRET" not in report["env"] and report["isolated"] == 1
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return status.is_file() and "\nState:\tZ" not in status.read_text()
+
+
+def test_model_written_code_runs_in_a_throwaway_folder_and_dies_whole(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import subprocess, pathlib\n"
+        "pathlib.Path('written_by_model.txt').write_text('x')\n"
+        "p = subprocess.Popen(['sleep', '60'])\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(p.pid))\n"
+        "def f():\n    import time; time.sleep(60)\n"
+    )
+    assert not passes_tests(code, "def check(g):\n    g()", "f", 2.0)
+    assert not (tmp_path / "written_by_model.txt").exists()  # it wrote into its own temporary folder
+    pid = int(pid_file.read_text())
+    deadline = time.time() + 10  # SIGKILL is delivered asynchronously
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "a process started by model-written code outlived the timeout"
+    assert passes_tests("def f():\n    return 1", "def check(g):\n    assert g() == 1", "f", 5.0)
 
 
 @pytest.mark.distributed

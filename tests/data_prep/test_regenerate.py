@@ -31,7 +31,7 @@ from hamburger.assets import smollm2_tokenizer_dir
 from hamburger.configio import ConfigError, load_config
 from hamburger.decode.batched import base_generate_batch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW = 6
 
 
