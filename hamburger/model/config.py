@@ -13,11 +13,16 @@ DEFAULT_CONFIDENCE = 0.9
 setting); every decoder, the export's generation_config.json and the server start from it."""
 
 
-def check_confidence(value, where: str) -> float:
+def is_confidence(value) -> bool:
     """The one rule for a stop-head confidence, wherever it is written or read: a number in
     (0, 1]. Outside it every segment is one token (above 1) or always K (0 or below)."""
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not 0 < value <= 1:
+    return ok and 0 < value <= 1
+
+
+def check_confidence(value, where: str) -> float:
+    """`value` as a float, or ValueError naming `where` when it breaks `is_confidence`."""
+    if not is_confidence(value):
         raise ValueError(f"{where}: confidence must be a number in (0, 1], got {value!r}")
     return float(value)
 

@@ -64,8 +64,9 @@ def has_rank_files(ckpt: Path) -> bool:
 def rank_files(ckpt: Path, world_size: int) -> list[Path]:
     """DeepSpeed's model and optimiser files of one checkpoint (per rank; stage 1/2 keep one
     model file); a missing one is named."""
-    kinds = ("optim_states",) if is_stage_1_or_2(ckpt) else ("model_states", "optim_states")
-    files = [ckpt / STAGE12_MODEL] if is_stage_1_or_2(ckpt) else []
+    stage12 = is_stage_1_or_2(ckpt)
+    kinds = ("optim_states",) if stage12 else ("model_states", "optim_states")
+    files = [ckpt / STAGE12_MODEL] if stage12 else []
     for r in range(world_size):
         for kind in kinds:
             names = [f"zero_pp_rank_{r}_mp_rank_00_{kind}.pt", f"bf16_zero_pp_rank_{r}_mp_rank_00_{kind}.pt"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from hamburger.model.config import is_confidence
+
 
 @dataclass
 class ServeConfig:
@@ -32,7 +34,7 @@ class ServeConfig:
             "max_tokens_cap": (self.max_tokens_cap >= 1, "an integer >= 1"),
             "timeout_s": (self.timeout_s > 0 and math.isfinite(self.timeout_s), "a number of seconds > 0"),
             "port": (0 <= self.port < 65536, "in 0..65535"),
-            "confidence": (self.confidence is None or 0 < self.confidence <= 1, "a number in (0, 1]"),
+            "confidence": (self.confidence is None or is_confidence(self.confidence), "a number in (0, 1]"),
             "dtype": (self.dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
             "threads": (self.threads >= 0, "an integer >= 0 (0: torch's default)"),
         }
