@@ -79,7 +79,12 @@ def check_output_folder(out: Path, ckpt: Path, overwrite: bool) -> None:
             "export to another folder"
         )
     inside = next(
-        (d for d in target.parents if d.name == "checkpoints" and any(map(is_step_folder, d.iterdir()))), None
+        (
+            d
+            for d in target.parents
+            if d.name == "checkpoints" and d.is_dir() and any(map(is_step_folder, d.iterdir()))
+        ),
+        None,
     )
     if inside is not None:
         raise ExportError(

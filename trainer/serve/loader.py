@@ -31,9 +31,9 @@ class HAMburgerGenerator:
 
         self.path = Path(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.defaults = generation_defaults(self.path)  # a bad stored default is named before any load
         self.model = load_model(str(path), dtype=dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.defaults = generation_defaults(self.path)
         eos = self.defaults.get("eos_token_id", self.tokenizer.eos_token_id)
         self.eos = set(eos if isinstance(eos, list) else [eos])
 

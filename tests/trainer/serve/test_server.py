@@ -388,7 +388,11 @@ def test_pyfunc_decodes_rows_as_one_batch_with_defaults_for_omitted_fields(folde
     gen = HAMburgerGenerator(folders["ham"])
     for row, (_, got) in zip(rows, out.iterrows(), strict=True):
         ref = gen.generate(row["prompt"], row.get("max_new_tokens", 32), row.get("confidence", 0.5))
-        assert (got["text"], got["tokens"], got["macro_steps"]) == (ref.text, len(ref.tokens), ref.macro_steps)
+        assert (got["text"], got["tokens"], got["macro_steps"]) == (
+            ref.text,
+            len(ref.tokens),
+            ref.macro_steps,
+        )
 
 
 @pytest.mark.parametrize(
