@@ -98,7 +98,9 @@ def sharp_model() -> HAMburgerModel:
     return model.double()
 
 
-def random_sample(rng: random.Random, vocab: int, max_segment_len: int, prompt_len: int, n_resp: int, sid: int = 0):
+def random_sample(
+    rng: random.Random, vocab: int, max_segment_len: int, prompt_len: int, n_resp: int, sid: int = 0
+):
     ids = [rng.randrange(3, vocab) for _ in range(prompt_len + n_resp)]
     segs, left = [], n_resp
     while left:

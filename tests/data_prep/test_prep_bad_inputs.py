@@ -123,6 +123,8 @@ PREP_CONFIG_CASES = [
     (["sources=[{path: x.jsonl, filters: [{field: t, min_chars: -1}]}]"], "sources.0.filters.0.min_chars must be >= 0"),
     (["label.stratgy=fixed"], "label.stratgy"),
     (["max_len=1.5"], "max_len"),
+    (["responses=regenerate", "generate.max_new_tokens=80000", "max_len=256"], "generate.max_new_tokens (80000) cannot fit in max_len (256)"),
+    (["responses=regenerate", "generate.max_new_tokens=256", "max_len=256"], "generate.max_new_tokens (256) cannot fit in max_len (256)"),
 ]
 # fmt: on
 

@@ -39,7 +39,9 @@ def test_export_reproduces_the_engine_greedy_outputs(exported):
     folder = exported["full"]
     assert (folder / "model.safetensors.index.json").is_file()  # sharded above the size limit
     card = (folder / "README.md").read_text()
-    assert "Final metrics" in card and "compression" in card and "from trainer.serve.loader import load" in card
+    assert (
+        "Final metrics" in card and "compression" in card and "from trainer.serve.loader import load" in card
+    )
     model = load_model(str(folder))
     probes = json.loads((exported["run"] / "samples.json").read_text())
     eos = model.base.config.eos_token_id

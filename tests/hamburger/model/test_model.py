@@ -264,10 +264,17 @@ def test_the_old_name_of_k_is_refused_naming_the_new_one():
     from hamburger.configio import ConfigError, load_config
     from trainer.train.config import TrainConfig
 
-    with pytest.raises(ConfigError, match=r"'model.hamburger.max_steps' was renamed: use 'model.hamburger.max_segment_len'"):
+    with pytest.raises(
+        ConfigError, match=r"'model.hamburger.max_steps' was renamed: use 'model.hamburger.max_segment_len'"
+    ):
         load_config(TrainConfig, None, ["model.hamburger.max_steps=3"])
     with pytest.raises(ConfigError, match=r"'label.max_steps' was renamed: use 'label.max_segment_len'"):
         load_config(PrepConfig, None, ["sources=[{path: x.jsonl}]", "label.max_steps=3"])
     with pytest.raises(ValueError, match="'max_steps' was renamed to 'max_segment_len'"):
         HAMburgerConfig.from_dict({"max_steps": 4})
-    assert load_config(PrepConfig, None, ["sources=[{path: x.jsonl}]", "label.max_segment_len=3"]).label.max_segment_len == 3
+    assert (
+        load_config(
+            PrepConfig, None, ["sources=[{path: x.jsonl}]", "label.max_segment_len=3"]
+        ).label.max_segment_len
+        == 3
+    )
