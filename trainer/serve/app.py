@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
 import time
 import uuid
 from pathlib import Path
 
 from fastapi import Request  # module level: the endpoints' annotations are resolved by name
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from trainer.serve.config import ServeConfig
 from trainer.serve.job import Job
@@ -43,6 +43,7 @@ from trainer.serve.protocol import (
     completion_prompt,
     delta_choice,
     envelope,
+    parse_body,
     parse_params,
     sse,
 )
@@ -83,17 +84,33 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig, scheduler: Scheduler):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_body(request, loaded)
-        prompt_ids = completion_prompt(body, loaded)
-        return await complete(request, body, prompt_ids, {"prompt"}, False, loaded, cfg, scheduler)
+        async with one_line_errors(request):
+            body = await read_body(request, loaded)
+            prompt_ids = completion_prompt(body, loaded)
+            return await complete(request, body, prompt_ids, {"prompt"}, False, loaded, cfg, scheduler)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_body(request, loaded)
-        prompt_ids = chat_prompt(body, loaded)
-        return await complete(request, body, prompt_ids, {"messages"}, True, loaded, cfg, scheduler)
+        async with one_line_errors(request):
+            body = await read_body(request, loaded)
+            prompt_ids = chat_prompt(body, loaded)
+            return await complete(request, body, prompt_ids, {"messages"}, True, loaded, cfg, scheduler)
 
     return app
+
+
+@contextlib.asynccontextmanager
+async def one_line_errors(request: Request):
+    """A request that fails in a way no check foresaw still gets an OpenAI-style JSON 500 (never
+    starlette's plain-text one), and the log one line naming the route and the error."""
+    try:
+        yield
+    except (APIError, asyncio.CancelledError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the catch-all of one request; the server carries on
+        detail = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        print(f"[serve] error: {request.method} {request.url.path}: {detail}", flush=True)
+        raise APIError(500, f"internal error ({detail})", None, "server_error") from None
 
 
 async def read_body(request: Request, loaded: LoadedModel) -> dict:
@@ -107,13 +124,7 @@ async def read_body(request: Request, loaded: LoadedModel) -> dict:
         if size > MAX_BODY_BYTES:
             raise APIError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object")
+    body = parse_body(b"".join(chunks))
     asked = body.get("model")
     if asked is not None and asked != loaded.name:
         raise APIError(
@@ -148,8 +159,10 @@ async def complete(
         return StreamingResponse(events, media_type="text/event-stream")
     try:
         await next_event(request, job, want="done")
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
     finally:
-        job.seq.cancel("disconnected")  # no-op once finished
+        release(request, job)
     job.check_failed()
     choices = [choice(chat, job.text, job.finish_reason())]
     return envelope(rid, loaded.name, chat, choices, usage=job.usage(), hamburger=job.stats())
@@ -168,10 +181,21 @@ async def next_event(request: Request, job: Job, want: str | None = None):
         if time.monotonic() - checked >= 0.25:
             checked = time.monotonic()
             if await request.is_disconnected():
-                job.seq.cancel("disconnected")
-                raise asyncio.CancelledError
+                release(request, job)
+                raise ClientGone
         if kind is not None and (want is None or kind == want):
             return kind, value
+
+
+class ClientGone(Exception):
+    """The client hung up before its answer was complete."""
+
+
+def release(request: Request, job: Job) -> None:
+    """Free the job's slot (a no-op once it finished); a client that left first is one log line."""
+    if job.seq.finish_reason is None and job.seq.cancel_reason is None:
+        print(f"[serve] client disconnected from {request.url.path}; its request was cancelled", flush=True)
+    job.seq.cancel("disconnected")
 
 
 async def stream(request: Request, job: Job, rid: str, chat: bool, model: str):
@@ -198,8 +222,10 @@ async def stream(request: Request, job: Job, rid: str, chat: bool, model: str):
                 yield chunk([], usage=job.usage())
             break
         yield SSE_DONE
+    except ClientGone:
+        return
     finally:
-        job.seq.cancel("disconnected")
+        release(request, job)
 
 
 def serve(cfg: ServeConfig) -> None:

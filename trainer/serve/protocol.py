@@ -12,6 +12,7 @@ from trainer.serve.config import ServeConfig
 from trainer.serve.loader import LoadedModel
 
 MAX_BODY_BYTES = 1 << 20
+MAX_DEPTH = 32  # an OpenAI body nests 4 levels (messages, parts); deeper is malformed
 MAX_STOPS = 4
 # Fields OpenAI clients may send that greedy decoding honours only at their neutral value.
 NEUTRAL = {
@@ -27,7 +28,6 @@ NEUTRAL = {
     "suffix": (None, ""),
 }
 IGNORED = {"user", "seed", "model", "stream_options", "response_format"}
-
 
 
 class APIError(Exception):
@@ -46,6 +46,49 @@ class APIError(Exception):
 
 
 # ---------------------------------------------------------------------------- request parsing
+def parse_body(raw: bytes) -> dict:
+    """The request's JSON object, or a 400 naming what is wrong: not JSON, not UTF-8, nested
+    past MAX_DEPTH, a string that is not valid Unicode (an unpaired surrogate such as "\\ud800",
+    which the tokenizer cannot encode), or not an object."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, f"the body is nested too deeply (more than {MAX_DEPTH} levels)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    check_json_values(body)
+    return body
+
+
+def check_json_values(body: dict) -> None:
+    """Walk the parsed body once (no recursion): bounded depth, every string encodable."""
+    todo: list[tuple[object, str, int]] = [(body, "", 0)]
+    while todo:
+        value, where, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise APIError(
+                400, f"the body is nested too deeply (more than {MAX_DEPTH} levels)", where or None
+            )
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(
+                    400,
+                    f"{where}: not valid Unicode ({value[e.start]!r} at character {e.start} is an "
+                    "unpaired surrogate)",
+                    where,
+                ) from None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                todo.append((k, f"{where}.{k}".lstrip(".") if isinstance(k, str) else where, depth + 1))
+                todo.append((v, f"{where}.{k}".lstrip("."), depth + 1))
+        elif isinstance(value, list):
+            todo.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
 @dataclass
 class Params:
     prompt_ids: list[int]
@@ -206,7 +249,14 @@ def chat_prompt(body: dict, loaded: LoadedModel) -> list[int]:
 def envelope(rid: str, model: str, chat: bool, choices: list[dict], chunk: bool = False, **extra) -> dict:
     """The object every response and stream chunk is wrapped in."""
     kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
-    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, **extra}
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        **extra,
+    }
 
 
 def choice(chat: bool, text: str, finish_reason: str) -> dict:

@@ -278,6 +278,67 @@ def test_malformed_and_oversized_bodies(folders, server_factory):
     assert requests.get(srv.url + "/health", timeout=10).json()["status"] == "ok"
 
 
+@pytest.mark.parametrize(
+    "path, raw, fragment",
+    [
+        ("/v1/completions", b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+        ("/v1/chat/completions", b'{"messages": ' + b"[" * 40 + b"]" * 40 + b"}", "nested too deeply"),
+        ("/v1/completions", b'{"prompt": "hi \\ud800 there"}', "prompt: not valid Unicode"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+            "messages[0].content: not valid Unicode",
+        ),
+        ("/v1/completions", b'{"prompt": "hi", "stop": ["\\ud800"]}', "stop[0]: not valid Unicode"),
+        ("/v1/completions", b'{"prompt": "\xff\xfe"}', "not valid JSON"),
+        ("/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        ("/v1/completions", b"", "not valid JSON"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": {"role": "user", "content": "hi"}}',
+            "messages: required, a non-empty list",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [["user", "hi"]]}',
+            "messages[0]: an object with a string role",
+        ),
+        ("/v1/completions", b'{"prompt": [[1, 2]]}', "prompt: a string, a list of one string"),
+    ],
+)
+def test_malformed_bodies_get_a_json_400_naming_what_is_wrong_and_one_log_line(
+    capped_server, capsys, path, raw, fragment
+):
+    capsys.readouterr()
+    r = requests.post(
+        capped_server.url + path, data=raw, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text[:300]
+    assert fragment in r.json()["error"]["message"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_unforeseen_error_is_a_json_500_and_one_log_line(folders, server_factory, capsys):
+    srv = server_factory(folders["ham"])
+    real = srv.engine.tokenizer.__class__.__call__
+
+    def broken(self, *a, **kw):
+        raise TypeError("simulated tokenizer bug")
+
+    srv.engine.tokenizer.__class__.__call__ = broken
+    try:
+        capsys.readouterr()
+        r = srv.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+    finally:
+        srv.engine.tokenizer.__class__.__call__ = real
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "internal error (TypeError: simulated tokenizer bug)" in r.json()["error"]["message"]
+    out = capsys.readouterr()
+    assert "[serve] error: POST /v1/completions: TypeError: simulated tokenizer bug" in out.out
+    assert "Traceback" not in out.err
+    assert srv.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
 def _slow_request(srv: Server, prompt: str, out: dict, key: str, **extra) -> threading.Thread:
     def go():
         r = srv.post("/v1/completions", {"prompt": prompt, "max_tokens": 300, **extra})
@@ -314,7 +375,7 @@ def test_queue_full_is_429_and_a_deadline_frees_the_slot_within_one_macro_step(f
     assert a_times[-1] - a_times[0] < 1.0 + 0.2 and first_b > 0  # freed within a step of its deadline
 
 
-def test_disconnected_client_frees_its_slot_within_one_macro_step(folders, server_factory):
+def test_disconnected_client_frees_its_slot_within_one_macro_step(folders, server_factory, capsys):
     srv = server_factory(folders["ham"], delay_s=0.05, max_batch=1, max_queue=4)
     out: dict = {}
     body = {"prompt": PROMPTS[2], "max_tokens": 300, "stream": True}
@@ -336,6 +397,9 @@ def test_disconnected_client_frees_its_slot_within_one_macro_step(folders, serve
     while srv.scheduler.stats()["running"] and time.monotonic() < end:
         time.sleep(0.05)
     assert srv.scheduler.stats()["running"] == 0
+    out = capsys.readouterr()
+    assert "[serve] client disconnected from /v1/completions; its request was cancelled" in out.out
+    assert "Traceback" not in out.err + out.out
 
 
 def _assert_handover(srv: Server, first: str, second: str) -> int:
