@@ -29,6 +29,26 @@ MODEL_TYPE = "hamburger"
 TIED_KEY = "base.lm_head.weight"
 
 
+def _register_with_transformers() -> None:
+    """Let transformers' Auto classes recognise `model_type: hamburger`. AutoTokenizer reads an
+    export's config.json and, for a type it does not know, warns "You are using a model of type
+    `hamburger` to instantiate a model of type ``... can yield errors" on every load, which reads
+    like a fault and is not one. The registered class only names the type; the model itself is
+    built by build_model from the config's base_config."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    class HAMburgerFolderConfig(PretrainedConfig):
+        model_type = MODEL_TYPE
+
+    try:
+        AutoConfig.register(MODEL_TYPE, HAMburgerFolderConfig)
+    except ValueError:  # already registered (the module was imported under another name)
+        pass
+
+
+_register_with_transformers()
+
+
 class WeightsError(ValueError):
     """Weights do not match the config; the message names the tensor."""
 

@@ -174,6 +174,25 @@ def test_save_load_round_trip(tmp_path, rng):
     assert generate(model, prompt, 16, 0.5, {2}) == generate(loaded, prompt, 16, 0.5, {2})
 
 
+def test_loading_an_exports_tokenizer_prints_no_model_type_warning(tmp_path, caplog):
+    """transformers warned "You are using a model of type `hamburger` to instantiate a model of
+    type ``... can yield errors" on every tokenizer load of an export: not a fault, so not said."""
+    import logging
+
+    from helpers import smollm2_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    save_model(
+        tiny_hamburger(),
+        tmp_path / "m",
+        tokenizer=AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir())),
+    )
+    with caplog.at_level(logging.WARNING):
+        AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+        load_model(str(tmp_path / "m"))
+    assert not [r for r in caplog.records if "model of type" in r.getMessage()]
+
+
 def test_loss_falls_on_repeated_batch(rng):
     torch.manual_seed(0)
     model = tiny_hamburger(randomize=False).train()
