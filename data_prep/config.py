@@ -165,7 +165,9 @@ class LabelConfig:
             if not 0.5 <= getattr(self, name) < 1:
                 raise ValueError(f"label.{name} must lie in [0.5, 1), got {getattr(self, name)}")
         if not 1 <= self.fixed_k <= self.max_segment_len:
-            raise ValueError(f"label.fixed_k must lie in 1..max_segment_len={self.max_segment_len}, got {self.fixed_k}")
+            raise ValueError(
+                f"label.fixed_k must lie in 1..max_segment_len={self.max_segment_len}, got {self.fixed_k}"
+            )
         if self.batch_tokens < 1:
             raise ValueError(f"label.batch_tokens must be >= 1, got {self.batch_tokens}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -28,6 +28,8 @@ from tqdm import tqdm
 from hamburger.assets import resolve_model
 from hamburger.configio import load_config
 from hamburger.dtypes import resolve_dtype
+from hamburger.model.folder_check import check_model_folder
+from hamburger.refusal import exit_on
 
 from .config import PrepConfig
 from .fingerprint import DigestCache, fingerprint, vocab_fingerprint
@@ -321,6 +323,8 @@ def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_folder(model_path, tokenizer=False)
+    check_model_folder(tok_path)
     tokenizer = AutoTokenizer.from_pretrained(tok_path)
     chat = ChatTokenizer(tokenizer, cfg.chat_template, name=tok_path)
     special = special_token_pattern(tokenizer)
@@ -398,8 +402,11 @@ def main(argv: list[str] | None = None) -> Path:
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     if not args or "=" in args[0]:
         raise SystemExit("usage: ./launch.sh prep CONFIG.yaml [key=value ...]")
-    cfg = load_config(PrepConfig, args[0], args[1:])
-    folder = prepare(cfg)
+    try:
+        cfg = load_config(PrepConfig, args[0], args[1:])
+        folder = prepare(cfg)
+    except Exception as e:  # noqa: BLE001 - a refusal is one message, once; a fault its traceback
+        exit_on("prep", e)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return folder

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import HAMburgerConfig
+from .folder_check import check_model_folder
 from .hamburger import HAMburgerModel
 
 CONFIG_NAME = "config.json"
@@ -85,10 +86,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> HAMburge
 
 
 def read_meta(path: str | Path) -> dict:
+    """An export's config.json, once the folder is checked whole (folder_check names the file)."""
     cfg_file = Path(path) / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a HAMburger model folder")
-    meta = json.loads(cfg_file.read_text())
+    meta = check_model_folder(path, tokenizer=False)
     if meta.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{cfg_file}: model_type is {meta.get('model_type')!r}, expected {MODEL_TYPE!r}")
     return meta

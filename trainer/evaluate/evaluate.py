@@ -34,11 +34,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hamburger.model.folder import read_meta
+    from hamburger.model.folder_check import check_model_folder
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = resolve_model_folder(cfg.model, out_dir)
     meta = read_meta(folder)
+    check_model_folder(folder)  # its tokenizer too
     lineage = meta.get("lineage", {})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
@@ -47,6 +49,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     base_name = cfg.base or lineage.get("base", "")
     if not base_name:
         raise ValueError("base: the model folder records no base model; set base=...")
+    check_model_folder(resolve_model(base_name), tokenizer=False)
     base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name), dtype=dtype).to(device).eval()
     eos_id = tokenizer.eos_token_id
     eos = {eos_id}

@@ -28,9 +28,9 @@ class Prompt:
 def resolve_model_folder(spec: str, output_dir: Path) -> Path:
     p = Path(spec)
     if spec.startswith("models:/") or spec.startswith("runs:/"):
-        from trainer.serve.loader import load
+        from trainer.serve.loader import resolve_folder
 
-        return load(spec).path
+        return resolve_folder(spec)  # the downloaded model folder; evaluate loads it once
     if (p / "config.json").is_file():
         return p
     from trainer.export.export import export

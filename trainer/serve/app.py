@@ -277,14 +277,20 @@ def main(argv: list[str] | None = None) -> None:
             _check_folder(cfg.model)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"[serve] error: {e}") from None
-    serve(cfg)
+    try:
+        serve(cfg)
+    except (ValueError, FileNotFoundError) as e:  # an MLflow model whose folder is incomplete
+        raise SystemExit(f"[serve] error: {e}") from None
 
 
 def _check_folder(path: str) -> None:
-    if not (Path(path) / "config.json").is_file() and not (Path(path) / "MLmodel").is_file():
-        raise FileNotFoundError(
-            f"{path}: not a model folder (no config.json) nor an MLflow model (no MLmodel)"
-        )
+    """Before the server starts: a model folder whole (folder_check), or an MLflow model folder."""
+    from hamburger.model.folder_check import check_model_folder
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such model folder")
+    if (Path(path) / "config.json").is_file() or not (Path(path) / "MLmodel").is_file():
+        check_model_folder(path)
 
 
 if __name__ == "__main__":

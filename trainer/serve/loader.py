@@ -23,6 +23,7 @@ from hamburger.decode import DecodeResult, generate
 from hamburger.decode.continuous import BaseStepper, ContinuousBatch, HAMburgerStepper
 from hamburger.model import load_model
 from hamburger.model.config import DEFAULT_CONFIDENCE, check_confidence
+from hamburger.model.folder_check import check_model_folder
 
 
 class HAMburgerGenerator:
@@ -94,6 +95,8 @@ def resolve_folder(spec: str | Path) -> Path:
     spec = str(spec)
     local = Path(spec)
     if not is_uri(spec):
+        if not local.is_dir():
+            raise FileNotFoundError(f"{spec}: no such model folder (nor an MLflow model URI)")
         if (local / "config.json").is_file() or not (local / "MLmodel").is_file():
             return local
     else:  # an MLflow model: its artifacts hold the model folder
@@ -111,8 +114,12 @@ def resolve_folder(spec: str | Path) -> Path:
 def load(path_or_uri: str, **kw) -> HAMburgerGenerator:
     """A generator from an export folder, or from an MLflow model URI (models:/NAME/VERSION)."""
     path = resolve_folder(path_or_uri)
-    if not (path / "config.json").is_file() or '"hamburger"' not in (path / "config.json").read_text()[:200]:
-        raise FileNotFoundError(f"{path_or_uri}: no HAMburger model folder inside")
+    cfg = check_model_folder(path)
+    if cfg.get("model_type") != "hamburger":
+        raise ValueError(
+            f"{path}/config.json: model_type {cfg.get('model_type')!r} is not a HAMburger model; serve a "
+            "plain model with `./launch.sh serve`, or load it with transformers"
+        )
     return HAMburgerGenerator(path, **kw)
 
 
@@ -142,7 +149,7 @@ def load_for_serving(spec: str, dtype: str = "float32", device: str = "", name: 
     path = resolve_folder(spec)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = check_model_folder(path)
     defaults = generation_defaults(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if cfg.get("model_type") == "hamburger":

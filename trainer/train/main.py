@@ -1,17 +1,15 @@
 """`./launch.sh train CONFIG [key=value ...]`: the entry point every rank runs.
 
 Reads the config (an unknown key or a wrong type names the key), runs the Trainer, and turns a
-failure into one message per rank (a traceback only for what is not a refusal).
+failure into one message (hamburger/refusal.py: a refusal once, a fault with its traceback).
 """
 
 from __future__ import annotations
 
 import sys
-import traceback
-
-import torch
 
 from hamburger.configio import load_config
+from hamburger.refusal import REFUSALS, exit_on
 from trainer.export.zero_files import ZeroFileError
 from trainer.train.config import TrainConfig
 from trainer.train.metrics import NonFiniteLoss
@@ -42,14 +40,5 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"[train] config error: {e}") from None
     try:
         train(cfg)
-    except Exception as e:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if isinstance(e, NonFiniteLoss | RunMismatch | ZeroFileError):
-            print(f"[train] rank {rank}: stopped: {e}", file=sys.stderr, flush=True)
-        else:
-            print(
-                f"[train] rank {rank} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}",
-                file=sys.stderr,
-                flush=True,
-            )
-        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - a refusal is one message, once; a fault its traceback
+        exit_on("train", e, (*REFUSALS, NonFiniteLoss, RunMismatch, ZeroFileError))

@@ -18,6 +18,7 @@ from data_prep.shards import load_manifest
 from hamburger.assets import resolve_model
 from hamburger.configio import to_flat_dict, to_yaml
 from hamburger.model import Sample, collate
+from hamburger.model.folder_check import check_model_folder
 from trainer.export.zero_files import verify_loadable
 from trainer.train.checkpoint import (
     Checkpointer,
@@ -105,6 +106,7 @@ class Trainer:
         if self.rank0:
             resolve_model(cfg.model.base)  # converts the embedded model once
         self.strategy.barrier()
+        check_model_folder(resolve_model(cfg.model.base))  # a local folder whole, named file at fault
         if not self.eval_samples:
             self.log(
                 f"warning: {self.data_dir} has no rows in split {cfg.data.eval_split!r}: no held-out metrics "
@@ -150,7 +152,9 @@ class Trainer:
             "data": str(self.data_dir),
             "data_key_hash": self.data_key_hash,
         }
-        self.checkpointer = Checkpointer(cfg.output_dir, cfg.save_every, cfg.keep_last, self.strategy, identity)
+        self.checkpointer = Checkpointer(
+            cfg.output_dir, cfg.save_every, cfg.keep_last, self.strategy, identity
+        )
 
     def resume(self) -> None:
         """Continue exactly where the checkpoint stopped: weights, optimiser, schedule, data
@@ -185,7 +189,11 @@ class Trainer:
             "steps_total": str(self.total_steps),
         }
         tags = {"data_manifest_hash": summary["key_hash"], "base_model": cfg.model.base}
-        files = [self.out_dir / "config.yaml", self.out_dir / "ds_config.json", self.data_dir / "manifest.json"]
+        files = [
+            self.out_dir / "config.yaml",
+            self.out_dir / "ds_config.json",
+            self.data_dir / "manifest.json",
+        ]
         tracker.log_run_start(params, tags, files)
 
     # ---------------------------------------------------------------- the loop
@@ -194,7 +202,9 @@ class Trainer:
         if pos.step >= self.total_steps:  # a finished run: retraining nothing would log NaNs and re-save
             return self.already_finished()
         self.start_tracking()
-        bar = tqdm(total=self.total_steps, initial=pos.step, disable=not self.rank0, desc="train", unit="step")
+        bar = tqdm(
+            total=self.total_steps, initial=pos.step, disable=not self.rank0, desc="train", unit="step"
+        )
         metrics: dict[str, float] = {}
         self.strategy.train(True)
         while pos.step < self.total_steps:
@@ -237,7 +247,9 @@ class Trainer:
         for micro in range(cfg.optim.grad_accum):
             samples = [self.train_samples[i] for i in batches[pos.batch + micro]]
             kl = cfg.model.hamburger.kl_weight > 0  # the frozen teacher reads the plain tokens
-            batch = collate(samples, cfg.model.hamburger.max_segment_len, cfg.data.row_capacity, with_plain=kl)
+            batch = collate(
+                samples, cfg.model.hamburger.max_segment_len, cfg.data.row_capacity, with_plain=kl
+            )
             out = strategy.forward(batch)
             check_finite(strategy, out.loss, pos.step, [s.sample_id for s in samples])
             strategy.backward(out.loss)

@@ -31,7 +31,9 @@ class Validator:
         return held_out_metrics(strategy, self.samples, self.cfg) if self.samples else {}
 
 
-def held_out_metrics(strategy: DeepSpeedStrategy, samples: list[Sample], cfg: TrainConfig) -> dict[str, float]:
+def held_out_metrics(
+    strategy: DeepSpeedStrategy, samples: list[Sample], cfg: TrainConfig
+) -> dict[str, float]:
     """Loss and HAMburger metrics on the held-out split (eval/...), every rank its share."""
     strategy.train(False)
     records = []
