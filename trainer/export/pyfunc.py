@@ -17,18 +17,19 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 def pyfunc_signature():
-    """Input: `prompt` (string), optional `max_new_tokens` and `confidence`. max_new_tokens is
-    declared double on purpose: a row that omits it arrives as NaN (and gets the default) and 2.5
-    arrives as 2.5 (and is refused); a long column would fail the whole request on the first and
-    silently truncate the second. Request-level params (same names) fill rows that omit them."""
+    """Input: `prompt` (string), optional `max_new_tokens` and `confidence` (any type: MLflow's
+    own enforcement would refuse an integer column for a double and truncate 2.5 for a long, so
+    both reach pyfunc_model's checks as sent, where a row that omits one gets the default and a
+    bad value is refused naming row and field). Request-level params (same names) fill rows that
+    omit them."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema(
         [
             ColSpec("string", "prompt"),
-            ColSpec("double", "max_new_tokens", required=False),
-            ColSpec("double", "confidence", required=False),
+            ColSpec(AnyType(), "max_new_tokens", required=False),
+            ColSpec(AnyType(), "confidence", required=False),
         ]
     )
     outputs = Schema(
@@ -83,7 +84,8 @@ def check_confidence(v, where: str) -> float:
 
 
 def pyfunc_rows(model_input) -> list[dict]:
-    """Rows as dicts from a DataFrame, a list of strings or dicts, or one string."""
+    """Rows as dicts from a DataFrame (what MLflow passes once the signature is enforced), or
+    from a list of strings or dicts, or one string (the model called without MLflow's wrapper)."""
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):

@@ -23,8 +23,11 @@ from trainer.serve.loader import encode_prompt, load_for_serving
 
 
 class HAMburgerPyfunc(mlflow.pyfunc.PythonModel):
-    """Text in, text out plus tokens-per-step stats. Input: a DataFrame with a `prompt`
-    column (optional `max_new_tokens`, `confidence` columns), or a list of strings.
+    """Text in, text out plus tokens-per-step stats. Input (the signature's named columns, from
+    Python's predict and over REST alike): a DataFrame with a `prompt` column (optional
+    `max_new_tokens`, `confidence` columns, integers or numbers), a dict of such columns
+    ({"prompt": ["Hi", "Hello"]}) or a list of row dicts ([{"prompt": "Hi"}]). A bare list of
+    strings has no column names, and MLflow's schema check refuses it before this code runs.
     Request-level `params` (max_new_tokens, confidence) fill rows that omit a field. All
     rows are validated first (a bad one fails the request with a 400 naming row and field),
     then decoded together by continuous batching, each row with its own settings."""

@@ -460,6 +460,32 @@ def test_pyfunc_decodes_rows_as_one_batch_with_defaults_for_omitted_fields(folde
 
 
 @pytest.mark.parametrize(
+    "given",
+    [
+        "int columns",
+        "dict of columns",
+        "list of row dicts",
+    ],
+)
+def test_pyfunc_from_python_accepts_what_its_docstring_says(pyfunc_model, given):
+    """mlflow.pyfunc.load_model(...).predict with integer max_new_tokens (as pandas makes them),
+    a dict of columns or a list of row dicts: each row decodes its own length."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(str(pyfunc_model))
+    inputs = {
+        "int columns": pd.DataFrame({"prompt": ["Hi", "Hello"], "max_new_tokens": [3, 4]}),
+        "dict of columns": {"prompt": ["Hi", "Hello"], "max_new_tokens": [3, 4]},
+        "list of row dicts": [
+            {"prompt": "Hi", "max_new_tokens": 3},
+            {"prompt": "Hello", "max_new_tokens": 4},
+        ],
+    }[given]
+    assert model.predict(inputs)["tokens"].tolist() == [3, 4]  # random tiny model: no EOS this early
+
+
+@pytest.mark.parametrize(
     "records, fragment",
     [
         ([{"prompt": None, "max_new_tokens": 3}], "row 0: prompt must be a non-empty string, got None"),
