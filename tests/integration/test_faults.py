@@ -112,6 +112,46 @@ def test_an_extra_crafted_rank_file_runs_no_code_on_export_or_resume(setup, base
     assert not marker.exists()
 
 
+def test_two_exports_to_one_out_never_both_succeed(baseline, tmp_path, monkeypatch):
+    """Another export finishes at --out while this one writes: this one fails, naming --overwrite,
+    and the other's folder is left as it was."""
+    from hamburger.model import folder
+
+    out = tmp_path / "exp"
+    real = folder.save_weights
+
+    def racing(path, *a, **kw):
+        names = real(path, *a, **kw)
+        out.mkdir()
+        (out / "from-the-other-export").write_text("x")
+        return names
+
+    monkeypatch.setattr(folder, "save_weights", racing)
+    with pytest.raises(
+        ExportError, match=r"was written by another export while this one ran; pass --overwrite"
+    ):
+        export(str(baseline), str(out))
+    assert [p.name for p in out.iterdir()] == ["from-the-other-export"]
+    assert not list(tmp_path.glob("exp.tmp-*"))
+
+
+def test_an_export_on_a_full_disk_says_so_naming_the_folder(baseline, tmp_path, monkeypatch):
+    import errno
+
+    from hamburger.io import DiskFullError
+    from hamburger.model import folder
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(folder, "save_weights", full)
+    with pytest.raises(
+        DiskFullError, match=rf"no space left on the device holding {tmp_path} while writing the export"
+    ):
+        export(str(baseline), str(tmp_path / "exp"))
+    assert not (tmp_path / "exp").exists() and not list(tmp_path.glob("exp.tmp-*"))
+
+
 def test_truncated_rank_file_is_named(baseline, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(baseline / "checkpoints", run / "checkpoints")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from hamburger.io import DiskFullError, disk_full_named
 from hamburger.model import folder
 from hamburger.model.config import DEFAULT_CONFIDENCE, check_confidence
 from trainer.export import zero_files
@@ -37,6 +39,25 @@ EXPORT_MARKER = ".hamburger-export.json"  # written into every export; --overwri
 
 class ExportError(RuntimeError):
     pass
+
+
+SHARD_SIZE = re.compile(r"\s*(\d+(\.\d+)?)\s*(TB|GB|MB|KB)\s*", re.IGNORECASE)
+
+
+def check_shard_size(value: str | int) -> str | int:
+    """--max-shard-size as safetensors sharding reads it (a number with TB, GB, MB or KB, or a
+    byte count, returned as an int), checked before the consolidation spends minutes; a bad one
+    is named."""
+    text = str(value).strip()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    found = SHARD_SIZE.fullmatch(text)
+    if found is not None and float(found.group(1)) > 0:
+        return text
+    raise ExportError(
+        f"--max-shard-size {value!r}: give a size above 0 such as 2GB, 500MB or 900KB (units TB, GB, MB, KB), "
+        "or a byte count"
+    )
 
 
 def resolve_checkpoint(src: str | Path) -> Path:
@@ -102,9 +123,21 @@ def check_output_folder(out: Path, ckpt: Path, overwrite: bool) -> None:
         )
 
 
-def replace_folder(new: Path, out: Path) -> None:
+def replace_folder(new: Path, out: Path, overwrite: bool = True) -> None:
     """Put the finished export in place; the previous one is moved aside first and removed last,
-    so a kill at any moment leaves either the old or the new export at `out`."""
+    so a kill at any moment leaves either the old or the new export at `out`. Without overwrite
+    the rename itself is the check: it fails when another export put a folder at `out` since
+    this one started (two exports to one --out never both report success)."""
+    if not overwrite:
+        try:
+            new.rename(out)  # atomic; refused by the kernel when `out` is a non-empty folder
+            return
+        except OSError:
+            if not out.exists():
+                raise
+        raise ExportError(
+            f"{out} was written by another export while this one ran; pass --overwrite to replace it"
+        )
     old = None
     if out.exists():
         old = out.with_name(f"{out.name}.tmp-{os.getpid()}-old")
@@ -162,6 +195,7 @@ def export(
         check_confidence(confidence, "export --confidence")
     except ValueError as e:
         raise ExportError(str(e)) from None
+    max_shard_size = check_shard_size(max_shard_size)
     ckpt = resolve_checkpoint(src)
     info = CheckpointInfo.read(ckpt)
     out_path = Path(out)
@@ -182,44 +216,45 @@ def export(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_path.name}.tmp-{os.getpid()}-", dir=out_path.parent))
     try:
+        with disk_full_named(out_path.parent, f"the export {out_path}"):
 
-        def get(name: str) -> torch.Tensor:
-            key = name if not base_only else "base." + name
-            return state[key].contiguous()
+            def get(name: str) -> torch.Tensor:
+                key = name if not base_only else "base." + name
+                return state[key].contiguous()
 
-        if base_only:
-            names = {
-                k[len("base.") :]: (expected[k], torch.float32) for k in expected if k.startswith("base.")
-            }
-            folder.save_weights(tmp, names, get, max_shard_size)
-            folder.base_config_from_meta(meta).save_pretrained(tmp)
-        else:
-            folder.save_weights(
-                tmp, {k: (s, torch.float32) for k, s in expected.items()}, get, max_shard_size
+            if base_only:
+                names = {
+                    k[len("base.") :]: (expected[k], torch.float32) for k in expected if k.startswith("base.")
+                }
+                folder.save_weights(tmp, names, get, max_shard_size)
+                folder.base_config_from_meta(meta).save_pretrained(tmp)
+            else:
+                folder.save_weights(
+                    tmp, {k: (s, torch.float32) for k, s in expected.items()}, get, max_shard_size
+                )
+                folder.write_meta(
+                    tmp,
+                    meta["base_architecture"],
+                    meta["base_config"],
+                    meta["hamburger"],
+                    lineage={
+                        "base": info.base,
+                        "source_run_id": info.run_id,
+                        "checkpoint_step": info.step,
+                        "data": info.data,
+                    },
+                )
+            _copy_tokenizer(info.base_path, tmp)
+            eos = info.base_config.get("eos_token_id")
+            gen = {"eos_token_id": eos, "max_new_tokens": 256}
+            if not base_only:
+                gen["confidence"] = confidence
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=1))
+            (tmp / "README.md").write_text(model_card(ckpt, info, base_only, confidence))
+            (tmp / EXPORT_MARKER).write_text(
+                json.dumps({"checkpoint": str(ckpt), "step": info.step, "base_only": base_only}, indent=1)
             )
-            folder.write_meta(
-                tmp,
-                meta["base_architecture"],
-                meta["base_config"],
-                meta["hamburger"],
-                lineage={
-                    "base": info.base,
-                    "source_run_id": info.run_id,
-                    "checkpoint_step": info.step,
-                    "data": info.data,
-                },
-            )
-        _copy_tokenizer(info.base_path, tmp)
-        eos = info.base_config.get("eos_token_id")
-        gen = {"eos_token_id": eos, "max_new_tokens": 256}
-        if not base_only:
-            gen["confidence"] = confidence
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=1))
-        (tmp / "README.md").write_text(model_card(ckpt, info, base_only, confidence))
-        (tmp / EXPORT_MARKER).write_text(
-            json.dumps({"checkpoint": str(ckpt), "step": info.step, "base_only": base_only}, indent=1)
-        )
-        replace_folder(tmp, out_path)
+            replace_folder(tmp, out_path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -384,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
             args.max_shard_size,
             args.confidence,
         )
-    except (ExportError, folder.WeightsError, FileNotFoundError) as e:
+    except (ExportError, folder.WeightsError, FileNotFoundError, DiskFullError) as e:
         print(f"[export] error: {e}", file=sys.stderr)
         sys.exit(1)
     print(json.dumps(result))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hamburger.io import atomic_write_text
+from hamburger.io import atomic_write_text, disk_full_named
 
 COMPLETE = "COMPLETE"
 
@@ -129,22 +129,27 @@ class Checkpointer:
 
     def save(self, step: int, client_state: dict, run_id: str | None) -> Path:
         strategy, ckpt = self.strategy, self.root / tag_for(step)
-        strategy.save_checkpoint(str(self.root), ckpt.name, client_state)
+        with disk_full_named(self.root, f"checkpoint {ckpt.name}"):  # left without COMPLETE
+            strategy.save_checkpoint(str(self.root), ckpt.name, client_state)
         strategy.barrier()  # every rank's files are on disk before the marker
         if strategy.is_rank0:
-            model = strategy.model
-            CheckpointInfo(
-                step=step,
-                world_size=strategy.world_size,
-                run_id=run_id,
-                base_architecture=type(model.base).__name__,
-                base_config=model.base.config.to_dict(),
-                hamburger=model.config.to_dict(),
-                **self.identity,
-            ).write(ckpt)
+            with disk_full_named(self.root, f"checkpoint {ckpt.name}"):
+                self._write_info(ckpt, step, run_id)
             prune(self.root, self.keep_last)
         strategy.barrier()
         return ckpt
+
+    def _write_info(self, ckpt: Path, step: int, run_id: str | None) -> None:
+        model = self.strategy.model
+        CheckpointInfo(
+            step=step,
+            world_size=self.strategy.world_size,
+            run_id=run_id,
+            base_architecture=type(model.base).__name__,
+            base_config=model.base.config.to_dict(),
+            hamburger=model.config.to_dict(),
+            **self.identity,
+        ).write(ckpt)
 
 
 def rng_state() -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from hamburger.configio import load_config
+from hamburger.io import DiskFullError
 from hamburger.refusal import REFUSALS, exit_on
 from trainer.export.zero_files import ZeroFileError
 from trainer.train.config import TrainConfig
@@ -41,4 +42,4 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(cfg)
     except Exception as e:  # noqa: BLE001 - a refusal is one message, once; a fault its traceback
-        exit_on("train", e, (*REFUSALS, NonFiniteLoss, RunMismatch, ZeroFileError))
+        exit_on("train", e, (*REFUSALS, NonFiniteLoss, RunMismatch, ZeroFileError, DiskFullError))

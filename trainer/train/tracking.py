@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from hamburger.io import disk_full_named
+
 MAX_PARAM_LEN = 500  # MLflow's limit is 6000; long values are truncated with a marker
 PARAMS_PER_CALL = 90  # log_batch takes at most 100 params
 METRICS_PER_CALL = 900  # and at most 1000 metrics
@@ -101,7 +103,7 @@ class Tracker:
             self.run_id = self.client.create_run(exp_id, run_name=run_name or None).info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
-        self._outage = _OutageNote(self.local)
+        self._outage = _OutageNote(self.local, self.uri)
         logging.getLogger(ASYNC_LOGGER).addFilter(self._outage)
         if system_metrics_s > 0:
             self._monitor = _start_system_metrics(self.run_id, self.uri, system_metrics_s)
@@ -143,7 +145,7 @@ class Tracker:
         record = {"step": step, "time": time.time(), "metrics": {k: float(v) for k, v in metrics.items()}}
         if self.writer:
             self.local.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.local, "a") as f:
+            with disk_full_named(self.local, "the run's metrics"), open(self.local, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.enabled:
             try:
@@ -182,9 +184,9 @@ class Tracker:
 class _OutageNote(logging.Filter):
     """MLflow's async queue logs one error per failed batch; say it once, in our words."""
 
-    def __init__(self, local: Path):
+    def __init__(self, local: Path, uri: str = ""):
         super().__init__()
-        self.local = local
+        self.local, self.uri = local, uri
         self.noted = False
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -196,8 +198,14 @@ class _OutageNote(logging.Filter):
     def note(self, why: str) -> None:
         if not self.noted:
             self.noted = True
+            store = self.uri or "the tracking store"
+            problem = (
+                f"no space left for the MLflow store {store}"
+                if any(w in why.lower() for w in ("disk is full", "no space left", "disk quota"))
+                else "MLflow unreachable"
+            )
             print(
-                f"[tracking] warning: MLflow unreachable ({why}); training goes on, every metric is kept "
+                f"[tracking] warning: {problem} ({why}); training goes on, every metric is kept "
                 f"in {self.local} and the gap is reported at the end",
                 file=sys.stderr,
                 flush=True,

@@ -42,3 +42,23 @@ def test_export_confidence_outside_zero_one_is_refused(tmp_path, confidence):
     with pytest.raises((ExportError, ValueError), match=r"confidence"):
         export(str(tmp_path / "no-such-run"), str(tmp_path / "out"), confidence=confidence)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", ["2 gigs", "0GB", "-5", "GB", "", "2G", "1.5TiB"])
+def test_a_bad_max_shard_size_is_named_before_any_work(tmp_path, size, capsys):
+    from trainer.export.export import check_shard_size, main
+
+    with pytest.raises(ExportError, match=r"--max-shard-size .*give a size above 0 such as 2GB"):
+        check_shard_size(size)
+    with pytest.raises(SystemExit):  # before the source is even looked at
+        main([str(tmp_path / "no-such-run"), "--out", str(tmp_path / "o"), "--max-shard-size", size])
+    assert "--max-shard-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "size, parsed", [("2GB", "2GB"), ("500mb", "500mb"), ("1000000", 1000000), (4096, 4096)]
+)
+def test_good_shard_sizes_pass(size, parsed):
+    from trainer.export.export import check_shard_size
+
+    assert check_shard_size(size) == parsed

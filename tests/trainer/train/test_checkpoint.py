@@ -37,3 +37,33 @@ def test_pruning_touches_only_step_folders(tmp_path):
         "step_best",
     ]
     assert (tmp_path / "best" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_checkpoint_save_on_a_full_disk_names_the_folder(tmp_path, monkeypatch):
+    """DeepSpeed's torch.save says only "file write failed": the error says no space, and where."""
+    import shutil
+    from types import SimpleNamespace
+
+    import pytest
+
+    from hamburger.io import DiskFullError
+    from trainer.train.checkpoint import Checkpointer
+
+    class FullDisk:
+        is_rank0, world_size = True, 1
+
+        def save_checkpoint(self, root, tag, client_state):
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file"
+            )
+
+        def barrier(self):
+            pass
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=1 << 30, used=1 << 30, free=0))
+    ckpt = Checkpointer(str(tmp_path), save_every=2, keep_last=2, strategy=FullDisk(), identity={})
+    with pytest.raises(
+        DiskFullError,
+        match=rf"no space left on the device holding {tmp_path / 'checkpoints'} while writing checkpoint step_000002",
+    ):
+        ckpt.save(2, {}, None)

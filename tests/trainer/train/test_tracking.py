@@ -54,3 +54,27 @@ def test_a_local_store_keeps_artifacts_beside_it(tmp_path):
     t.close()
     assert (tmp_path / "mlartifacts").is_dir() and list((tmp_path / "mlartifacts").rglob("note.txt"))
     assert artifact_location("http://server:5000") is None  # a server decides for itself
+
+
+def test_a_full_disk_is_named_for_the_metrics_file_and_the_mlflow_store(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import pytest
+
+    from hamburger.io import DiskFullError
+    from trainer.train import tracking
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    t = Tracker(str(tmp_path), False)  # writer, no MLflow
+    monkeypatch.setattr(tracking, "open", full, raising=False)
+    with pytest.raises(
+        DiskFullError,
+        match=rf"no space left on the device holding {tmp_path / 'metrics.jsonl'} while writing the run's metrics",
+    ):
+        t.log_metrics({"loss": 1.0}, 1)
+
+    note = tracking._OutageNote(tmp_path / "metrics.jsonl", "sqlite:///big/mlflow.db")
+    note.note("OperationalError: database or disk is full")
+    assert "no space left for the MLflow store sqlite:///big/mlflow.db" in capsys.readouterr().err
