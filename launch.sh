@@ -9,6 +9,8 @@
 #   ./launch.sh eval MODEL [key=value ...]          (MODEL: export folder, models:/NAME/VERSION, run folder)
 #   ./launch.sh serve MODEL [--host 127.0.0.1 --port 8000 --max-batch 16 ...]   OpenAI-compatible server
 #   ./launch.sh label-view SHARDS_DIR [--n 5] [--html out.html]
+#   ./launch.sh curves RUN_DIR                      learning curves of a run (PNG + summary)
+#   ./launch.sh replay OUTPUT_DIR [TRACKING_URI]    send MLflow the metrics a run logged while it was down
 #   ./launch.sh setup                               only create/refresh the environment
 #
 # Environment:
@@ -141,6 +143,12 @@ case "$cmd" in
   label-view)
     ensure_env
     exec "$PY" -m data_prep.view "$@" ;;
+  curves)
+    ensure_env
+    exec "$PY" -m trainer.train.curves "$@" ;;
+  replay)
+    ensure_env
+    exec "$PY" -m trainer.train.tracking replay "$@" ;;
   help|-h|--help)
     sed -n '2,/^set -e/{/^#/p}' "$0" ;;
   *)

@@ -142,3 +142,17 @@ def test_link_pattern_reads_markdown_links():
         "b.png",
         "https://x/y.md#z",
     ]
+
+
+@pytest.mark.distributed
+def test_launch_curves_and_replay_run_in_the_project_environment():
+    """The README's `./launch.sh curves` / `replay` need no activated environment."""
+    import subprocess
+    import sys
+
+    venv = {"HAMBURGER_VENV": str(Path(sys.executable).parent.parent), "PATH": "/usr/bin:/bin"}
+    for cmd in (["curves"], ["replay"]):
+        proc = subprocess.run(
+            [str(ROOT / "launch.sh"), *cmd], capture_output=True, text=True, env=venv, timeout=300
+        )
+        assert f"usage: ./launch.sh {cmd[0]}" in proc.stderr, proc.stderr[-2000:]

@@ -187,7 +187,7 @@ def test_mlflow_server_going_away_does_not_stop_training(setup, tmp_path):
         assert proc.returncode == 0, text[-4000:]
         assert "MLflow unreachable" in text and "training goes on" in text, text[-4000:]
         assert sorted(losses(out)) == list(range(1, 21))  # nothing lost locally
-        assert "MLflow lacks" in text and "trainer.train.tracking replay" in text, text[-3000:]
+        assert "MLflow lacks" in text and "./launch.sh replay" in text, text[-3000:]
         # Nothing lost for MLflow either: replay sends exactly what the run lacks (here straight
         # into the dead server's database, as a restarted server would receive it).
         run_id = json.loads((out / "run_info.json").read_text())["run_id"]

@@ -3,7 +3,7 @@
 One PNG with four panels (expected tokens/step, slot accuracies, cross-entropy, loss) and a
 summary whose main number is the end slope of expected tokens/step: still rising at the end of
 training means more steps would still buy decoding speed, flat means they would not.
-`python -m trainer.train.curves RUN_DIR` writes RUN_DIR/learning_curves.png and prints the summary;
+`./launch.sh curves RUN_DIR` (in the project's environment) writes RUN_DIR/learning_curves.png and prints the summary;
 the trainer does the same when a run finishes (`write_run_curves`).
 """
 
@@ -275,7 +275,7 @@ def write_run_curves(out_dir: Path, tracker=None) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        raise SystemExit("usage: python -m trainer.train.curves RUN_DIR")
+        raise SystemExit("usage: ./launch.sh curves RUN_DIR")
     run_dir = Path(args[0])
     if not (run_dir / "metrics.jsonl").is_file():
         raise SystemExit(

@@ -5,7 +5,7 @@ logs into the same run). Parameters are flattened, truncated and chunked. Every 
 is first appended to `metrics.jsonl` in the output folder: that file is the source of truth.
 MLflow's own asynchronous logging delivers it, so a slow or dead tracking server never blocks
 a training step. When the run closes, whatever steps MLflow lacks (the server was down) are
-counted and named; `python -m trainer.train.tracking replay OUTPUT_DIR [TRACKING_URI]` sends exactly
+counted and named; `./launch.sh replay OUTPUT_DIR [TRACKING_URI]` (in the project's environment) sends exactly
 those later. System metrics (CPU/GPU utilisation and memory) are logged beside the losses.
 """
 
@@ -175,7 +175,7 @@ class Tracker:
                 f"[tracking] MLflow lacks {what} metric records of this run"
                 + (f" (it is unreachable: {why})" if lacking < 0 else "")
                 + f"; every record is in {self.local}. When the server is back: "
-                f"python -m trainer.train.tracking replay {self.output_dir}",
+                f"./launch.sh replay {self.output_dir}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -285,4 +285,4 @@ if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "replay":
         print(f"delivered {replay(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else '')} records")
     else:
-        raise SystemExit("usage: python -m trainer.train.tracking replay OUTPUT_DIR [TRACKING_URI]")
+        raise SystemExit("usage: ./launch.sh replay OUTPUT_DIR [TRACKING_URI]")
