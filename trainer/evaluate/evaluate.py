@@ -73,10 +73,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     report["heldout_ce"] = heldout_ce(model, base, prompts)
 
     def measure(
-        decode_fn, bs: int, reference: list[list[int]] | None
+        decode_fn, bs: int, reference: list[list[int]] | None, desc: str
     ) -> tuple[dict, list[list[int]], list[str], list]:
         """Speed and quality of one decoder over every prompt at one batch size."""
-        res, seconds, ttft = run_decoder(decode_fn, prompts, bs)
+        res, seconds, ttft = run_decoder(decode_fn, prompts, bs, desc)
         tokens = [cut_at_eos(r.tokens, eos) for r in res]
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         quality_ = quality(prompts, texts, tokens, reference or tokens, cfg.code_timeout_s)
@@ -92,6 +92,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             lambda ids, n: base_generate_batch(base, ids, n or cfg.max_new_tokens, no_stop, pad, cfg.decode),
             bs,
             None,
+            f"base, batch {bs}",
         )
         report["runs"].append({"decoder": "base", "batch_size": bs, **base_run, **costs})
         for conf in cfg.confidences:
@@ -101,6 +102,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                 ),
                 bs,
                 base_tokens,
+                f"hamburger c={conf}, batch {bs}",
             )
             report["runs"].append(
                 {

@@ -22,12 +22,17 @@ def micro_calls_per_macro_step(results: list, batch_size: int) -> float:
     return calls / steps
 
 
-def run_decoder(fn, prompts: list[Prompt], batch_size: int) -> tuple[list, float, float]:
-    """(results, seconds, mean TTFT seconds) over all prompts in batches, after a warm-up."""
+def run_decoder(fn, prompts: list[Prompt], batch_size: int, desc: str = "") -> tuple[list, float, float]:
+    """(results, seconds, mean TTFT seconds) over all prompts in batches, after a warm-up. A
+    progress bar (stderr, one update per batch: microseconds beside a decode) names the run."""
+    from tqdm import tqdm
+
     fn([p.ids for p in prompts[:batch_size]], 2)
     results, t0 = [], time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        results += fn([p.ids for p in prompts[i : i + batch_size]], None)
+    with tqdm(total=len(prompts), desc=f"[eval] {desc}".strip(), unit="prompt", leave=False) as bar:
+        for i in range(0, len(prompts), batch_size):
+            results += fn([p.ids for p in prompts[i : i + batch_size]], None)
+            bar.update(min(batch_size, len(prompts) - i))
     seconds = time.perf_counter() - t0
     ttft = []
     for i in range(0, len(prompts), batch_size):

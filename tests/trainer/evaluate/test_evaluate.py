@@ -117,7 +117,7 @@ def test_model_written_code_runs_in_a_throwaway_folder_and_dies_whole(tmp_path, 
 
 
 @pytest.mark.distributed
-def test_eval_command_end_to_end(baseline, tmp_path):
+def test_eval_command_end_to_end(baseline, tmp_path, capsys):
     folder = export(str(baseline), str(tmp_path / "model"))["path"]
     cfg = EvalConfig(
         model=folder,
@@ -129,6 +129,9 @@ def test_eval_command_end_to_end(baseline, tmp_path):
     )
     cfg.validate()
     report = evaluate(cfg)
+    progress = capsys.readouterr().err  # a bar per model, confidence and batch size: never silent
+    for run in ("[eval] base, batch 2", "[eval] hamburger c=0.5, batch 2", "[eval] hamburger c=0.9, batch 2"):
+        assert run in progress, progress[-2000:]
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["mlflow_run_id"] == report["mlflow_run_id"]
     runs = saved["runs"]
