@@ -90,25 +90,40 @@ def test_crafted_checkpoint_runs_no_code_during_export(baseline, tmp_path):
 @pytest.mark.parametrize(
     "extra", ["zero_pp_rank_2_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
 )
-def test_an_extra_crafted_rank_file_runs_no_code_on_export_or_resume(setup, baseline, tmp_path, extra):
+def test_an_extra_crafted_rank_file_runs_no_code_on_export(baseline, tmp_path, extra):
     """DeepSpeed unpickles every *_states.pt of the folder: a file beside the real ones is refused
-    by name before any of them is read, on export and on `resume=PATH`."""
-    from launcher import launch
-
+    by name before any of them is read."""
     run = tmp_path / "run"
     shutil.copytree(baseline / "checkpoints", run / "checkpoints")
-    ckpt = run / "checkpoints" / "step_000008"
     marker = tmp_path / "MARKER"
-    torch.save({"module": _Trap(marker)}, ckpt / extra)
+    torch.save({"module": _Trap(marker)}, run / "checkpoints" / "step_000008" / extra)
     with pytest.raises(
         ExportError, match=rf"{extra.replace('.', '[.]')} is not a file of this 2-rank checkpoint"
     ):
         export(str(run), str(tmp_path / "out"))
     assert not marker.exists() and not (tmp_path / "out").exists()
 
+
+@pytest.mark.parametrize(
+    "victim, refused",
+    [
+        ("zero_pp_rank_2_mp_rank_00_model_states.pt", " is not a file of this 2-rank checkpoint"),  # extra
+        ("zero_pp_rank_1_mp_rank_00_optim_states.pt", ": refused"),  # a real one replaced
+    ],
+)
+def test_a_crafted_rank_file_runs_no_code_on_resume(setup, baseline, tmp_path, victim, refused):
+    """`resume=PATH` reads every file DeepSpeed will open with the restricted unpickler first, and
+    refuses a file the checkpoint should not hold, by name; the crafted code never runs."""
+    from launcher import launch
+
+    run = tmp_path / "run"
+    shutil.copytree(baseline / "checkpoints", run / "checkpoints")
+    ckpt = run / "checkpoints" / "step_000008"
+    marker = tmp_path / "MARKER"
+    torch.save({"module": _Trap(marker)}, ckpt / victim)
     proc = launch(setup["cfg"], f"output_dir={tmp_path / 'resumed'}", f"resume={ckpt}", "max_steps=10")
     assert proc.returncode != 0
-    assert f"{extra} is not a file of this 2-rank checkpoint" in proc.stdout + proc.stderr
+    assert f"{victim}{refused}" in proc.stdout + proc.stderr
     assert not marker.exists()
 
 

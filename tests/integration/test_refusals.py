@@ -34,13 +34,6 @@ def _once(proc, fragment: str) -> None:
 
 def test_a_prep_refusal_is_said_once(setup, tmp_path):
     cfg = tmp_path / "prep.yaml"
-    cfg.write_text(
-        f"model: {setup['base'] / 'model'}\nsources:\n  - path: {tmp_path / 'none.jsonl'}\noutput_root: {tmp_path}\n"
-    )
-    _once(
-        _launch_sh("prep", str(cfg), "--nprocs", "2", "heldout_fraction=0"),
-        "heldout_fraction must lie in (0, 1)",
-    )
     (tmp_path / "rows.jsonl").write_text('{"instruction": "q"}\n')  # no response field: refused by row
     cfg.write_text(
         f"model: {setup['base'] / 'model'}\nsources:\n  - path: {tmp_path / 'rows.jsonl'}\noutput_root: {tmp_path}\n"
