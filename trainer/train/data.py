@@ -8,7 +8,7 @@ micro-batch i therefore needs no data to be read or skipped.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.shards import load_manifest, read_split
@@ -53,14 +53,24 @@ class BatchPlan:
     grad_accum: int
     seed: int
     shuffle: bool = True
+    _epochs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """epoch -> (global batches, {rank: its batches}): the plan is built once per epoch (and on
+    resume), not at every step; only the two newest epochs are kept."""
 
     def global_batches(self, epoch: int) -> list[list[int]]:
-        """Micro-batches (sample indices) of an epoch, a multiple of world_size * grad_accum long.
+        """Micro-batches (sample indices) of an epoch, a multiple of world_size * grad_accum long
+        (shared: do not mutate)."""
+        if epoch not in self._epochs:
+            self._epochs[epoch] = (self.build(epoch), {})
+            for old in sorted(self._epochs)[:-2]:
+                del self._epochs[old]
+        return self._epochs[epoch][0]
 
-        Greedy in a seeded order: a batch takes samples while their macro positions fit the
-        budget. The tail that cannot fill a whole optimiser step is dropped (at most
-        world_size * grad_accum - 1 micro-batches), as every rank must step together.
-        """
+    def build(self, epoch: int) -> list[list[int]]:
+        """The epoch's plan, from scratch. Greedy in a seeded order: a batch takes samples while
+        their macro positions fit the budget. The tail that cannot fill a whole optimiser step is
+        dropped (at most world_size * grad_accum - 1 micro-batches), as every rank must step
+        together."""
         order = list(range(len(self.samples)))
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
@@ -80,7 +90,11 @@ class BatchPlan:
         return batches[: len(batches) - len(batches) % per_step]
 
     def rank_batches(self, epoch: int, rank: int) -> list[list[int]]:
-        return self.global_batches(epoch)[rank :: self.world_size]
+        batches = self.global_batches(epoch)
+        per_rank = self._epochs[epoch][1]
+        if rank not in per_rank:
+            per_rank[rank] = batches[rank :: self.world_size]
+        return per_rank[rank]
 
     def steps_per_epoch(self) -> int:
         return len(self.global_batches(0)) // (self.world_size * self.grad_accum)
