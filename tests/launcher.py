@@ -66,9 +66,11 @@ def setup(tmp_path_factory) -> dict:
     ds = json.loads((ROOT / "ds_configs" / "zero3_cpu.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really partition every tensor
     (base / "ds.json").write_text(json.dumps(ds))
-    cfg = base / "train.yaml"
+    cfg = (
+        base / "train.yaml"
+    )  # loss_chunk_tokens 16: the chunked loss runs under ZeRO-3 in every launched run
     cfg.write_text(
-        f"model:\n  base: {model}\n  hamburger:\n    micro_layers: 1\n    embedder_head_dim: 16\n"
+        f"model:\n  base: {model}\n  hamburger:\n    micro_layers: 1\n    embedder_head_dim: 16\n    loss_chunk_tokens: 16\n"
         f"data:\n  path: {folder}\n  tokens_per_batch: 160\n  row_capacity: 160\n"
         f"optim:\n  warmup_steps: 1\n  lr_base: 3e-3\n  lr_new: 3e-3\n  min_lr: 1e-3\n"
         f"ds_config: {base / 'ds.json'}\nepochs: 3\nmax_steps: 8\neval_every: 4\nsave_every: 2\nkeep_last: 2\ndist_timeout_s: 240\n"

@@ -66,6 +66,10 @@ class PackedBatch:
     sample_ids: torch.Tensor  # [N] dataset ids of the samples, for error messages
     plain_input_ids: torch.Tensor | None = None  # [N, Lp] original tokens, right-padded
     plain_resp_pos: torch.Tensor | None = None  # [T] flat index into plain rows predicting each resp token
+    loss_chunks: int = 0
+    """LM-head calls the loss makes (hamburger/model/chunked_loss.py). Under ZeRO-3 every call
+    gathers the head, so every rank must make the same number: the trainer sets it from every
+    rank's batch (see trainer/train/data.py loss_chunks). 0: as many as this batch needs."""
 
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {}

@@ -62,6 +62,10 @@ class HAMburgerConfig:
     """Weight of KL(frozen base || model) on response tokens; 0 disables the teacher entirely."""
     kl_temperature: float = 1.0
     """Softmax temperature for the KL term."""
+    loss_chunk_tokens: int = 2048
+    """Response tokens per LM-head chunk in the loss: CE and KL never hold more than this many
+    tokens' fp32 logits (the full [T, V] is 10.6 GiB for one 8192-position row of a 128k
+    vocabulary). Same loss and gradients; 0 = all tokens at once."""
     packed_attention: PackedAttention = PackedAttention.auto
     """Training attention over packed rows: dense (block-diagonal SDPA mask, O(L^2) memory),
     flex (FlexAttention block mask from the sample ids; CUDA only for training), or auto (flex
@@ -86,6 +90,10 @@ class HAMburgerConfig:
         if self.packed_attention not in ("auto", "dense", "flex"):
             raise ValueError(
                 f"hamburger.packed_attention must be auto, dense or flex, got {self.packed_attention!r}"
+            )
+        if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
+            raise ValueError(
+                f"hamburger.loss_chunk_tokens must be an integer >= 0 (0: no chunking), got {self.loss_chunk_tokens!r}"
             )
         if not self.kl_temperature > 0:
             raise ValueError(f"hamburger.kl_temperature must be > 0, got {self.kl_temperature}")

@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 
 from . import packed_attention
 from .batch import PackedBatch
+from .chunked_loss import chunked_token_losses, chunks_for
 from .config import HAMburgerConfig
 from .embedder import CompositionalEmbedder
 from .micro_decoder import MicroDecoder, StopHead
@@ -162,7 +163,8 @@ class HAMburgerModel(nn.Module):
            position, o_j (j>1) = micro decoder at the slot of e(t_{j-1}). The decoder runs once
            per segment length (<= K-1 calls), so there are no padded slots and one-token
            segments cost no decoder compute;
-        4. LM head and stop head on all o_j; CE + stop_weight * BCE (+ kl_weight * KL).
+        4. LM head and stop head on all o_j; CE + stop_weight * BCE (+ kl_weight * KL), the LM
+           head's logits loss_chunk_tokens tokens at a time when there are more.
         """
         k = self.config.max_segment_len
         rows, width = batch.seq_ids.shape
@@ -191,16 +193,30 @@ class HAMburgerModel(nn.Module):
         slots = torch.arange(k, device=o.device).expand_as(valid)[valid]
         stop_labels = (slots == (batch.tgt_lens[:, None].expand_as(valid)[valid] - 1)).float()
 
-        logits = self.lm_head(o_tok).float()
         stop_logits = self.stop_head(o_tok).float()
-        ce = F.cross_entropy(logits, targets)
+        chunks = batch.loss_chunks or chunks_for(o_tok.shape[0], self.config.loss_chunk_tokens)
+        logits = None
+        if return_logits or chunks <= 1:  # the whole [T, V] at once
+            logits = self.lm_head(o_tok).float()
+            ce = F.cross_entropy(logits, targets)
+            kl = self._kl_to_teacher(batch, logits) if self.teacher is not None else None
+            correct = logits.detach().argmax(-1) == targets
+        else:  # `chunk` tokens' logits at a time (hamburger/model/chunked_loss.py)
+            teacher = self.teacher
+            ce, kl, correct = chunked_token_losses(
+                self.lm_head,
+                o_tok,
+                targets,
+                chunks,
+                teacher.lm_head if teacher is not None else None,
+                self._teacher_hidden(batch) if teacher is not None else None,
+                self.config.kl_temperature,
+            )
         bce = F.binary_cross_entropy_with_logits(stop_logits, stop_labels)
         loss = ce + self.config.stop_weight * bce
-        kl = None
-        if self.teacher is not None:
-            kl = self._kl_to_teacher(batch, logits)
+        if kl is not None:
             loss = loss + self.config.kl_weight * kl
-        metrics = self._metrics(logits, targets, slots, stop_logits, stop_labels, valid)
+        metrics = self._metrics(correct, slots, stop_logits, stop_labels, valid)
         return HAMburgerOutput(
             loss=loss,
             ce=ce,
@@ -238,6 +254,15 @@ class HAMburgerModel(nn.Module):
         out = feats.new_zeros(s * k, d).index_copy(0, torch.cat(index), torch.cat(pieces))
         return out + zero
 
+    def _teacher_hidden(self, batch: PackedBatch) -> torch.Tensor:
+        """[T, D] the frozen teacher's final hidden states at each response token's predicting
+        position of the plain batch (its LM head is applied chunk by chunk)."""
+        if batch.plain_input_ids is None:
+            raise ValueError("kl_weight > 0 needs batches collated with with_plain=True")
+        with torch.no_grad():
+            h = self.teacher.model(input_ids=batch.plain_input_ids, use_cache=False).last_hidden_state
+            return h.reshape(-1, h.shape[-1])[batch.plain_resp_pos]
+
     def _kl_to_teacher(self, batch: PackedBatch, logits: torch.Tensor) -> torch.Tensor:
         if batch.plain_input_ids is None:
             raise ValueError("kl_weight > 0 needs batches collated with with_plain=True")
@@ -251,7 +276,7 @@ class HAMburgerModel(nn.Module):
         return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * temp**2
 
     @torch.no_grad()
-    def _metrics(self, logits, targets, slots, stop_logits, stop_labels, valid) -> dict[str, torch.Tensor]:
+    def _metrics(self, correct, slots, stop_logits, stop_labels, valid) -> dict[str, torch.Tensor]:
         """Per-slot token accuracy, stop accuracy, expected tokens per macro step.
 
         expected_tokens_per_step: mean over segments of sum_j prod_{i<j} P(continue after i),
@@ -259,14 +284,14 @@ class HAMburgerModel(nn.Module):
         segment's tokens greedy decoding with this stop head would emit in one macro step.
         """
         k = self.config.max_segment_len
-        correct = (logits.argmax(-1) == targets).float()
+        correct = correct.float()
         m: dict[str, torch.Tensor] = {"token_acc": correct.mean()}
         for j in range(k):
             at = slots == j
             if at.any():
                 m[f"token_acc_slot{j + 1}"] = correct[at].mean()
         m["stop_acc"] = ((stop_logits > 0).float() == stop_labels).float().mean()
-        cont = torch.zeros(valid.shape, device=logits.device)
+        cont = torch.zeros(valid.shape, device=stop_logits.device)
         cont[valid] = 1 - torch.sigmoid(stop_logits)
         reach = torch.cumprod(torch.cat([torch.ones_like(cont[:, :1]), cont[:, :-1]], dim=1), dim=1)
         m["expected_tokens_per_step"] = (reach * valid).sum(1).mean()

@@ -96,6 +96,10 @@ class BatchPlan:
             per_rank[rank] = batches[rank :: self.world_size]
         return per_rank[rank]
 
+    def all_ranks(self, epoch: int) -> list[list[list[int]]]:
+        """Every rank's micro-batches of the epoch (for decisions all ranks must agree on)."""
+        return [self.rank_batches(epoch, r) for r in range(self.world_size)]
+
     def steps_per_epoch(self) -> int:
         return len(self.global_batches(0)) // (self.world_size * self.grad_accum)
 
@@ -108,6 +112,16 @@ class BatchPlan:
                 f"{self.world_size} ranks x {self.grad_accum} micro-batches"
             )
         return min(per_epoch * epochs, max_steps) if max_steps > 0 else per_epoch * epochs
+
+
+def loss_chunks(batches: list[list[Sample]], chunk_tokens: int) -> int:
+    """LM-head calls of the chunked loss for one micro-batch step, the same on every rank: enough
+    for the rank with the most response tokens. Every rank knows every rank's batch (the plan is
+    global), so this needs no communication."""
+    from hamburger.model.chunked_loss import chunks_for
+
+    most = max((sum(len(s.input_ids) - s.prompt_len for s in b) for b in batches), default=0)
+    return chunks_for(most, chunk_tokens)
 
 
 def eval_batches(samples: list[Sample], tokens_per_batch: int, world_size: int, rank: int, limit: int = 0):

@@ -31,7 +31,7 @@ from trainer.train.checkpoint import (
 )
 from trainer.train.config import TrainConfig
 from trainer.train.curves import write_run_curves
-from trainer.train.data import BatchPlan, load_samples, manifest_summary, resolve_data
+from trainer.train.data import BatchPlan, load_samples, loss_chunks, manifest_summary, resolve_data
 from trainer.train.metrics import check_finite, output_values, reduce_outputs
 from trainer.train.runcheck import check_data_fits_model, check_resume_matches
 from trainer.train.strategy import DeepSpeedStrategy
@@ -249,6 +249,13 @@ class Trainer:
             kl = cfg.model.hamburger.kl_weight > 0  # the frozen teacher reads the plain tokens
             batch = collate(
                 samples, cfg.model.hamburger.max_segment_len, cfg.data.row_capacity, with_plain=kl
+            )
+            batch.loss_chunks = loss_chunks(
+                [
+                    [self.train_samples[i] for i in b[pos.batch + micro]]
+                    for b in self.plan.all_ranks(pos.epoch)
+                ],
+                cfg.model.hamburger.loss_chunk_tokens,
             )
             out = strategy.forward(batch)
             check_finite(strategy, out.loss, pos.step, [s.sample_id for s in samples])

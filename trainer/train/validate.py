@@ -10,7 +10,7 @@ import torch
 from hamburger.decode import generate
 from hamburger.model import Sample, collate
 from trainer.train.config import TrainConfig
-from trainer.train.data import eval_batches
+from trainer.train.data import eval_batches, loss_chunks
 from trainer.train.metrics import output_values, reduce_outputs
 from trainer.train.strategy import DeepSpeedStrategy
 
@@ -37,15 +37,20 @@ def held_out_metrics(
     """Loss and HAMburger metrics on the held-out split (eval/...), every rank its share."""
     strategy.train(False)
     records = []
+    every_rank = [
+        eval_batches(samples, cfg.data.tokens_per_batch, strategy.world_size, r, cfg.eval_max_batches)
+        for r in range(strategy.world_size)
+    ]
     with torch.no_grad():
-        for idx, weight in eval_batches(
-            samples, cfg.data.tokens_per_batch, strategy.world_size, strategy.rank, cfg.eval_max_batches
-        ):
+        for n, (idx, weight) in enumerate(every_rank[strategy.rank]):
             batch = collate(
                 [samples[i] for i in idx],
                 cfg.model.hamburger.max_segment_len,
                 cfg.data.row_capacity,
                 with_plain=cfg.model.hamburger.kl_weight > 0,  # the teacher reads the plain tokens
+            )
+            batch.loss_chunks = loss_chunks(  # the same LM-head calls on every rank (ZeRO-3)
+                [[samples[i] for i in r[n][0]] for r in every_rank], cfg.model.hamburger.loss_chunk_tokens
             )
             out = strategy.forward(batch)
             records.append((output_values(out), batch.num_response_tokens, weight))

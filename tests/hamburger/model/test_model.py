@@ -297,3 +297,49 @@ def test_the_old_name_of_k_is_refused_naming_the_new_one():
         ).label.max_segment_len
         == 3
     )
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.3])
+def test_chunked_loss_equals_the_full_logits_loss_and_gradients(rng, kl_weight):
+    """loss_chunk_tokens bounds the fp32 logits held at once; loss, metrics and every gradient
+    (base, embedder, micro decoder, stop head) are those of the whole-[T, V] loss, to float32
+    rounding (the logits are fp32 in both paths; only the order of the sums differs)."""
+
+    def run(chunk: int, calls: int = 0):
+        torch.manual_seed(0)
+        teacher = tiny_base(0) if kl_weight else None
+        model = HAMburgerModel(
+            tiny_base(0),
+            HAMburgerConfig(
+                embedder_head_dim=16, micro_layers=2, kl_weight=kl_weight, loss_chunk_tokens=chunk
+            ),
+            teacher=teacher,
+        ).double()
+        with torch.no_grad():
+            model.embedder.o_proj.weight.normal_(0, 0.05)
+        batch = collate(mixed_samples(random.Random(3), 6), 4, row_capacity=64, with_plain=kl_weight > 0)
+        batch.loss_chunks = calls  # what a ZeRO-3 rank gets: the most any rank needs
+        out = model(batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    whole, g_whole = run(0)
+    assert whole.kl is None or whole.kl > 0
+    for chunk, calls in ((1, 0), (7, 0), (16, 0), (16, 100)):  # 100 calls for 48 tokens: some empty
+        part, g_part = run(chunk, calls)
+        torch.testing.assert_close(part.loss, whole.loss, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(part.ce, whole.ce, rtol=1e-6, atol=1e-9)
+        if kl_weight:
+            torch.testing.assert_close(part.kl, whole.kl, rtol=1e-6, atol=1e-9)
+        assert {k: float(v) for k, v in part.metrics.items()} == pytest.approx(
+            {k: float(v) for k, v in whole.metrics.items()}, rel=1e-6
+        )
+        assert g_part.keys() == g_whole.keys()
+        for name in g_whole:
+            torch.testing.assert_close(g_part[name], g_whole[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_loss_chunk_tokens_is_checked():
+    with pytest.raises(ValueError, match="loss_chunk_tokens must be an integer >= 0"):
+        HAMburgerConfig(loss_chunk_tokens=-1).validate()

@@ -64,3 +64,15 @@ def test_the_epoch_plan_is_built_once_per_epoch_not_per_step(monkeypatch):
     for epoch in (2, 3, 4):  # only the newest two epochs are kept
         plan.rank_batches(epoch, 0)
     assert sorted(plan._epochs) == [3, 4]
+
+
+def test_loss_chunks_are_what_the_rank_with_the_most_response_tokens_needs():
+    """Every rank makes as many LM-head calls as the busiest one (ZeRO-3 gathers are collective)."""
+    from hamburger.model import Sample
+    from trainer.train.data import loss_chunks
+
+    def sample(resp: int) -> Sample:
+        return Sample(list(range(3 + resp)), 3, [1] * resp)
+
+    ranks = [[sample(10), sample(5)], [sample(40)], [sample(1)]]  # 15, 40 and 1 response tokens
+    assert loss_chunks(ranks, 16) == 3 and loss_chunks(ranks, 40) == 1 and loss_chunks(ranks, 0) == 1
