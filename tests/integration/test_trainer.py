@@ -241,3 +241,27 @@ def test_kl_to_the_frozen_base_trains(setup, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     kl = [r["metrics"]["kl"] for r in records if "kl" in r["metrics"]]
     assert kl and all(v >= 0 and v == v for v in kl)
+
+
+def test_lr_base_zero_freezes_the_base_without_optimiser_state(setup, baseline, tmp_path):
+    """optim.lr_base=0: the base's weights come out of training exactly as they went in, and the
+    optimiser holds state for the grafted modules only (smaller rank files than the baseline's)."""
+    from safetensors.torch import load_file
+
+    from trainer.export.export import export
+
+    out = tmp_path / "frozen"
+    proc = launch(setup["cfg"], f"output_dir={out}", "optim.lr_base=0", "max_steps=2", "eval_every=0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logged = [json.loads(line)["metrics"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("lr_new" in m for m in logged) and not any("lr_base" in m for m in logged)
+    exported = Path(export(str(out), str(tmp_path / "base_only"), base_only=True)["path"])
+    before = load_file(str(setup["base"] / "model" / "model.safetensors"))
+    after = load_file(str(exported / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name].to(tensor.dtype), tensor), name
+    optim = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    frozen_size = (out / "checkpoints" / "step_000002" / optim).stat().st_size
+    full_size = (baseline / "checkpoints" / "step_000008" / optim).stat().st_size
+    assert frozen_size < 0.8 * full_size, (frozen_size, full_size)

@@ -47,11 +47,13 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr_base: float = 5e-5
-    """Learning rate of the base model (embeddings included)."""
+    """Learning rate of the base model (embeddings included). 0 freezes the base: its weights
+    carry no gradient and no optimiser state (only the grafted modules train)."""
     lr_new: float = 1e-4
     """Learning rate of the grafted modules (embedder, micro decoder, stop head)."""
     min_lr: float = 1e-5
-    """Floor of the cosine decay (for both groups, scaled by their ratio to lr_base)."""
+    """Floor of the cosine decay (for both groups, scaled by their ratio to lr_base; to lr_new
+    when the base is frozen)."""
     warmup_steps: int = 10
     """Linear warm-up steps before the cosine decay."""
     weight_decay: float = 0.0

@@ -193,14 +193,14 @@ class DeepSpeedStrategy:
         new_ids = {id(p) for m in model.new_modules() for p in m.parameters()}
         base_params = [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in new_ids]
         new_params = [p for m in model.new_modules() for p in m.parameters()]
-        groups = [
-            {"params": base_params, "lr": o.lr_base, "name": "base"},
-            {"params": new_params, "lr": o.lr_new, "name": "new"},
-        ]
+        groups = [{"params": new_params, "lr": o.lr_new, "name": "new"}]
+        if o.lr_base > 0:
+            groups.insert(0, {"params": base_params, "lr": o.lr_base, "name": "base"})
+        else:  # frozen: no gradient, so no fp32 gradient or Adam state for the base either
+            for p in base_params:
+                p.requires_grad_(False)
         optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        scheduler = lr_schedule(
-            optimizer, o.warmup_steps, total_steps, o.min_lr / o.lr_base if o.lr_base else 0
-        )
+        scheduler = lr_schedule(optimizer, o.warmup_steps, total_steps, o.min_lr / (o.lr_base or o.lr_new))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
