@@ -42,7 +42,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     ),
     "base_top+zero2": (
         "base_top under ZeRO-2 (no parameter gathers)",
-        ["model.hamburger.micro_init=base_top", "ds_config=bench/zero2_cpu.json"],
+        ["model.hamburger.micro_init=base_top", "ds_config=ds_configs/zero2_cpu.json"],
     ),
 }
 

@@ -25,13 +25,8 @@ def is_stage_1_or_2(ckpt: Path) -> bool:
 
 
 def verify_zero_files(ckpt: Path, world_size: int) -> None:
-    """For export: a ZeRO-3 checkpoint whose files are all present and safe (see verify_loadable)."""
-    if is_stage_1_or_2(ckpt):
-        raise ZeroFileError(
-            f"{ckpt}: written under ZeRO stage 1 or 2 (one {STAGE12_MODEL}); export and "
-            "consolidation read ZeRO-3 checkpoints only: train with a stage-3 ds_config "
-            "(ds_configs/zero3_*.json)"
-        )
+    """For export: a ZeRO checkpoint (stage 1, 2 or 3, any world size) whose files are all
+    present and safe (see verify_loadable)."""
     if not (ckpt.parent / LATEST).is_file():
         raise ZeroFileError(
             f"{ckpt.parent}: missing DeepSpeed's `{LATEST}` file; the checkpoint folder is incomplete"
@@ -79,10 +74,12 @@ def rank_files(ckpt: Path, world_size: int) -> list[Path]:
 
 def _safe_globals() -> list:
     """The only non-tensor classes a DeepSpeed ZeRO checkpoint of this trainer pickles: numpy
-    arrays (RNG state), DeepSpeed's stage enum and loss scalers. Nothing here runs code."""
+    arrays (RNG state), DeepSpeed's stage enum, loss scalers and (stage 1/2) fragment
+    addresses. Nothing here runs code: each is data rebuilt from its fields."""
     import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
     dtypes = [getattr(np.dtypes, n) for n in np.dtypes.__all__]
@@ -92,6 +89,7 @@ def _safe_globals() -> list:
         np.dtype,
         *dtypes,
         ZeroStageEnum,
+        fragment_address,  # stage 1/2 optimiser files: a (numel, start) dataclass per fragment
         LossScaler,
         DynamicLossScaler,
     ]

@@ -61,13 +61,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     bf16_block["enabled"] = bf16
     if ds.get("fp16", {}).get("enabled") is True:
         raise ValueError(f"{path}: fp16 is not supported (use bf16)")
-    stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 3)
-    if stage != 3:
-        print(
-            f"[train] warning: {path}: ZeRO stage {stage}: training and resume work, but export reads "
-            "ZeRO-3 checkpoints only (bench/bench_recipe.py uses stage 2 to time it)",
-            flush=True,
-        )
+    ds.setdefault("zero_optimization", {}).setdefault("stage", 3)
     return ds
 
 

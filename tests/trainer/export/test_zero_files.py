@@ -1,22 +1,27 @@
-"""ZeRO rank files as export reads them: a checkpoint of another ZeRO stage is named as such."""
+"""ZeRO rank files as export and resume read them: every file named, every file checked."""
 
 from __future__ import annotations
 
 import pytest
 
 
-def test_a_zero2_checkpoint_is_named_not_reported_as_missing_files(tmp_path):
-    """Export reads ZeRO-3 rank files; a stage-1/2 checkpoint (one mp_rank_00 model file) is
-    refused naming the stage, not as a mysteriously missing rank file."""
-    from trainer.export.zero_files import ZeroFileError, verify_zero_files
+def test_a_zero2_checkpoint_is_read_by_its_own_file_names(tmp_path):
+    """Stage 1/2 write one full model file and a partition of the optimiser per rank; export and
+    resume check exactly those (a missing optimiser partition is named)."""
+    import torch
+
+    from trainer.export.zero_files import ZeroFileError, rank_files, verify_zero_files
 
     ckpt = tmp_path / "checkpoints" / "step_000024"
     ckpt.mkdir(parents=True)
     (ckpt.parent / "latest").write_text("step_000024")
-    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"x")
-    (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
-    with pytest.raises(ZeroFileError, match="ZeRO stage 1 or 2"):
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save({"x": torch.zeros(2)}, ckpt / name)
+    with pytest.raises(ZeroFileError, match=r"missing rank file zero_pp_rank_1_mp_rank_00_optim_states\.pt"):
         verify_zero_files(ckpt, 2)
+    torch.save({"x": torch.zeros(2)}, ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    verify_zero_files(ckpt, 2)
+    assert [p.name for p in rank_files(ckpt, 2)][0] == "mp_rank_00_model_states.pt"
 
 
 class _Trap:
