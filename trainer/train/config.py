@@ -89,7 +89,9 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     """Run folder: config, checkpoints, metrics.jsonl, the default MLflow store."""
     ds_config: str = "auto"
-    """DeepSpeed config file; auto: ds_configs/zero3_bf16.json on GPU, ds_configs/zero3_cpu.json on CPU."""
+    """DeepSpeed config file. auto: on GPU ds_configs/zero2_bf16.json when ZeRO-2's model states
+    (2 bytes per parameter whole, 14 partitioned over the ranks) fit half of one GPU's memory,
+    else ds_configs/zero3_bf16.json; on CPU ds_configs/zero3_cpu.json. The choice is printed."""
     precision: Precision = Precision.auto
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32. Overrides the DeepSpeed file's precision."""
     epochs: int = 1

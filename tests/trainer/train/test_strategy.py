@@ -55,3 +55,35 @@ def test_learning_rate_warms_up_then_decays_to_the_floor_keeping_the_groups_rati
     assert base[12] == pytest.approx(1e-5 + (1e-4 - 1e-5) * 0.5)  # cosine half-way
     assert lrs[-1][0] > 1e-5 and sched.get_last_lr()[0] == pytest.approx(1e-5)  # floor = min_lr at the end
     assert all(b == pytest.approx(2 * a) for a, b in lrs)  # the new modules keep twice the base's rate
+
+
+@pytest.mark.parametrize(
+    "params, world, device_gib, expected",
+    [
+        (1_500_000_000, 1, 141, "zero2_bf16.json"),  # a 1B base (+ grafted modules) on one H200: 24 GiB
+        (1_500_000_000, 8, 80, "zero2_bf16.json"),
+        (8_000_000_000, 1, 80, "zero3_bf16.json"),  # an 8B base on one 80 GB GPU: 119 GiB
+        (8_000_000_000, 8, 80, "zero2_bf16.json"),  # 8 GPUs: 15 + 13 GiB, under half of 80
+        (30_000_000_000, 8, 80, "zero3_bf16.json"),  # 30B on 8: 56 + 49 GiB
+        (8_000_000_000, 64, 141, "zero2_bf16.json"),
+        (135_000_000, 2, None, "zero3_cpu.json"),  # CPU ranks: always ZeRO-3 (the demo, the tests)
+    ],
+)
+def test_ds_config_auto_takes_zero2_when_its_model_states_fit(params, world, device_gib, expected):
+    from trainer.train.strategy import auto_ds_config
+
+    name, why = auto_ds_config(params, world, None if device_gib is None else device_gib * 2**30)
+    assert name == expected, why
+
+
+def test_parameters_are_counted_from_the_config_without_loading(tmp_path):
+    from helpers import tiny_model_dir
+    from transformers import AutoModelForCausalLM
+
+    from hamburger.model import HAMburgerConfig, HAMburgerModel
+    from trainer.train.strategy import count_parameters
+
+    folder = tiny_model_dir(tmp_path / "m", layers=1)
+    hcfg = HAMburgerConfig(embedder_head_dim=16, micro_layers=1)
+    real = HAMburgerModel(AutoModelForCausalLM.from_pretrained(str(folder)), hcfg)
+    assert count_parameters(str(folder), hcfg) == sum(p.numel() for p in real.parameters())
