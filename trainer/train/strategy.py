@@ -236,7 +236,15 @@ class DeepSpeedStrategy:
         else:  # frozen: no gradient, so no fp32 gradient or Adam state for the base either
             for p in base_params:
                 p.requires_grad_(False)
-        optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        zero = self.ds_config["zero_optimization"]
+        offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+        optimizer = torch.optim.AdamW(
+            groups,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            fused=use_cuda() and not offloaded,  # one kernel for all tensors instead of one per tensor
+        )
         scheduler = lr_schedule(optimizer, o.warmup_steps, total_steps, o.min_lr / (o.lr_base or o.lr_new))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
