@@ -32,7 +32,7 @@ from trainer.train.checkpoint import (
 from trainer.train.config import TrainConfig
 from trainer.train.curves import write_run_curves
 from trainer.train.data import BatchPlan, load_samples, loss_chunks, manifest_summary, resolve_data
-from trainer.train.metrics import check_finite, output_values, reduce_outputs
+from trainer.train.metrics import check_finite, output_values, reduce_outputs, response_tokens
 from trainer.train.runcheck import check_data_fits_model, check_resume_matches
 from trainer.train.strategy import DeepSpeedStrategy
 from trainer.train.tracking import Tracker, flatten_params
@@ -261,7 +261,7 @@ class Trainer:
             check_finite(strategy, out.loss, pos.step, [s.sample_id for s in samples])
             strategy.backward(out.loss)
             strategy.step()
-            records.append((output_values(out), batch.num_response_tokens, 1.0))
+            records.append((output_values(out), response_tokens(samples), 1.0))
             tokens += sum(len(s.input_ids) for s in samples)
         pos.batch += cfg.optim.grad_accum
         pos.step += 1

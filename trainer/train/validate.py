@@ -11,7 +11,7 @@ from hamburger.decode import generate
 from hamburger.model import Sample, collate
 from trainer.train.config import TrainConfig
 from trainer.train.data import eval_batches, loss_chunks
-from trainer.train.metrics import output_values, reduce_outputs
+from trainer.train.metrics import output_values, reduce_outputs, response_tokens
 from trainer.train.strategy import DeepSpeedStrategy
 
 
@@ -53,7 +53,7 @@ def held_out_metrics(
                 [[samples[i] for i in r[n][0]] for r in every_rank], cfg.model.hamburger.loss_chunk_tokens
             )
             out = strategy.forward(batch)
-            records.append((output_values(out), batch.num_response_tokens, weight))
+            records.append((output_values(out), response_tokens([samples[i] for i in idx]), weight))
     strategy.train(True)
     if not records:
         return {}
