@@ -20,6 +20,7 @@ from .batch import PackedBatch
 from .chunked_loss import chunked_token_losses, chunks_for
 from .config import HAMburgerConfig
 from .embedder import CompositionalEmbedder
+from .families import check_supported
 from .micro_decoder import MicroDecoder, StopHead
 
 
@@ -48,6 +49,7 @@ def _check_base(base: nn.Module) -> None:
             f"{type(base).__name__} is not a Llama-family causal LM: HAMburger needs "
             f"model.{{{', '.join(needed)}}} and lm_head (missing: {missing or ['lm_head']})"
         )
+    check_supported(base.config)
 
 
 class HAMburgerModel(nn.Module):
