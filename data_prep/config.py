@@ -109,7 +109,11 @@ class SourceConfig:
     response_field: str = "output"
     """Field holding the response to learn. Empty: a prompt-only source (needs responses: regenerate)."""
     messages_field: str = ""
-    """If set, rows hold a chat list of {role, content}; the last assistant turn is the response."""
+    """If set, rows hold a conversation: a list of OpenAI {role, content} or ShareGPT {from,
+    value} turns (from: human/user, gpt/assistant/chatgpt/bard/bing/model, system)."""
+    turns: str = "all"
+    """For a conversation (messages_field): `all` learns every assistant turn (one row per
+    turn, the turns before it as context without loss), `last` only the final one."""
     system: str | None = None
     """System message put before the prompt (None: none)."""
     weight: float = 1.0
@@ -301,6 +305,8 @@ def _validate_source(s: SourceConfig, where: str, prompt_only_ok: bool) -> None:
         raise ValueError(f"{where}.weight must be > 0, got {s.weight}")
     if s.format not in ("auto", "jsonl", "json", "parquet", "csv", "arrow"):
         raise ValueError(f"{where}.format {s.format!r} is unknown")
+    if s.turns not in ("all", "last"):
+        raise ValueError(f"{where}.turns must be all or last, got {s.turns!r}")
     if not s.messages_field:
         if not s.prompt_field:
             raise ValueError(f"{where}.prompt_field must name a field (or set messages_field)")

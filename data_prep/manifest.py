@@ -25,6 +25,13 @@ def shard_name(split: str, start: int, cfg: PrepConfig) -> str:
     return f"{split}-{start // cfg.shard_rows:05d}"
 
 
+def _distinct_rows(s: SourceIndex) -> int:
+    """Source rows behind the index's entries (a conversation gives one entry per turn)."""
+    import numpy as np
+
+    return int(np.unique((s.file_idx.astype(np.int64) << 40) | s.row).size)
+
+
 def build_manifest(
     folder: Path, work, sources: list[SourceIndex], key: dict, digest: str, cfg: PrepConfig
 ) -> dict:
@@ -33,6 +40,8 @@ def build_manifest(
     per_source: dict = {
         s.name: {
             "rows_read": s.rows_read,
+            "turns": len(s),  # rows to learn after checks: one per assistant turn of a conversation
+            "conversations": _distinct_rows(s),
             "skipped": dict(s.skipped),
             "skip_examples": s.skip_examples,
             "content_hash": s.content_hash,
@@ -103,6 +112,7 @@ def build_manifest(
         "key": key,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "rows_in": sum(ps["rows_read"] for ps in per_source.values()),
+        "turns_learned": sum(ps["turns"] for ps in per_source.values()),
         "rows_out": sum(e["rows"] for e in splits.values()),
         "skipped": dict(skipped),
         "response_tokens": total_tokens,
@@ -160,6 +170,8 @@ class GenerationTally:
 def print_summary(folder: Path, m: dict) -> None:
     print(f"[prep] wrote {folder}")
     print(f"[prep] rows in {m['rows_in']}, out {m['rows_out']}, skipped {m['skipped'] or 0}")
+    if m.get("turns_learned", m["rows_in"]) != m["rows_in"]:
+        print(f"[prep] conversations: {m['turns_learned']} assistant turns learned, each its own row")
     for split, e in m["splits"].items():
         print(
             f"[prep]   {split}: {e['rows']} rows, {e['response_tokens']} response tokens, "

@@ -68,6 +68,7 @@ class SourceIndex:
     file_idx: np.ndarray  # [n] int32: which file
     row: np.ndarray  # [n] int64: row number as named in messages (line or index)
     locator: np.ndarray  # [n] int64: where the file reader finds it again
+    turn: np.ndarray | None = None  # [n] int16: which assistant turn (conversations, turns: all); -1 the last
     rows_read: int = 0
     skipped: Counter = field(default_factory=Counter)
     skip_examples: list[str] = field(default_factory=list)
@@ -80,7 +81,10 @@ class SourceIndex:
 
     def conversation(self, i: int) -> Conversation:
         f = self.files[self.file_idx[i]]
-        return to_conversation(f.get(int(self.locator[i])), self.cfg, self.name, f.label, int(self.row[i]))
+        turn = None if self.turn is None or self.turn[i] < 0 else int(self.turn[i])
+        return to_conversation(
+            f.get(int(self.locator[i])), self.cfg, self.name, f.label, int(self.row[i]), turn=turn
+        )
 
     @property
     def rows(self) -> list[Conversation]:
@@ -109,30 +113,89 @@ def file_sha256(path: str) -> str:
 
 
 # ---------------------------------------------------------------- rows -> conversations
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+"""ShareGPT's `from` values (and OpenAI's roles) -> the chat template's roles."""
+
+
+def chat_turns(rec: dict, key: str, where: str) -> list[dict]:
+    """A conversation field as [{role, content}]: OpenAI {role, content} or ShareGPT {from,
+    value} turns; every malformed turn is named."""
+    turns = _field(rec, key, where)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field {key!r} must be a non-empty list of turns")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise DataError(f"{where}: field {key!r}[{i}] must be an object, got {type(t).__name__}")
+        role, content = (t.get("role"), t.get("content")) if "role" in t else (t.get("from"), t.get("value"))
+        if role is None or not isinstance(content, str):
+            raise DataError(
+                f"{where}: field {key!r}[{i}] needs a role and string content ({{role, content}} or "
+                "ShareGPT's {from, value})"
+            )
+        if role not in ROLE_ALIASES:
+            raise DataError(
+                f"{where}: field {key!r}[{i}]: unknown role {role!r} (known: {sorted(ROLE_ALIASES)})"
+            )
+        out.append({"role": ROLE_ALIASES[role], "content": content})
+    return out
+
+
+def assistant_turns(rec: dict, cfg: SourceConfig) -> int:
+    """How many rows a conversation record gives: one per assistant turn (turns: all), else one."""
+    if not cfg.messages_field or cfg.turns == "last":
+        return 1
+    return sum(t["role"] == "assistant" for t in chat_turns(rec, cfg.messages_field, "row"))
+
+
 def to_conversation(
-    rec: dict, cfg: SourceConfig, name: str, file: str, row: int, special: re.Pattern | None = None
+    rec: dict,
+    cfg: SourceConfig,
+    name: str,
+    file: str,
+    row: int,
+    special: re.Pattern | None = None,
+    turn: int | None = None,
 ) -> Conversation:
     """One record -> Conversation. `special` matches the tokenizer's special-token texts: such
     text would be read as template tokens (a fake turn, or a response cut at the end-of-turn
-    token), so a row containing it is rejected naming the field (reason special_token_text)."""
+    token), so a row containing it is rejected naming the field (reason special_token_text).
+    `turn` (conversations): which assistant turn is the response (0 = the first); None checks
+    the whole conversation and takes the last."""
     where = f"{file}: row {row}"
     if not isinstance(rec, dict):
         raise DataError(f"{where}: a record must be an object, got {type(rec).__name__}")
     texts: list[tuple[str, str]] = [("system (config)", cfg.system)] if cfg.system else []
     if cfg.messages_field:
-        turns = _field(rec, cfg.messages_field, where)
-        if not isinstance(turns, list) or not turns:
-            raise DataError(f"{where}: field {cfg.messages_field!r} must be a non-empty list of messages")
-        for i, t in enumerate(turns):
-            if not isinstance(t, dict) or "role" not in t or not isinstance(t.get("content"), str):
-                raise DataError(f"{where}: field {cfg.messages_field!r}[{i}] needs a role and string content")
-            texts.append((f"{cfg.messages_field}[{i}].content", t["content"]))
-        if turns[-1]["role"] != "assistant":
+        turns = chat_turns(rec, cfg.messages_field, where)
+        raw = rec[cfg.messages_field]
+        texts += [
+            (f"{cfg.messages_field}[{i}].{'content' if 'role' in raw[i] else 'value'}", t["content"])
+            for i, t in enumerate(turns)
+        ]
+        answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+        if not answers:
+            raise DataError(f"{where}: field {cfg.messages_field!r}: no assistant turn to learn")
+        if turn is None and turns[-1]["role"] != "assistant":
             raise DataError(f"{where}: field {cfg.messages_field!r}: the last turn must be the assistant's")
+        at = answers[-1] if turn is None else answers[turn]
+        for i in answers if turn is None else [at]:
+            if not turns[i]["content"].strip():
+                raise DataError(f"{where}: field {cfg.messages_field!r}[{i}] (an assistant turn) is empty")
         messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
-        messages += [{"role": t["role"], "content": t["content"]} for t in turns[:-1]]
-        response = turns[-1]["content"]
-        field_name = f"{cfg.messages_field}[-1].content"
+        messages += turns[:at]
+        response = turns[at]["content"]
+        field_name = f"{cfg.messages_field}[{at}]"
     else:
         prompt = _string(rec, cfg.prompt_field, where)
         texts.append((cfg.prompt_field, prompt))
@@ -370,7 +433,7 @@ def index_source(
     bad_rows=skip) and keep only a locator of each usable row."""
     files, digest, cfg = open_source(cfg)
     name = source_name(cfg)
-    file_idx, rows, locators = array("i"), array("q"), array("q")
+    file_idx, rows, locators, turns = array("i"), array("q"), array("q"), array("h")
     skipped: Counter = Counter()
     examples: list[str] = []
     rows_read = 0
@@ -388,9 +451,12 @@ def index_source(
                 if len(examples) < MAX_SKIP_EXAMPLES:
                     examples.append(str(error))
             else:
-                file_idx.append(fi)
-                rows.append(row)
-                locators.append(locator)
+                n = assistant_turns(rec, cfg)  # one entry per turn learned; the split keys on the row
+                for t in range(n) if n > 1 else [-1]:
+                    file_idx.append(fi)
+                    rows.append(row)
+                    locators.append(locator)
+                    turns.append(t)
         if seen == 0:
             raise DataError(f"{records.label}: empty file: no records (source {name!r})", reason="empty_file")
         rows_read += seen
@@ -402,6 +468,7 @@ def index_source(
         file_idx=np.frombuffer(file_idx, dtype=np.int32),
         row=np.frombuffer(rows, dtype=np.int64),
         locator=np.frombuffer(locators, dtype=np.int64),
+        turn=np.frombuffer(turns, dtype=np.int16),
         rows_read=rows_read,
         skipped=skipped,
         skip_examples=examples,

@@ -265,3 +265,43 @@ def test_lr_base_zero_freezes_the_base_without_optimiser_state(setup, baseline, 
     frozen_size = (out / "checkpoints" / "step_000002" / optim).stat().st_size
     full_size = (baseline / "checkpoints" / "step_000008" / optim).stat().st_size
     assert frozen_size < 0.8 * full_size, (frozen_size, full_size)
+
+
+def test_a_multi_turn_sharegpt_prep_trains_every_turn(setup, tmp_path):
+    """A ShareGPT file of multi-turn conversations preps into one row per assistant turn and
+    trains on them through the launcher like any other data."""
+    from helpers import write_jsonl
+
+    from data_prep.config import LabelConfig, PrepConfig, SourceConfig
+    from data_prep.run import prepare
+
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"Count from {i}."},
+                {"from": "gpt", "value": " ".join(str(j) for j in range(i, i + 5))},
+                {"from": "human", "value": "Now backwards."},
+                {"from": "gpt", "value": " ".join(str(j) for j in range(i + 4, i - 1, -1))},
+            ]
+        }
+        for i in range(24)
+    ]
+    folder = prepare(
+        PrepConfig(
+            model=str(setup["base"] / "model"),
+            sources=[
+                SourceConfig(
+                    path=str(write_jsonl(tmp_path / "chats.jsonl", rows)), messages_field="conversations"
+                )
+            ],
+            output_root=str(tmp_path / "prep"),
+            heldout_fraction=0.15,
+            shard_rows=16,
+            label=LabelConfig(strategy="fixed", fixed_k=3),
+        )
+    )
+    assert json.loads((folder / "manifest.json").read_text())["turns_learned"] == 48
+    out = tmp_path / "run"
+    proc = launch(setup["cfg"], f"output_dir={out}", f"data.path={folder}", "max_steps=2", "eval_every=0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(losses(out)) == [1, 2]
