@@ -47,21 +47,24 @@ def pytest_runtest_call(item):
     return result
 
 
+TINY_SHAPE = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+"""The tests' tiny decoder shape, for a config of any family."""
+
+
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    cfg = dict(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    cfg.update(overrides)
+    cfg = {**TINY_SHAPE, **overrides}
     config = LlamaConfig(**cfg)
     config._attn_implementation = overrides.get("attn_implementation", "sdpa")
     return config

@@ -32,6 +32,19 @@ def tiny_model_dir(path: Path, seed: int = 0, layers: int = 2) -> Path:
     return path
 
 
+def tiny_hamburger_dir(path: Path, seed: int = 0) -> Path:
+    """A tiny HAMburger export folder (1-layer base, K = 2) with SmolLM2's tokenizer."""
+    from hamburger.model import HAMburgerConfig, HAMburgerModel, save_model
+
+    base_dir = tiny_model_dir(path.parent / f"{path.name}-base", seed=seed, layers=1)
+    model = HAMburgerModel(
+        LlamaForCausalLM.from_pretrained(str(base_dir)),
+        HAMburgerConfig(embedder_head_dim=16, micro_layers=1, max_segment_len=2),
+    )
+    save_model(model, str(path), tokenizer=AutoTokenizer.from_pretrained(str(base_dir)))
+    return path
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -306,20 +306,13 @@ def test_two_ranks_regenerate_what_one_rank_does(eos_dir, prompts_only, regenera
 def test_max_new_tokens_past_the_models_context_is_refused_naming_both_numbers():
     """max_len may exceed what the model reads: regeneration is bounded by its context too."""
     import pytest
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
 
     from data_prep.config import GenerateConfig
     from data_prep.regenerate import Regenerator
 
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-    )
+    cfg = tiny_llama_config(num_hidden_layers=1, max_position_embeddings=128)
     with pytest.raises(
         ValueError,
         match=r"generate\.max_new_tokens \(512\) cannot fit in the model's context \(128 positions\)",

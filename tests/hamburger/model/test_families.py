@@ -9,25 +9,13 @@ import random
 import pytest
 import torch
 import transformers
-from conftest import random_sample
+from conftest import TINY_SHAPE, random_sample
 
 from hamburger.decode import generate
 from hamburger.model import HAMburgerConfig, HAMburgerModel, collate
 from hamburger.model.families import UnsupportedBase
 
-COMMON = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=2,
-)
+COMMON = TINY_SHAPE
 SUPPORTED = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "qwen2 (qkv bias)": ("Qwen2Config", "Qwen2ForCausalLM", {}),

@@ -9,7 +9,7 @@ import re
 import shutil
 
 import pytest
-from helpers import tiny_model_dir
+from helpers import tiny_hamburger_dir
 
 from hamburger.model.folder_check import ModelFolderError, check_model_folder
 
@@ -81,19 +81,10 @@ HAMBURGER = [
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from hamburger.model import HAMburgerConfig, HAMburgerModel, save_model
-
     root = tmp_path_factory.mktemp("folders")
-    base = tiny_model_dir(root / "base", seed=0, layers=1)
-    model = HAMburgerModel(
-        LlamaForCausalLM.from_pretrained(str(base)),
-        HAMburgerConfig(embedder_head_dim=16, micro_layers=1, max_segment_len=2),
-    )
-    save_model(model, str(root / "ham"), tokenizer=AutoTokenizer.from_pretrained(str(base)))
-    (root / "ham" / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
-    return {"base": base, "ham": root / "ham"}
+    ham = tiny_hamburger_dir(root / "ham")
+    (ham / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    return {"base": root / "ham-base", "ham": ham}
 
 
 def _load(p):

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from helpers import tiny_model_dir
+from helpers import tiny_hamburger_dir
 
 from trainer.serve.config import ServeConfig
 from trainer.serve.loader import generation_defaults, load, load_for_serving
@@ -68,18 +68,7 @@ def test_generation_config_is_checked_where_it_is_read(tmp_path, content, fragme
 
 @pytest.fixture(scope="module")
 def ham_folder(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from hamburger.model import HAMburgerConfig, HAMburgerModel, save_model
-
-    root = tmp_path_factory.mktemp("opts")
-    base_dir = tiny_model_dir(root / "base", seed=0, layers=1)
-    model = HAMburgerModel(
-        LlamaForCausalLM.from_pretrained(str(base_dir)),
-        HAMburgerConfig(embedder_head_dim=16, micro_layers=1, max_segment_len=2),
-    )
-    save_model(model, str(root / "ham"), tokenizer=AutoTokenizer.from_pretrained(str(base_dir)))
-    return root / "ham"
+    return tiny_hamburger_dir(tmp_path_factory.mktemp("opts") / "ham")
 
 
 @pytest.mark.parametrize("reader", ["serve", "load"])
