@@ -286,3 +286,10 @@ def open_records(path: str, fmt: str = "auto") -> RecordFile:
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     raise DataError(f"{path}: unknown format {fmt!r}")
+
+
+def field_of(rec: dict, key: str, where: str):
+    """rec[key], or a DataError naming the row and the fields it has."""
+    if key not in rec:
+        raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(map(str, rec))[:10]})")
+    return rec[key]

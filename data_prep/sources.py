@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import FilterConfig, SourceConfig, source_name
+from .conversations import assistant_turns, chat_turns
 from .distilled_asset import builtin_records
 from .records import (
     SUFFIX_FORMATS,
@@ -29,6 +30,7 @@ from .records import (
     DatasetRecords,
     MemoryRecords,
     RecordFile,
+    field_of,
     open_records,
     suffix,
 )
@@ -113,51 +115,6 @@ def file_sha256(path: str) -> str:
 
 
 # ---------------------------------------------------------------- rows -> conversations
-ROLE_ALIASES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "bing": "assistant",
-    "model": "assistant",
-    "system": "system",
-}
-"""ShareGPT's `from` values (and OpenAI's roles) -> the chat template's roles."""
-
-
-def chat_turns(rec: dict, key: str, where: str) -> list[dict]:
-    """A conversation field as [{role, content}]: OpenAI {role, content} or ShareGPT {from,
-    value} turns; every malformed turn is named."""
-    turns = _field(rec, key, where)
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field {key!r} must be a non-empty list of turns")
-    out = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict):
-            raise DataError(f"{where}: field {key!r}[{i}] must be an object, got {type(t).__name__}")
-        role, content = (t.get("role"), t.get("content")) if "role" in t else (t.get("from"), t.get("value"))
-        if role is None or not isinstance(content, str):
-            raise DataError(
-                f"{where}: field {key!r}[{i}] needs a role and string content ({{role, content}} or "
-                "ShareGPT's {from, value})"
-            )
-        if role not in ROLE_ALIASES:
-            raise DataError(
-                f"{where}: field {key!r}[{i}]: unknown role {role!r} (known: {sorted(ROLE_ALIASES)})"
-            )
-        out.append({"role": ROLE_ALIASES[role], "content": content})
-    return out
-
-
-def assistant_turns(rec: dict, cfg: SourceConfig) -> int:
-    """How many rows a conversation record gives: one per assistant turn (turns: all), else one."""
-    if not cfg.messages_field or cfg.turns == "last":
-        return 1
-    return sum(t["role"] == "assistant" for t in chat_turns(rec, cfg.messages_field, "row"))
-
-
 def to_conversation(
     rec: dict,
     cfg: SourceConfig,
@@ -211,7 +168,7 @@ def to_conversation(
             if special is not None:
                 _check_special(texts, special, where)
             return Conversation(messages, "", name, file, row, _meta(rec))
-        response = _field(rec, cfg.response_field, where)
+        response = field_of(rec, cfg.response_field, where)
         field_name = cfg.response_field
         texts.append((field_name, response))
     if not isinstance(response, str):
@@ -244,14 +201,8 @@ def _check_special(texts: list[tuple[str, str]], special: re.Pattern, where: str
             )
 
 
-def _field(rec: dict, key: str, where: str):
-    if key not in rec:
-        raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(map(str, rec))[:10]})")
-    return rec[key]
-
-
 def _string(rec: dict, key: str, where: str) -> str:
-    value = _field(rec, key, where)
+    value = field_of(rec, key, where)
     if not isinstance(value, str):
         raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip():

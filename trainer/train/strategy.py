@@ -245,7 +245,8 @@ class DeepSpeedStrategy:
             weight_decay=o.weight_decay,
             fused=use_cuda() and not offloaded,  # one kernel for all tensors instead of one per tensor
         )
-        scheduler = lr_schedule(optimizer, o.warmup_steps, total_steps, o.min_lr / (o.lr_base or o.lr_new))
+        top = o.lr_base or o.lr_new  # the floor scales with the base's rate, or the new modules' when frozen
+        scheduler = lr_schedule(optimizer, o.warmup_steps, total_steps, o.min_lr / top if top else 0.0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
