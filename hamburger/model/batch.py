@@ -27,9 +27,14 @@ class Sample:
     seg_lens: list[int]
     sample_id: int = -1
 
+    @property
+    def response_len(self) -> int:
+        """Response tokens (the ones learned), known on the host without a batch."""
+        return len(self.input_ids) - self.prompt_len
+
     def check(self, max_segment_len: int) -> None:
         """Reject a malformed sample with a message naming it, before it can corrupt a batch."""
-        resp = len(self.input_ids) - self.prompt_len
+        resp = self.response_len
         where = f"sample {self.sample_id}"
         if self.prompt_len < 1:
             raise ValueError(f"{where}: prompt_len must be >= 1 (the last prompt token predicts segment 1)")

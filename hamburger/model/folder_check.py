@@ -34,24 +34,36 @@ def check_model_folder(path: str | Path, tokenizer: bool = True) -> dict | None:
     if cfg.get("model_type") == "hamburger":
         check_hamburger_block(p / "config.json", cfg)
     check_weights(p)
-    if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+    if tokenizer:
+        check_tokenizer(p)
+    return cfg
+
+
+def check_tokenizer(p: Path) -> None:
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
         raise ModelFolderError(
             f"{p}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); the folder is incomplete: "
             "copy the tokenizer the model was trained with into it"
         )
-    return cfg
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, generation_config.json), or an error
+    naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ModelFolderError(f"{path}: must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def read_config(p: Path) -> dict:
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
         raise ModelFolderError(f"{p}: no config.json: not a model folder (or an incomplete copy of one)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelFolderError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ModelFolderError(f"{cfg_file}: must hold a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_object(cfg_file)
     if not isinstance(cfg.get("model_type"), str):
         raise ModelFolderError(f"{cfg_file}: no model_type: not a transformers model config")
     return cfg

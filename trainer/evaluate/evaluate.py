@@ -34,13 +34,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hamburger.model.folder import read_meta
-    from hamburger.model.folder_check import check_model_folder
+    from hamburger.model.folder_check import check_model_folder, check_tokenizer
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = resolve_model_folder(cfg.model, out_dir)
-    meta = read_meta(folder)
-    check_model_folder(folder)  # its tokenizer too
+    meta = read_meta(folder)  # checks the folder whole but for the tokenizer, read here too
+    check_tokenizer(folder)
     lineage = meta.get("lineage", {})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)

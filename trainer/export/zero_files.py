@@ -97,8 +97,8 @@ def _safe_globals() -> list:
 
 def check_safe_to_unpickle(path: Path) -> None:
     """Refuse a rank file that is truncated or whose unpickling would build anything beyond
-    tensors and the allow-listed classes. DeepSpeed's consolidation loads these files with
-    `weights_only=False`; reading each one first with torch's restricted unpickler means a
+    tensors and the allow-listed classes. DeepSpeed's consolidation loads these files with the
+    unrestricted unpickler; reading each one first with torch's restricted unpickler means a
     crafted checkpoint is refused before any of its code could run."""
     try:
         with torch.serialization.safe_globals(_safe_globals()):

@@ -13,7 +13,6 @@ model runs this project's code, never an unpickled object.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from hamburger.decode import DecodeResult, generate
 from hamburger.decode.continuous import BaseStepper, ContinuousBatch, HAMburgerStepper
 from hamburger.model import load_model
 from hamburger.model.config import DEFAULT_CONFIDENCE, check_confidence
-from hamburger.model.folder_check import check_model_folder
+from hamburger.model.folder_check import check_model_folder, read_json_object
 
 
 class HAMburgerGenerator:
@@ -57,12 +56,7 @@ def generation_defaults(folder: Path) -> dict:
     path = folder / "generation_config.json"
     if not path.is_file():
         return {}
-    try:
-        defaults = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(defaults, dict):
-        raise ValueError(f"{path}: must hold a JSON object, got {type(defaults).__name__}")
+    defaults = read_json_object(path)
     if "confidence" in defaults:
         check_confidence(defaults["confidence"], str(path))
     n = defaults.get("max_new_tokens", 1)

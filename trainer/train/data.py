@@ -120,7 +120,7 @@ def loss_chunks(batches: list[list[Sample]], chunk_tokens: int) -> int:
     global), so this needs no communication."""
     from hamburger.model.chunked_loss import chunks_for
 
-    most = max((sum(len(s.input_ids) - s.prompt_len for s in b) for b in batches), default=0)
+    most = max((sum(s.response_len for s in b) for b in batches), default=0)
     return chunks_for(most, chunk_tokens)
 
 

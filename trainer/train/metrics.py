@@ -39,7 +39,7 @@ def output_values(out) -> dict[str, torch.Tensor]:
 def response_tokens(samples) -> int:
     """Response tokens of a micro-batch, from the samples on the host (the batch's tgt_lens
     would need a device sync)."""
-    return sum(len(s.input_ids) - s.prompt_len for s in samples)
+    return sum(s.response_len for s in samples)
 
 
 def check_finite(strategy: DeepSpeedStrategy, loss: torch.Tensor, step: int, sample_ids: list[int]) -> None:
