@@ -28,6 +28,7 @@ from tqdm import tqdm
 from hamburger.assets import resolve_model
 from hamburger.configio import load_config
 from hamburger.dtypes import resolve_dtype
+from hamburger.model.families import check_supported
 from hamburger.model.folder_check import check_model_folder
 from hamburger.refusal import exit_on
 
@@ -321,9 +322,10 @@ def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
     model_path, tok_path = resolve_model(cfg.model), resolve_model(cfg.tokenizer or cfg.model)
     digests = DigestCache(Path(cfg.output_root) / FINGERPRINT_CACHE)  # read what rank 0 wrote
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_model_folder(model_path, tokenizer=False)
+    check_supported(AutoConfig.from_pretrained(model_path))  # labelling reads its LM head directly
     check_model_folder(tok_path)
     tokenizer = AutoTokenizer.from_pretrained(tok_path)
     chat = ChatTokenizer(tokenizer, cfg.chat_template, name=tok_path)

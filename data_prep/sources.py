@@ -153,6 +153,7 @@ def to_conversation(
         messages += turns[:at]
         response = turns[at]["content"]
         field_name = f"{cfg.messages_field}[{at}]"
+        turn_meta = {"turn": answers.index(at) + 1, "turns": len(answers)}  # shown by label-view
     else:
         prompt = _string(rec, cfg.prompt_field, where)
         texts.append((cfg.prompt_field, prompt))
@@ -164,6 +165,7 @@ def to_conversation(
             prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
         messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
         messages.append({"role": "user", "content": prompt})
+        turn_meta = {}
         if not cfg.response_field:  # prompt-only: the base model writes the response (responses: regenerate)
             if special is not None:
                 _check_special(texts, special, where)
@@ -177,7 +179,7 @@ def to_conversation(
         raise DataError(f"{where}: field {field_name!r} is empty")
     if special is not None:
         _check_special(texts, special, where)
-    conv = Conversation(messages, response, name, file, row, _meta(rec))
+    conv = Conversation(messages, response, name, file, row, {**_meta(rec), **turn_meta})
     exact = rec.get("_response") if cfg.path in EXACT_RESPONSE_BUILTINS else None
     if exact is not None:  # the shipped corpus's exact generated tokens (a user file's field is ignored)
         conv.response_ids = list(exact["ids"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 from pathlib import Path
 
 from .shards import ShardError, load_manifest, read_split
@@ -25,6 +26,13 @@ def segments_as_text(tokenizer, ids: list[int], prompt_len: int, seg_lens: list[
         out.append(tokenizer.decode(ids[start : start + n]))
         start += n
     return out
+
+
+def _where(row: dict) -> str:
+    """Source, origin and, for a conversation's turn, which assistant turn this row learns."""
+    meta = json.loads(row["meta"] or "{}")
+    turn = f", assistant turn {meta['turn']} of {meta['turns']}" if "turn" in meta else ""
+    return f"{row['source']}: {row['origin']}{turn}"
 
 
 def render_terminal(prompt: str, segments: list[str]) -> str:
@@ -86,10 +94,11 @@ def main(argv: list[str] | None = None) -> None:
             tips.append(", ".join(f"{v:.2f}" for v in vals) if vals else f"{n} tokens")
             start += n
         prompt = tokenizer.decode(ids[:p])
+        where = _where(row)
         samples.append(
             {
                 "sample_id": row["sample_id"],
-                "source": row["source"],
+                "source": where,
                 "prompt": prompt,
                 "segments": segs,
                 "tips": tips,
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         shown = prompt if args.show_prompt else ""
-        print(f"--- sample {row['sample_id']} ({row['source']}): {len(ids) - p} tokens, {len(segs)} segments")
+        print(f"--- sample {row['sample_id']} ({where}): {len(ids) - p} tokens, {len(segs)} segments")
         print(render_terminal(shown, segs))
     if args.html:
         title = f"Segments: {Path(args.folder).name} ({key['label']['strategy']})"

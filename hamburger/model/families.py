@@ -11,7 +11,7 @@ model is built, naming the trait and the family.
 from __future__ import annotations
 
 
-class UnsupportedBase(TypeError):
+class UnsupportedBase(ValueError):
     """The base has a trait HAMburger does not reproduce; the message names trait and family."""
 
 

@@ -76,10 +76,30 @@ def test_every_assistant_turn_of_a_sharegpt_conversation_is_learned(model, tmp_p
         assert "You count." in last
 
 
-def test_turns_last_learns_only_the_final_answer(model, tmp_path):
+def test_label_view_shows_which_turn_each_row_learns(model, tmp_path, capsys):
+    from data_prep.view import main as view_main
+
+    folder = _prep(model, tmp_path, SHAREGPT)
+    html = tmp_path / "view.html"
+    view_main([str(folder), "--n", "90", "--html", str(html)])
+    out = capsys.readouterr().out
+    shown = re.findall(r"chats\.jsonl:(\d+), assistant turn (\d) of 3\)", out)
+    assert len(shown) == len(read_split(folder, "train"))
+    by_row: dict[str, set[str]] = {}
+    for row, turn in shown:
+        by_row.setdefault(row, set()).add(turn)
+    assert all(turns == {"1", "2", "3"} for turns in by_row.values())
+    assert "assistant turn 2 of 3" in html.read_text()
+
+
+def test_turns_last_learns_only_the_final_answer(model, tmp_path, capsys):
+    from data_prep.view import main as view_main
+
     folder = _prep(model, tmp_path, SHAREGPT, turns="last")
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["rows_out"] == 30 and manifest["turns_learned"] == 30
+    view_main([str(folder), "--n", "3"])
+    assert capsys.readouterr().out.count("assistant turn 3 of 3") == 3
 
 
 def test_openai_messages_rows_learn_every_turn_too(model, tmp_path):

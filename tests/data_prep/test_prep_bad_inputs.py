@@ -164,6 +164,34 @@ def test_prep_run_refuses_untrainable_output(prep_model, tmp_path, rows, keys, f
         prepare(cfg)
 
 
+def test_prep_refuses_a_base_family_it_would_label_differently(tmp_path):
+    """Gemma 2 soft-caps its final logits; the scorer calls the LM head directly, so its
+    boundaries would come from logits the base never produces: refused before any work."""
+    import shutil
+
+    import torch
+    import transformers
+    from conftest import TINY_SHAPE
+
+    if not hasattr(transformers, "Gemma2Config"):
+        pytest.skip("this transformers has no Gemma 2")
+    tok_dir = smollm2_tokenizer_dir()
+    cfg = transformers.Gemma2Config(
+        **{**TINY_SHAPE, "vocab_size": len(AutoTokenizer.from_pretrained(str(tok_dir)))}
+    )
+    torch.manual_seed(0)
+    transformers.Gemma2ForCausalLM(cfg).save_pretrained(tmp_path / "gemma2")
+    for f in tok_dir.iterdir():
+        shutil.copy(f, tmp_path / "gemma2" / f.name)
+    (tmp_path / "rows.jsonl").write_text(GOOD * 4)
+    source = SourceConfig(path=str(tmp_path / "rows.jsonl"))
+    with pytest.raises(ValueError, match="base model family 'gemma2' is not supported: .*softcapping"):
+        prepare(
+            PrepConfig(model=str(tmp_path / "gemma2"), sources=[source], output_root=str(tmp_path / "out"))
+        )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
+
+
 # ================================================================ label viewer
 def test_label_view_names_a_folder_without_a_manifest(tmp_path):
     from data_prep.view import main

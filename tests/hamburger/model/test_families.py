@@ -90,3 +90,69 @@ def test_a_family_with_a_trait_not_reproduced_is_refused_by_name(family):
         UnsupportedBase, match=rf"base model family '{base.config.model_type}' is not supported: .*{trait}"
     ):
         HAMburgerModel(base, HAMburgerConfig(embedder_head_dim=16, micro_layers=1))
+
+
+def _greedy(base, prompt: list[int], n: int) -> list[int]:
+    out = base.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_static_and_rehearsed_graphed_decoding_give_the_base_greedy_tokens(family, monkeypatch):
+    """c = 1 through the static decoders (and through a rehearsed CUDA-graph capture, as on a
+    GPU): every family's greedy tokens equal the base's own generate()."""
+    from hamburger.decode import base_generate_batch, generate_batch
+    from hamburger.decode import static as static_decode
+
+    base = _base(*SUPPORTED[family])
+    model = HAMburgerModel(base, HAMburgerConfig(embedder_head_dim=16, micro_layers=1)).eval()
+    prompts = [[5, 17, 33, 8, 61, 12], [9, 4, 70]]
+    want = [_greedy(base, p, 10) for p in prompts]
+    with torch.no_grad():
+        assert [r.tokens for r in generate_batch(model, prompts, 10, 1.0, decode="static")] == want
+        assert [r.tokens for r in base_generate_batch(base, prompts, 10, decode="static")] == want
+
+        def rehearse(fn, prepare, device):
+            for _ in range(3):
+                prepare()
+                fn()
+
+        monkeypatch.setattr(static_decode, "capture", rehearse)
+        graphed = static_decode.StaticHAMburgerDecoder(model, len(prompts), 6, 10, graphs=True)
+        assert [r.tokens for r in graphed.generate(prompts, set(), 1.0)] == want
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_packed_training_equals_unpacked_training(family):
+    """Two samples packed in one row give each the logits, stop logits and loss it gets alone."""
+    base = _base(*SUPPORTED[family])
+    model = HAMburgerModel(base, HAMburgerConfig(embedder_head_dim=16, micro_layers=1)).eval()
+    rng = random.Random(1)
+    samples = [random_sample(rng, 96, 4, 5, 23, sid=0), random_sample(rng, 96, 4, 7, 17, sid=1)]
+    with torch.no_grad():
+        packed = model(collate(samples, 4, row_capacity=200), return_logits=True)
+        alone = [model(collate([s], 4), return_logits=True) for s in samples]
+    assert collate(samples, 4, row_capacity=200).seq_ids.shape[0] == 1
+    torch.testing.assert_close(packed.logits, torch.cat([a.logits for a in alone]), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_labelling_reads_the_logits_the_base_produces(family):
+    """The scorer (base hidden states through the LM head, chunked, padded batches) gives the
+    entropy and target probability of the base's own forward."""
+    from data_prep.label import Scorer
+
+    base = _base(*SUPPORTED[family])
+    rng = random.Random(2)
+    rows = [([rng.randrange(3, 96) for _ in range(n)], p) for n, p in ((30, 6), (17, 4), (24, 9))]
+    scores = Scorer(base, torch.device("cpu"), chunk_elements=96 * 5).score(rows, batch_tokens=64)
+    for (ids, p), sc in zip(rows, scores, strict=True):
+        with torch.no_grad():
+            logits = base(input_ids=torch.tensor([ids])).logits[0, p - 1 : -1].float()
+        logp = torch.log_softmax(logits, -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        prob = logp.gather(1, torch.tensor(ids[p:])[:, None]).squeeze(1).exp()
+        torch.testing.assert_close(torch.from_numpy(sc.entropy), entropy, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(sc.prob), prob, atol=1e-5, rtol=1e-4)
