@@ -251,7 +251,9 @@ def test_lr_base_zero_freezes_the_base_without_optimiser_state(setup, baseline, 
     from trainer.export.export import export
 
     out = tmp_path / "frozen"
-    proc = launch(setup["cfg"], f"output_dir={out}", "optim.lr_base=0", "max_steps=2", "eval_every=0")
+    proc = launch(
+        setup["cfg"], f"output_dir={out}", "model.base_training=frozen", "max_steps=2", "eval_every=0"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     logged = [json.loads(line)["metrics"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("lr_new" in m for m in logged) and not any("lr_base" in m for m in logged)

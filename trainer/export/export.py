@@ -24,6 +24,7 @@ import torch
 from hamburger.io import DiskFullError, disk_full_named
 from hamburger.model import folder
 from hamburger.model.config import DEFAULT_CONFIDENCE, check_confidence
+from hamburger.model.lora import merged_state
 from trainer.export import zero_files
 from trainer.train.checkpoint import (
     COMPLETE,
@@ -208,7 +209,7 @@ def export(
         "hamburger": info.hamburger,
     }
     expected, tied = folder.expected_shapes(meta)
-    state = consolidated(ckpt)
+    state = merged_state(consolidated(ckpt), info.lora)  # LoRA folded into the base's weights
     if tied:
         state.pop(folder.TIED_KEY, None)
     folder.check_shapes(expected, {k: _shape(v) for k, v in state.items()}, f"checkpoint {ckpt}")

@@ -17,7 +17,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,10 @@ class CheckpointInfo:
     """The prep folder trained on."""
     data_key_hash: str = ""
     """Its manifest's key hash: the data's identity even when the folder moves."""
+    base_training: str = "full"
+    """model.base_training: full, frozen or lora."""
+    lora: dict = field(default_factory=dict)
+    """The LoRA settings (base_training lora; empty otherwise): export merges the adapters with them."""
 
     def write(self, ckpt: Path) -> None:
         atomic_write_text(ckpt / COMPLETE, json.dumps(asdict(self), indent=1, default=str))

@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 
 from hamburger.configio import Choice, ConfigError, check_range
 from hamburger.model.config import HAMburgerConfig
+from hamburger.model.lora import LoraSettings
+
+
+class BaseTraining(Choice):
+    full = "full"
+    frozen = "frozen"
+    lora = "lora"
 
 
 class Precision(Choice):
@@ -24,6 +31,13 @@ class ModelConfig:
     """Recompute the base's activations in backward (less memory, ~30% more compute)."""
     attn_implementation: str = "sdpa"
     """Attention kernel for the base and micro decoder (sdpa handles the packed block mask)."""
+    base_training: BaseTraining = BaseTraining.full
+    """How the base trains beside the grafted modules: full (every weight, at optim.lr_base),
+    frozen (no gradient and no optimiser state: only the grafted modules train) or lora (the
+    base frozen, low-rank adapters on its linear layers trained at optim.lr_base, merged into
+    the weights on export)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The adapters of base_training: lora."""
 
 
 @dataclass
@@ -47,8 +61,8 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr_base: float = 5e-5
-    """Learning rate of the base model (embeddings included). 0 freezes the base: its weights
-    carry no gradient and no optimiser state (only the grafted modules train)."""
+    """Learning rate of the base model (embeddings included), or of its LoRA adapters
+    (model.base_training: lora). 0 freezes the base as model.base_training: frozen does."""
     lr_new: float = 1e-4
     """Learning rate of the grafted modules (embedder, micro decoder, stop head)."""
     min_lr: float = 1e-5
@@ -118,6 +132,12 @@ class TrainConfig:
     def validate(self) -> None:
         """Every value that could make a run meaningless is refused here, naming its key."""
         self.model.hamburger.validate()
+        if self.model.base_training == BaseTraining.lora:
+            self.model.lora.validate()
+            if self.optim.lr_base == 0:
+                raise ConfigError(
+                    "optim.lr_base is 0 with model.base_training=lora: the adapters would never train"
+                )
         if not (self.data.path or self.data.prep_config):
             raise ConfigError("data: set data.path (a prep folder) or data.prep_config (a prep YAML)")
         d, o = self.data, self.optim

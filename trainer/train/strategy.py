@@ -17,6 +17,7 @@ import torch
 from hamburger.assets import resolve_model
 from hamburger.dtypes import resolve_dtype
 from hamburger.model import HAMburgerModel
+from hamburger.model.lora import add_lora
 from trainer.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -218,6 +219,12 @@ class DeepSpeedStrategy:
                 model.copy_base_top_into_micro()
         for module in model.new_modules():  # the base is already in dtype (and maybe partitioned)
             module.to(self.dtype())
+        if mcfg.base_training == "lora":
+            torch.manual_seed(self.cfg.seed + 1)  # A's initialisation, the same on every rank
+            for p in add_lora(base, mcfg.lora):
+                p.data = p.data.to(self.dtype())
+        elif mcfg.base_training == "frozen" or self.cfg.optim.lr_base == 0:
+            base.requires_grad_(False)  # no gradient, so no fp32 gradient or Adam state either
         if mcfg.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
@@ -231,11 +238,9 @@ class DeepSpeedStrategy:
         base_params = [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in new_ids]
         new_params = [p for m in model.new_modules() for p in m.parameters()]
         groups = [{"params": new_params, "lr": o.lr_new, "name": "new"}]
-        if o.lr_base > 0:
-            groups.insert(0, {"params": base_params, "lr": o.lr_base, "name": "base"})
-        else:  # frozen: no gradient, so no fp32 gradient or Adam state for the base either
-            for p in base_params:
-                p.requires_grad_(False)
+        if base_params:  # the whole base (full), its adapters (lora), or nothing (frozen)
+            name = "lora" if self.cfg.model.base_training == "lora" else "base"
+            groups.insert(0, {"params": base_params, "lr": o.lr_base, "name": name})
         zero = self.ds_config["zero_optimization"]
         offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
         optimizer = torch.optim.AdamW(
@@ -245,7 +250,7 @@ class DeepSpeedStrategy:
             weight_decay=o.weight_decay,
             fused=use_cuda() and not offloaded,  # one kernel for all tensors instead of one per tensor
         )
-        top = o.lr_base or o.lr_new  # the floor scales with the base's rate, or the new modules' when frozen
+        top = o.lr_base if base_params else o.lr_new  # the floor scales with the top rate that trains
         scheduler = lr_schedule(optimizer, o.warmup_steps, total_steps, o.min_lr / top if top else 0.0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config

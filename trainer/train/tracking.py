@@ -88,6 +88,7 @@ class Tracker:
         self.run_id = run_id
         self.local = self.output_dir / "metrics.jsonl"
         self.uri = ""
+        self.continues = ""
         self._monitor = None
         if not self.enabled:
             return
@@ -98,15 +99,36 @@ class Tracker:
         self.uri = default_tracking_uri(output_dir, tracking_uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
+        if run_id is not None and not self._has_run(run_id):
+            # resume=PATH of another output_dir whose run lives in another store: a new run here,
+            # tagged with the one it continues (its metrics so far stay in that store)
+            print(
+                f"[train] MLflow run {run_id} (of the checkpoint) is not in {self.uri}: logging to a new "
+                "run there, tagged continues_run_id",
+                flush=True,
+            )
+            self.continues = run_id
+            run_id = None
         if run_id is None:
             exp_id = experiment_id(self.client, experiment, self.uri)
             self.run_id = self.client.create_run(exp_id, run_name=run_name or None).info.run_id
+            if self.continues:
+                self.client.set_tag(self.run_id, "continues_run_id", self.continues)
         else:
             self.client.update_run(run_id, status="RUNNING")
         self._outage = _OutageNote(self.local, self.uri)
         logging.getLogger(ASYNC_LOGGER).addFilter(self._outage)
         if system_metrics_s > 0:
             self._monitor = _start_system_metrics(self.run_id, self.uri, system_metrics_s)
+
+    def _has_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
 
     # ---------------------------------------------------------------- params and artifacts (start-up)
     def log_run_start(self, params: dict[str, str], tags: dict[str, str], artifacts: list[Path]) -> None:

@@ -123,8 +123,7 @@ class Trainer:
             check_resume_matches(
                 CheckpointInfo.read(self.resume_from),
                 self.resume_from,
-                cfg.model.base,
-                cfg.model.hamburger,
+                cfg.model,
                 self.data_key_hash,
             )
         d = cfg.data
@@ -146,11 +145,14 @@ class Trainer:
         model = self.strategy.build_model(resolve_model(cfg.model.base))
         self.strategy.prepare(model, self.total_steps)
         self.validator = Validator(cfg, self.eval_samples)
+        lora = cfg.model.base_training == "lora"
         identity = {
             "base": cfg.model.base,
             "base_path": resolve_model(cfg.model.base),
             "data": str(self.data_dir),
             "data_key_hash": self.data_key_hash,
+            "base_training": str(cfg.model.base_training.value),
+            "lora": cfg.model.lora.to_dict() if lora else {},
         }
         self.checkpointer = Checkpointer(
             cfg.output_dir, cfg.save_every, cfg.keep_last, self.strategy, identity

@@ -41,6 +41,11 @@ TRAIN_CONFIG_CASES = [
     (["model.hamburger.max_segment_len=0"], "max_segment_len"),
     (["output_dir=${oc.env:HOME}"], "output_dir: interpolations are not allowed"),
     (["optim.lr=1"], "optim.lr"),
+    (["model.base_training=adapter"], "'model.base_training': Invalid value 'adapter', expected one of [full, frozen, lora]"),
+    (["model.base_training=lora", "optim.lr_base=0"], "optim.lr_base is 0 with model.base_training=lora"),
+    (["model.base_training=lora", "model.lora.rank=0"], "model.lora.rank must be >= 1"),
+    (["model.base_training=lora", "model.lora.dropout=1.5"], "model.lora.dropout must be in [0, 1)"),
+    (["model.lora.rnak=4"], "model.lora.rnak"),
     (["epochs=1.5"], "epochs"),
 ]
 # fmt: on
