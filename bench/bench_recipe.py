@@ -9,6 +9,7 @@ the labelled segments; slot-2 accuracy: the micro decoder's first token; CE); an
 greedy output.
 
     python bench/bench_recipe.py [--steps 24] [--runs paper,base_top,...] [--eval-prompts 8]
+        [--confidences 0.5,0.8,0.95]
 """
 
 from __future__ import annotations
@@ -40,6 +41,27 @@ RUNS: dict[str, tuple[str, list[str]]] = {
         "paper + KL to the frozen base (kl_weight 1.0): keep the base on its own path",
         ["model.hamburger.kl_weight=1.0"],
     ),
+    "base_top+lora": (
+        "base_top, base frozen with LoRA adapters (rank 16, lr 5e-4) on its linear layers",
+        ["model.hamburger.micro_init=base_top", "model.base_training=lora", "optim.lr_base=5e-4"],
+    ),
+    "base_top+frozen+align": (
+        "base_top, base frozen, feature alignment (align_weight 1.0): the embedder's direct target",
+        [
+            "model.hamburger.micro_init=base_top",
+            "model.base_training=frozen",
+            "model.hamburger.align_weight=1.0",
+        ],
+    ),
+    "base_top+lora+align": (
+        "base_top, LoRA base (lr 5e-4) + feature alignment (align_weight 1.0)",
+        [
+            "model.hamburger.micro_init=base_top",
+            "model.base_training=lora",
+            "optim.lr_base=5e-4",
+            "model.hamburger.align_weight=1.0",
+        ],
+    ),
     "base_top+zero2": (
         "base_top under ZeRO-2 (no parameter gathers)",
         ["model.hamburger.micro_init=base_top", "ds_config=ds_configs/zero2_cpu.json"],
@@ -64,16 +86,19 @@ def train(name: str, overrides: list[str], steps: int, out: Path, extra: list[st
     return seconds
 
 
-def quick_eval(run: Path, prompts: int, confidence: float) -> dict:
-    """Agreement and tokens per macro step of the run's model at one confidence (batch 1)."""
+def quick_eval(run: Path, prompts: int, confidences: list[float]) -> dict[float, dict]:
+    """The run's speed/quality curve at batch 1: per confidence, the HAMburger row of the eval
+    report (tokens per macro step, agreement_prefix, base_nll, speedup against the base)."""
     out = run / "quick_eval"
-    if not (out / "eval.json").exists():
+    wanted = ",".join(str(c) for c in confidences)
+    if not (out / "eval.json").exists() or (out / "confidences.txt").read_text() != wanted:
         cmd = ["./launch.sh", "eval", str(run), f"max_prompts={prompts}", "max_new_tokens=48"]
-        cmd += ["batch_sizes=[1]", f"confidences=[{confidence}]", "mlflow.enabled=false", f"output_dir={out}"]
+        cmd += ["batch_sizes=[1]", f"confidences=[{wanted}]", "mlflow.enabled=false", f"output_dir={out}"]
         with (run.parent / f"{run.name}.eval.log").open("w") as f:
             subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
+        (out / "confidences.txt").write_text(wanted)
     report = json.loads((out / "eval.json").read_text())
-    return next(r for r in report["runs"] if r["decoder"] == "hamburger")
+    return {r["confidence"]: r for r in report["runs"] if r["decoder"] == "hamburger"}
 
 
 def main() -> None:
@@ -81,7 +106,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--eval-prompts", type=int, default=8)
-    ap.add_argument("--confidence", type=float, default=0.8)
+    ap.add_argument("--confidences", default="0.5,0.8,0.95", help="the curve's points")
     ap.add_argument("--out", default="outputs/recipe_ablation")
     ap.add_argument(
         "--data",
@@ -92,7 +117,8 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence about the runs (e.g. what else used the CPU)")
     args = ap.parse_args()
     extra = [f"data.prep_overrides=[{args.data}]"] if args.data else []
-    rows = []
+    confidences = [float(c) for c in args.confidences.split(",")]
+    rows, curve = [], []
     for name in args.runs.split(","):
         what, overrides = RUNS[name]
         run = ROOT / args.out / name
@@ -104,28 +130,33 @@ def main() -> None:
             continue
         m = json.loads((run / "final_metrics.json").read_text())
         try:
-            ev = quick_eval(run, args.eval_prompts, args.confidence)
-            decode = f"{ev['tokens_per_macro_step']:.3f} | {ev['agreement_prefix']:.3f}"
+            ev = quick_eval(run, args.eval_prompts, confidences)
         except subprocess.CalledProcessError:
-            log = run.parent / f"{run.name}.eval.log"
-            why = (
-                "export reads ZeRO-3 checkpoints only" if "ZeRO stage 1 or 2" in log.read_text() else str(log)
+            ev = {}
+            curve.append(f"| {name} | eval failed: {run.parent / f'{run.name}.eval.log'} | | | | |")
+        for c, r in sorted(ev.items()):
+            curve.append(
+                f"| {name} | {c} | {r['tokens_per_macro_step']:.3f} | {r['agreement_prefix']:.3f} "
+                f"| {r.get('base_nll', float('nan')):.3f} | {r['speedup']:.2f} |"
             )
-            decode = f"eval failed: {why} | "
         rows.append(
             f"| {name} | {what} | {seconds / 60:.1f} | {m.get('eval/expected_tokens_per_step', float('nan')):.3f} "
             f"| {m.get('eval/token_acc_slot2', float('nan')):.3f} | {m.get('eval/ce', float('nan')):.3f} "
-            f"| {decode} | {m.get('curves/expected_tokens_per_step_slope_per_100_steps', float('nan')):+.2f} |"
+            f"| {m.get('curves/expected_tokens_per_step_slope_per_100_steps', float('nan')):+.2f} |"
         )
-        print(rows[-1], flush=True)
+        print(rows[-1], *curve[-len(ev) or -1 :], sep="\n", flush=True)
     body = (
         f"SmolLM2-135M-Instruct + HAMburger (K=4, 4 micro layers), `{CONFIG}` on the self-distilled corpus, "
         f"{args.steps} steps each (2 CPU ranks, 1024 tokens per rank per step), same seed and data order. "
-        f"Held-out metrics from the last in-training evaluation; decode columns from `./launch.sh eval` on "
-        f"{args.eval_prompts} held-out prompts, 48 new tokens, batch 1, c={args.confidence}.\n\n"
-        "| run | what | train min | eval expected tok/step | eval slot-2 acc | eval CE | decode tok/macro step "
-        "| agreement_prefix | end slope (tok/step per 100 steps) |\n|---|---|---|---|---|---|---|---|---|\n"
+        f"Held-out metrics from the last in-training evaluation; the curve from `./launch.sh eval` on "
+        f"{args.eval_prompts} held-out prompts, 48 new tokens, batch 1, at each confidence c (base_nll: the "
+        "base's own NLL of the run's outputs, nats/token; speed-up: HAMburger tokens/s over the base's, "
+        "CPU).\n\n"
+        "| run | what | train min | eval expected tok/step | eval slot-2 acc | eval CE "
+        "| end slope (tok/step per 100 steps) |\n|---|---|---|---|---|---|---|\n"
         + "\n".join(rows)
+        + "\n\n| run | c | tok/macro step | agreement_prefix | base_nll | speed-up |\n|---|---|---|---|---|---|\n"
+        + "\n".join(curve)
         + (f"\n\n{args.note}" if args.note else "")
     )
     write_section("Proof recipe: ablation (CPU)", body)

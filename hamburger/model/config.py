@@ -62,6 +62,14 @@ class HAMburgerConfig:
     """Weight of KL(frozen base || model) on response tokens; 0 disables the teacher entirely."""
     kl_temperature: float = 1.0
     """Softmax temperature for the KL term."""
+    align_weight: float = 0.0
+    """Weight of the feature-alignment loss: at every macro position that predicts a segment, the
+    base's hidden states (at align_layers) against those of a no-grad plain forward at the same
+    prediction (the previous segment's last token), as a relative squared error. It teaches the
+    embedder to write segments the base reads like their tokens; 0 = off. The plain forward is
+    the frozen teacher's when kl_weight > 0, else the base's own."""
+    align_layers: list[int] = field(default_factory=list)
+    """Hidden-state indices the alignment compares (0 = embeddings); empty = the feature layers."""
     loss_chunk_tokens: int = 2048
     """Response tokens per LM-head chunk in the loss: CE and KL never hold more than this many
     tokens' fp32 logits (the full [T, V] is 10.6 GiB for one 8192-position row of a 128k
@@ -84,7 +92,7 @@ class HAMburgerConfig:
             raise ValueError(f"hamburger.num_features must be >= 1, got {self.num_features}")
         if self.embedder_head_dim < 1:
             raise ValueError(f"hamburger.embedder_head_dim must be >= 1, got {self.embedder_head_dim}")
-        for name in ("stop_weight", "kl_weight"):
+        for name in ("stop_weight", "kl_weight", "align_weight"):
             if not getattr(self, name) >= 0:  # NaN fails too
                 raise ValueError(f"hamburger.{name} must be >= 0, got {getattr(self, name)}")
         if self.packed_attention not in ("auto", "dense", "flex"):
@@ -116,6 +124,11 @@ class HAMburgerConfig:
                 f"which predicts each segment's first token), got {layers}"
             )
         return layers
+
+    @property
+    def needs_plain(self) -> bool:
+        """Whether batches must carry the plain token layout (KL and alignment read it)."""
+        return self.kl_weight > 0 or self.align_weight > 0
 
     def to_dict(self) -> dict:
         return asdict(self)

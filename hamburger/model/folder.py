@@ -109,7 +109,9 @@ def build_model(meta: dict, dtype: torch.dtype = torch.float32, device: str = "c
 
     with torch.device(device):
         base = AutoModelForCausalLM.from_config(base_config_from_meta(meta), dtype=dtype)
-        hcfg = HAMburgerConfig.from_dict({**meta["hamburger"], "kl_weight": 0.0})
+        hcfg = HAMburgerConfig.from_dict(
+            {**meta["hamburger"], "kl_weight": 0.0, "align_weight": 0.0}
+        )  # losses of training only
         return HAMburgerModel(base, hcfg)
 
 

@@ -35,6 +35,7 @@ class HAMburgerOutput(ModelOutput):
     ce: torch.Tensor | None = None
     stop_bce: torch.Tensor | None = None
     kl: torch.Tensor | None = None
+    align: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] | None = None
     logits: torch.Tensor | None = None  # [T, V] per response token, when asked for
     stop_logits: torch.Tensor | None = None  # [T]
@@ -61,6 +62,12 @@ class HAMburgerModel(nn.Module):
         self.base = base
         bcfg = base.config
         self.feature_layers = config.resolved_feature_layers(bcfg.num_hidden_layers)
+        for idx in config.align_layers:
+            if not 0 <= idx <= bcfg.num_hidden_layers:
+                raise ValueError(
+                    f"hamburger.align_layers entry {idx} is outside 0..{bcfg.num_hidden_layers} "
+                    "(the base model's hidden states)"
+                )
         d = bcfg.hidden_size
         self.embedder = CompositionalEmbedder(d, config.max_segment_len, config.embedder_head_dim)
         self.micro = MicroDecoder(
@@ -196,12 +203,14 @@ class HAMburgerModel(nn.Module):
         stop_labels = (slots == (batch.tgt_lens[:, None].expand_as(valid)[valid] - 1)).float()
 
         stop_logits = self.stop_head(o_tok).float()
+        needs_plain = self.teacher is not None or self.config.align_weight > 0
+        plain = self._plain_states(batch) if needs_plain else None
         chunks = batch.loss_chunks or chunks_for(o_tok.shape[0], self.config.loss_chunk_tokens)
         logits = None
         if return_logits or chunks <= 1:  # the whole [T, V] at once
             logits = self.lm_head(o_tok).float()
             ce = F.cross_entropy(logits, targets)
-            kl = self._kl_to_teacher(batch, logits) if self.teacher is not None else None
+            kl = self._kl_to_teacher(plain, batch, logits) if self.teacher is not None else None
             correct = logits.detach().argmax(-1) == targets
         else:  # `chunk` tokens' logits at a time (hamburger/model/chunked_loss.py)
             teacher = self.teacher
@@ -211,19 +220,24 @@ class HAMburgerModel(nn.Module):
                 targets,
                 chunks,
                 teacher.lm_head if teacher is not None else None,
-                self._teacher_hidden(batch) if teacher is not None else None,
+                self._teacher_hidden(plain, batch) if teacher is not None else None,
                 self.config.kl_temperature,
             )
         bce = F.binary_cross_entropy_with_logits(stop_logits, stop_labels)
         loss = ce + self.config.stop_weight * bce
         if kl is not None:
             loss = loss + self.config.kl_weight * kl
+        align = None
+        if self.config.align_weight > 0:
+            align = self._align_to_plain(out.hidden_states, plain, batch)
+            loss = loss + self.config.align_weight * align
         metrics = self._metrics(correct, slots, stop_logits, stop_labels, valid)
         return HAMburgerOutput(
             loss=loss,
             ce=ce,
             stop_bce=bce,
             kl=kl,
+            align=align,
             metrics=metrics,
             logits=logits if return_logits else None,
             stop_logits=stop_logits if return_logits else None,
@@ -256,22 +270,49 @@ class HAMburgerModel(nn.Module):
         out = feats.new_zeros(s * k, d).index_copy(0, torch.cat(index), torch.cat(pieces))
         return out + zero
 
-    def _teacher_hidden(self, batch: PackedBatch) -> torch.Tensor:
-        """[T, D] the frozen teacher's final hidden states at each response token's predicting
-        position of the plain batch (its LM head is applied chunk by chunk)."""
+    @torch.no_grad()
+    def _plain_states(self, batch: PackedBatch) -> tuple[torch.Tensor, ...]:
+        """The hidden states ([N * Lp, D] each, flat) of one no-grad forward over the plain
+        tokens: the frozen teacher's when there is one, else the base's own. KL and alignment
+        both read this one forward. Right padding sits after each sample; under a causal mask
+        it is never read."""
         if batch.plain_input_ids is None:
-            raise ValueError("kl_weight > 0 needs batches collated with with_plain=True")
-        with torch.no_grad():
-            h = self.teacher.model(input_ids=batch.plain_input_ids, use_cache=False).last_hidden_state
-            return h.reshape(-1, h.shape[-1])[batch.plain_resp_pos]
+            raise ValueError("kl_weight > 0 or align_weight > 0 needs batches collated with with_plain=True")
+        ref = self.teacher if self.teacher is not None else self.base
+        out = ref.model(
+            input_ids=batch.plain_input_ids,
+            output_hidden_states=self.config.align_weight > 0,
+            use_cache=False,
+        )
+        states = out.hidden_states or (out.last_hidden_state,)
+        return tuple(h.reshape(-1, h.shape[-1]) for h in states)
 
-    def _kl_to_teacher(self, batch: PackedBatch, logits: torch.Tensor) -> torch.Tensor:
-        if batch.plain_input_ids is None:
-            raise ValueError("kl_weight > 0 needs batches collated with with_plain=True")
+    def _teacher_hidden(self, plain: tuple[torch.Tensor, ...], batch: PackedBatch) -> torch.Tensor:
+        """[T, D] the teacher's final hidden states at each response token's predicting position."""
+        return plain[-1][batch.plain_resp_pos]
+
+    def _align_to_plain(
+        self, hidden_states, plain: tuple[torch.Tensor, ...], batch: PackedBatch
+    ) -> torch.Tensor:
+        """Relative squared error, averaged over align_layers, between the base's hidden state at
+        each macro position that predicts a segment (batch.tgt_src) and the plain forward's at the
+        position predicting the same token (the previous segment's last token). One-token
+        segments make the two forwards the same, so it is then zero."""
+        first = torch.cumsum(batch.tgt_lens, 0) - batch.tgt_lens  # each segment's first response token
+        at_plain = batch.plain_resp_pos[first]
+        layers = self.config.align_layers or self.feature_layers
+        terms = []
+        for i in layers:
+            h = hidden_states[i].reshape(-1, hidden_states[i].shape[-1])[batch.tgt_src].float()
+            p = plain[i][at_plain].float()
+            terms.append((h - p).pow(2).sum() / p.pow(2).sum().clamp_min(1e-12))
+        return torch.stack(terms).mean()
+
+    def _kl_to_teacher(
+        self, plain: tuple[torch.Tensor, ...], batch: PackedBatch, logits: torch.Tensor
+    ) -> torch.Tensor:
         with torch.no_grad():
-            # Right padding sits after each sample; under a causal mask it is never read.
-            t_logits = self.teacher(input_ids=batch.plain_input_ids, use_cache=False).logits
-            t_logits = t_logits.reshape(-1, t_logits.shape[-1])[batch.plain_resp_pos].float()
+            t_logits = self.teacher.lm_head(self._teacher_hidden(plain, batch)).float()
         temp = self.config.kl_temperature
         t_logp = F.log_softmax(t_logits / temp, dim=-1)
         s_logp = F.log_softmax(logits / temp, dim=-1)

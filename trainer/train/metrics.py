@@ -7,7 +7,7 @@ import torch
 
 from trainer.train.strategy import DeepSpeedStrategy
 
-METRIC_KEYS = ("loss", "ce", "stop_bce", "kl")
+METRIC_KEYS = ("loss", "ce", "stop_bce", "kl", "align")
 
 
 class NonFiniteLoss(RuntimeError):

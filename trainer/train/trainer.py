@@ -248,9 +248,9 @@ class Trainer:
         records, tokens = [], 0
         for micro in range(cfg.optim.grad_accum):
             samples = [self.train_samples[i] for i in batches[pos.batch + micro]]
-            kl = cfg.model.hamburger.kl_weight > 0  # the frozen teacher reads the plain tokens
+            plain = cfg.model.hamburger.needs_plain  # KL and alignment read the plain tokens
             batch = collate(
-                samples, cfg.model.hamburger.max_segment_len, cfg.data.row_capacity, with_plain=kl
+                samples, cfg.model.hamburger.max_segment_len, cfg.data.row_capacity, with_plain=plain
             )
             batch.loss_chunks = loss_chunks(
                 [

@@ -47,7 +47,7 @@ def held_out_metrics(
                 [samples[i] for i in idx],
                 cfg.model.hamburger.max_segment_len,
                 cfg.data.row_capacity,
-                with_plain=cfg.model.hamburger.kl_weight > 0,  # the teacher reads the plain tokens
+                with_plain=cfg.model.hamburger.needs_plain,  # KL and alignment read the plain tokens
             )
             batch.loss_chunks = loss_chunks(  # the same LM-head calls on every rank (ZeRO-3)
                 [[samples[i] for i in r[n][0]] for r in every_rank], cfg.model.hamburger.loss_chunk_tokens

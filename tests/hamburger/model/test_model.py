@@ -225,6 +225,35 @@ def test_kl_term_against_frozen_teacher(rng):
     assert all(not p.requires_grad for p in model.teacher.parameters())
 
 
+def test_alignment_is_zero_for_one_token_segments_and_teaches_only_the_embedder(rng):
+    """The feature-alignment loss: with every segment one token the HAMburger forward is the
+    plain forward, so it is zero; with smashed segments its gradient, the base frozen (phase 1
+    of the staged recipe), reaches the embedder and nothing else; at align_weight 0 it is absent."""
+    hcfg = HAMburgerConfig(embedder_head_dim=16, micro_layers=2, align_weight=2.0, align_layers=[0, 2, 4])
+    model = HAMburgerModel(tiny_base(0).double(), hcfg).double()
+    one = random_sample(rng, 96, 1, 5, 12)
+    out = model(collate([one], 4, with_plain=True))
+    assert out.align is not None and float(out.align.detach()) < 1e-20
+    model.base.requires_grad_(False)
+    smashed = [random_sample(rng, 96, 4, 5, 20, sid=i) for i in range(2)]
+    out = model(collate(smashed, 4, row_capacity=200, with_plain=True))
+    assert out.align > 1e-3
+    torch.testing.assert_close(out.loss, out.ce + 0.5 * out.stop_bce + 2.0 * out.align)
+    out.align.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("embedder."))
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if not n.startswith("embedder."))
+    off = HAMburgerModel(tiny_base(0), HAMburgerConfig(embedder_head_dim=16, micro_layers=2))
+    assert off(collate(smashed, 4)).align is None  # no plain forward either: no plain batch needed
+
+
+def test_alignment_layers_are_checked():
+    with pytest.raises(ValueError, match="align_layers entry 9 is outside 0..4"):
+        HAMburgerModel(tiny_base(0), HAMburgerConfig(embedder_head_dim=16, micro_layers=1, align_layers=[9]))
+    with pytest.raises(ValueError, match="hamburger.align_weight must be >= 0"):
+        HAMburgerConfig(align_weight=-1.0).validate()
+
+
 def test_feature_layers_default_and_errors():
     assert HAMburgerConfig().resolved_feature_layers(16) == [4, 8, 12, 16]
     assert HAMburgerConfig().resolved_feature_layers(30) == [8, 15, 22, 30]  # round(7.5), 15, round(22.5), 30
