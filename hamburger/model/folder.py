@@ -70,12 +70,19 @@ def save_model(
         tokenizer.save_pretrained(path)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> HAMburgerModel:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, base: str = "") -> HAMburgerModel:
     """Load a folder written by save_model or export; needs no network. Every tensor is
-    checked against the config first (a missing or mis-shaped one is named)."""
+    checked against the config first (a missing or mis-shaped one is named). An adapter folder
+    (hamburger/model/adapter.py) is put onto its base: the recorded one, or `base`."""
+    from .adapter import ADAPTER_KEY, compose_state
+
     meta = read_meta(path)
     expected, _ = expected_shapes(meta)
-    state = load_state(path, expected)
+    if meta.get(ADAPTER_KEY):
+        state = compose_state(path, meta, base)
+        check_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, f"{path} on its base")
+    else:
+        state = load_state(path, expected)
     model = build_model(meta, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == TIED_KEY and model.base_ties_embeddings())]
@@ -198,9 +205,15 @@ def save_weights(
 
 
 def write_meta(
-    path: str | Path, base_architecture: str, base_config: dict, hamburger: dict, lineage: dict | None = None
+    path: str | Path,
+    base_architecture: str,
+    base_config: dict,
+    hamburger: dict,
+    lineage: dict | None = None,
+    adapter: dict | None = None,
 ) -> None:
-    """lineage (exports only): base model name, source run id, checkpoint step, data folder."""
+    """lineage (exports only): base model name, source run id, checkpoint step, data folder;
+    adapter (adapter exports only): the base it goes onto (hamburger/model/adapter.py)."""
     meta = {
         "model_type": MODEL_TYPE,
         "base_architecture": base_architecture,
@@ -208,4 +221,6 @@ def write_meta(
         "hamburger": hamburger,
         "lineage": lineage or {},
     }
+    if adapter:
+        meta["adapter"] = adapter
     Path(path, CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))

@@ -5,7 +5,9 @@ into the weights) decodes the same tokens as the run's own adapted model."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +19,11 @@ LORA = ("model.base_training=lora", "model.lora.rank=4", "model.lora.alpha=8", "
 
 
 def test_lora_resumes_exactly_and_its_export_decodes_as_the_run_did(setup, tmp_path):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from hamburger.decode import generate
     from hamburger.model import HAMburgerConfig, HAMburgerModel, load_model
+    from hamburger.model.adapter import BaseMismatch
     from hamburger.model.lora import LoraSettings, add_lora
     from trainer.export.export import consolidated, export
     from trainer.train.checkpoint import CheckpointInfo
@@ -63,6 +66,23 @@ def test_lora_resumes_exactly_and_its_export_decodes_as_the_run_did(setup, tmp_p
                 generate(exported, prompt, 20, confidence).tokens
                 == generate(run_model, prompt, 20, confidence).tokens
             )
+    # the adapter folder: the grafted modules and LoRA pairs only, put onto the base when loaded
+    folder = Path(export(str(whole), str(tmp_path / "adapter"), adapter=True)["path"])
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["adapter"]["base"] == str(setup["base"] / "model") and meta["adapter"]["lora"]["rank"] == 4
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert size < 0.5 * sum(f.stat().st_size for f in (tmp_path / "export").glob("*.safetensors"))
+    on_base = load_model(folder)
+    with torch.no_grad():
+        assert generate(on_base, prompt, 20, 0.5).tokens == generate(run_model, prompt, 20, 0.5).tokens
+    other = tmp_path / "other_base"
+    shutil.copytree(setup["base"] / "model", other)
+    weights = load_file(str(other / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(BaseMismatch, match=r"an adapter for base .* but .*other_base.* has weights"):
+        load_model(folder, base=str(other))
+
     # the base's own weights beside the adapters are exactly the ones it started from
     for name, tensor in load_file(str(setup["base"] / "model" / "model.safetensors")).items():
         key = name if name in base_before else name.removesuffix("weight") + "base_layer.weight"

@@ -263,6 +263,18 @@ def test_lr_base_zero_freezes_the_base_without_optimiser_state(setup, baseline, 
     assert before.keys() == after.keys()
     for name, tensor in before.items():
         assert torch.equal(after[name].to(tensor.dtype), tensor), name
+    # an adapter folder of a frozen-base run: the grafted modules only, equal to the full export
+    from hamburger.decode import generate
+    from hamburger.model import load_model
+    from trainer.export.export import ExportError
+
+    adapter = load_model(export(str(out), str(tmp_path / "adapter"), adapter=True)["path"])
+    full = load_model(export(str(out), str(tmp_path / "full"))["path"])
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(adapter.state_dict()[name], tensor), name
+    assert generate(adapter, [5, 17, 33, 8], 12, 0.5).tokens == generate(full, [5, 17, 33, 8], 12, 0.5).tokens
+    with pytest.raises(ExportError, match=r"trained its whole base \(full\): export the full folder"):
+        export(str(baseline), str(tmp_path / "no_adapter"), adapter=True)
     optim = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     frozen_size = (out / "checkpoints" / "step_000002" / optim).stat().st_size
     full_size = (baseline / "checkpoints" / "step_000008" / optim).stat().st_size

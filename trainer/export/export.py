@@ -23,6 +23,7 @@ import torch
 
 from hamburger.io import DiskFullError, disk_full_named
 from hamburger.model import folder
+from hamburger.model.adapter import adapter_block, is_adapter_tensor
 from hamburger.model.config import DEFAULT_CONFIDENCE, check_confidence
 from hamburger.model.lora import merged_state
 from trainer.export import zero_files
@@ -191,6 +192,7 @@ def export(
     tracking_uri: str = "",
     max_shard_size: str = "2GB",
     confidence: float = DEFAULT_CONFIDENCE,
+    adapter: bool = False,
 ) -> dict:
     try:
         check_confidence(confidence, "export --confidence")
@@ -208,11 +210,23 @@ def export(
         "base_config": info.base_config,
         "hamburger": info.hamburger,
     }
+    if base_only and adapter:
+        raise ExportError(
+            "--base-only and --adapter exclude each other: one writes only the base, the other all but it"
+        )
+    try:
+        block = adapter_block(info.base, info.base_path, info.base_training, info.lora) if adapter else None
+    except ValueError as e:
+        raise ExportError(f"{ckpt}: {e}") from None
     expected, tied = folder.expected_shapes(meta)
-    state = merged_state(consolidated(ckpt), info.lora)  # LoRA folded into the base's weights
+    raw = consolidated(ckpt)
+    state = merged_state(raw, info.lora)  # LoRA folded into the base's weights
     if tied:
         state.pop(folder.TIED_KEY, None)
     folder.check_shapes(expected, {k: _shape(v) for k, v in state.items()}, f"checkpoint {ckpt}")
+    if adapter:  # the grafted modules and the LoRA pairs, unmerged; the base stays where it is
+        state = {k: v for k, v in raw.items() if is_adapter_tensor(k)}
+        expected = {k: _shape(v) for k, v in state.items()}
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_path.name}.tmp-{os.getpid()}-", dir=out_path.parent))
@@ -244,6 +258,7 @@ def export(
                         "checkpoint_step": info.step,
                         "data": info.data,
                     },
+                    adapter=block,
                 )
             _copy_tokenizer(info.base_path, tmp)
             eos = info.base_config.get("eos_token_id")
@@ -251,9 +266,12 @@ def export(
             if not base_only:
                 gen["confidence"] = confidence
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=1))
-            (tmp / "README.md").write_text(model_card(ckpt, info, base_only, confidence))
+            (tmp / "README.md").write_text(model_card(ckpt, info, base_only, confidence, adapter))
             (tmp / EXPORT_MARKER).write_text(
-                json.dumps({"checkpoint": str(ckpt), "step": info.step, "base_only": base_only}, indent=1)
+                json.dumps(
+                    {"checkpoint": str(ckpt), "step": info.step, "base_only": base_only, "adapter": adapter},
+                    indent=1,
+                )
             )
             replace_folder(tmp, out_path, overwrite)
     except BaseException:
@@ -277,7 +295,9 @@ def _copy_tokenizer(base_path: str, dest: Path) -> None:
     AutoTokenizer.from_pretrained(base_path).save_pretrained(dest)
 
 
-def model_card(ckpt: Path, info: CheckpointInfo, base_only: bool, confidence: float) -> str:
+def model_card(
+    ckpt: Path, info: CheckpointInfo, base_only: bool, confidence: float, adapter: bool = False
+) -> str:
     run_dir = ckpt.parent.parent
     metrics = {}
     if (run_dir / "final_metrics.json").is_file():
@@ -289,6 +309,16 @@ def model_card(ckpt: Path, info: CheckpointInfo, base_only: bool, confidence: fl
         "",
         f"Exported from `{ckpt}` (step {info.step}, {info.world_size} ranks, MLflow run `{info.run_id}`).",
         "",
+        *(
+            [
+                f"An adapter folder (base trained: {info.base_training}): the grafted modules"
+                + (" and LoRA pairs" if info.lora else "")
+                + f" only. Loading reads the base `{info.base}` and checks its weights' hash.",
+                "",
+            ]
+            if adapter
+            else []
+        ),
         "## Load",
         "",
         "```python",
@@ -398,6 +428,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--base-only", action="store_true", help="a plain HF causal-LM folder of the fine-tuned base"
     )
+    ap.add_argument(
+        "--adapter",
+        action="store_true",
+        help="an adapter folder: the grafted modules (and LoRA pairs) of a frozen- or LoRA-base run, put "
+        "onto the unchanged base when loaded",
+    )
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--register", default="", help="register in the MLflow Model Registry under this name")
     ap.add_argument("--tracking-uri", default="")
@@ -419,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
             args.tracking_uri,
             args.max_shard_size,
             args.confidence,
+            args.adapter,
         )
     except (ExportError, folder.WeightsError, FileNotFoundError, DiskFullError) as e:
         print(f"[export] error: {e}", file=sys.stderr)
