@@ -26,7 +26,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Defaults of `cls` <- YAML file <- dotted `key=value` overrides, type-checked at each step."""
     if not is_dataclass(cls):
         raise TypeError(f"{cls} is not a dataclass")
-    merged = OmegaConf.structured(cls)
+    return _build(cls, OmegaConf.structured(cls), path, overrides)
+
+
+def with_overrides(obj: T, overrides: list[str], where: str = "") -> T:
+    """A copy of a loaded config with more `key=value` overrides, checked as load_config checks."""
+    return _build(type(obj), OmegaConf.structured(obj), None, overrides, where)
+
+
+def _build(cls: type[T], merged, path, overrides: list[str] | None, where: str = "") -> T:
     try:
         if path is not None:
             if not Path(path).is_file():
@@ -34,14 +42,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             merged = OmegaConf.merge(merged, _load_yaml_mapping(path))
         for item in overrides or []:
             if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
+                raise ConfigError(f"override {item!r}{where} is not of the form key=value")
             key = item.split("=", 1)[0]
             _check_plain_value(key, item.split("=", 1)[1])
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        where = f" (in {path})" if path else ""
+        where = f" (in {path})" if path else where
         renamed = _renamed_to(cls, key) if key else None
         if renamed:
             raise ConfigError(f"config key {key!r} was renamed: use {renamed!r}{where}") from None

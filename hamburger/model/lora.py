@@ -125,3 +125,28 @@ def merged_state(state: dict, settings: dict | None) -> dict:
         else:
             out[name] = tensor
     return out
+
+
+def carried_state(names: list[str], state: dict, settings: dict | None, where: str = "checkpoint") -> dict:
+    """`state` (a checkpoint's, LoRA `settings` or none) as the starting weights of a model whose
+    parameters are `names` (LoRA or not): a name the checkpoint has is taken as is (adapters
+    carried over); an adapted layer's base weight is the checkpoint's (merged) plain weight; new
+    adapters keep their fresh initialisation (B = 0: the start is the checkpoint's model); the
+    frozen teacher is the base as loaded. Anything else missing is named."""
+    plain = merged_state(state, settings)
+    out, missing = {}, []
+    for name in names:
+        fresh_adapter = (".lora_A." in name or ".lora_B." in name) and name not in state
+        if name.startswith("teacher.") or fresh_adapter:
+            continue
+        if name in state:
+            out[name] = state[name]
+        elif ".base_layer." in name and name.replace(".base_layer.", ".") in plain:
+            out[name] = plain[name.replace(".base_layer.", ".")]
+        elif name in plain:
+            out[name] = plain[name]
+        else:
+            missing.append(name)
+    if missing:
+        raise ValueError(f"{where} has no weights for {missing[:10]}: not a run of this model's shape")
+    return out

@@ -95,6 +95,20 @@ class MLflowConfig:
 
 
 @dataclass
+class PhaseConfig:
+    name: str = ""
+    """The phase's name: its folder (OUTPUT_DIR/phaseN-NAME) and the MLflow `phase` tag."""
+    steps: int = 0
+    """Optimiser steps of the phase (its max_steps; the learning-rate schedule spans them)."""
+    overrides: list[str] = field(default_factory=list)
+    """key=value settings of this phase over the config's own (e.g. model.base_training=frozen)."""
+
+
+PHASE_OWNED = ("output_dir", "max_steps", "init_from", "phases", "resume")
+"""Keys a phase's overrides may not set: the recipe sets them for every phase."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,10 +142,33 @@ class TrainConfig:
     """auto: continue from the newest complete checkpoint in output_dir; none; or a checkpoint path."""
     dist_timeout_s: int = 1800
     """Collective timeout: a rank that stops answering fails the job after this, naming itself."""
+    init_from: str = ""
+    """A run folder (its newest checkpoint) or checkpoint whose model weights start this run: the
+    base and grafted modules (LoRA folded or carried over as this run trains), not its optimiser,
+    schedule or data position. Ignored when this run resumes from its own checkpoint."""
+    phases: list[PhaseConfig] = field(default_factory=list)
+    """A staged recipe: the phases run in order in one job, each a run of its own in
+    OUTPUT_DIR/phaseN-NAME started from the previous phase's weights, all logged to one MLflow
+    run (steps counted across phases, the phase as a tag). Empty: one ordinary run."""
 
     def validate(self) -> None:
         """Every value that could make a run meaningless is refused here, naming its key."""
         self.model.hamburger.validate()
+        names = [p.name for p in self.phases]
+        for i, p in enumerate(self.phases):
+            if not p.name or not p.name.replace("-", "").replace("_", "").isalnum():
+                raise ConfigError(
+                    f"phases.{i}.name must be a non-empty name of letters, digits, - or _, got {p.name!r}"
+                )
+            if names.count(p.name) > 1:
+                raise ConfigError(f"phases.{i}.name {p.name!r} names two phases")
+            check_range(f"phases.{i}.steps", p.steps, p.steps >= 1, ">= 1")
+            for item in p.overrides:
+                if item.split("=", 1)[0] in PHASE_OWNED:
+                    raise ConfigError(
+                        f"phases.{i}.overrides: {item.split('=', 1)[0]} is set by the recipe for every phase "
+                        f"({', '.join(PHASE_OWNED)})"
+                    )
         if self.model.base_training == BaseTraining.lora:
             self.model.lora.validate()
             if self.optim.lr_base == 0:

@@ -14,12 +14,25 @@ from hamburger.refusal import REFUSALS, exit_on
 from trainer.export.zero_files import ZeroFileError
 from trainer.train.config import TrainConfig
 from trainer.train.metrics import NonFiniteLoss
+from trainer.train.phases import Phase, phase_config
 from trainer.train.runcheck import RunMismatch
 from trainer.train.trainer import Trainer
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
-    trainer = Trainer(cfg)
+    """One run, or a staged recipe's phases one after another (trainer/train/phases.py)."""
+    if not cfg.phases:
+        return run(Trainer(cfg))
+    final, run_id, offset = {}, None, 0
+    for i, phase in enumerate(cfg.phases):
+        trainer = Trainer(phase_config(cfg, i), Phase(phase.name, i, offset, run_id))
+        final = run(trainer, last=i == len(cfg.phases) - 1)
+        run_id, offset = trainer.run_id, offset + trainer.total_steps
+    return final
+
+
+def run(trainer: Trainer, last: bool = True) -> dict[str, float]:
+    """Set up, resume, fit; close the tracker (and, after the last run, the process group)."""
     try:
         trainer.setup()
         trainer.resume()
@@ -27,7 +40,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     except BaseException:
         trainer.close(failed=True)
         raise
-    trainer.close()
+    trainer.close(shutdown=last)
     return final
 
 

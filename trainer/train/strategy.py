@@ -182,6 +182,18 @@ class DeepSpeedStrategy:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def release(self) -> None:
+        """Free this run's engine (its partitions, optimiser state and hooks) and wait for every
+        rank, keeping the process group for the next run in this job."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = self.optimizer = self.scheduler = None
+        self._hf_ds_config = None
+        import gc
+
+        gc.collect()
+        torch.distributed.barrier()
+
     def shutdown(self) -> None:
         """Ranks leave together: one that tears down its process group while another still
         finishes (rank 0 closing the MLflow run) can abort in gloo's threads at exit."""
@@ -229,6 +241,24 @@ class DeepSpeedStrategy:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
         return model
+
+    @torch.no_grad()
+    def load_weights(self, model: HAMburgerModel, state: dict) -> None:
+        """Copy `state` (tensors by parameter name, lazy ones materialised one at a time) into the
+        model before `prepare`: a ZeRO-3-partitioned parameter is gathered and written by rank 0
+        (its values are what re-partitioning keeps, and what the optimiser's fp32 copy starts
+        from); a whole one is written on every rank."""
+        import deepspeed
+
+        params = dict(model.named_parameters())
+        for name, src in state.items():
+            p = params[name]
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if self.is_rank0:
+                        p.data.copy_(src.contiguous())
+            else:
+                p.data.copy_(src.contiguous())
 
     def prepare(self, model: HAMburgerModel, total_steps: int) -> None:
         import deepspeed

@@ -33,6 +33,7 @@ from trainer.train.config import TrainConfig
 from trainer.train.curves import write_run_curves
 from trainer.train.data import BatchPlan, load_samples, loss_chunks, manifest_summary, resolve_data
 from trainer.train.metrics import check_finite, output_values, reduce_outputs, response_tokens
+from trainer.train.phases import Phase, initial_state
 from trainer.train.runcheck import check_data_fits_model, check_resume_matches
 from trainer.train.strategy import DeepSpeedStrategy
 from trainer.train.tracking import Tracker, flatten_params
@@ -76,8 +77,10 @@ class Trainer:
     run_id: str | None
     resume_from: Path | None
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, phase: Phase | None = None):
         self.cfg = cfg
+        self.phase = phase
+        self.step_offset = phase.step_offset if phase else 0  # MLflow steps run on across phases
         self.strategy = DeepSpeedStrategy(cfg)
         self.tracker = None
         self.pos = Position()
@@ -143,6 +146,10 @@ class Trainer:
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
             (self.out_dir / "ds_config.json").write_text(json.dumps(self.strategy.ds_config, indent=1))
         model = self.strategy.build_model(resolve_model(cfg.model.base))
+        if cfg.init_from and self.resume_from is None:  # a resumed run has its weights already
+            names = [n for n, _ in model.named_parameters()]
+            self.strategy.load_weights(model, initial_state(cfg.init_from, cfg.model.base, names))
+            self.log(f"weights from {cfg.init_from}")
         self.strategy.prepare(model, self.total_steps)
         self.validator = Validator(cfg, self.eval_samples)
         lora = cfg.model.base_training == "lora"
@@ -173,6 +180,8 @@ class Trainer:
     def start_tracking(self) -> None:
         cfg, rank0 = self.cfg, self.rank0
         m = cfg.mlflow
+        if self.run_id is None and self.phase is not None:
+            self.run_id = self.phase.run_id  # a later phase continues the recipe's MLflow run
         tracker = Tracker(
             cfg.output_dir, m.enabled, m.tracking_uri, m.experiment, m.run_name, self.run_id, rank0
         )
@@ -191,6 +200,12 @@ class Trainer:
             "steps_total": str(self.total_steps),
         }
         tags = {"data_manifest_hash": summary["key_hash"], "base_model": cfg.model.base}
+        if self.phase is not None:
+            tags["phase"] = self.phase.name
+            prefix = f"phase.{self.phase.index + 1}.{self.phase.name}"
+            params = {f"{prefix}.{k}": v for k, v in params.items()} | {
+                f"{prefix}.first_step": str(self.step_offset + 1)
+            }
         files = [
             self.out_dir / "config.yaml",
             self.out_dir / "ds_config.json",
@@ -212,17 +227,17 @@ class Trainer:
         while pos.step < self.total_steps:
             metrics = self.step()
             if pos.step % self.cfg.log_every == 0 or pos.step == self.total_steps:
-                self.tracker.log_metrics(metrics, pos.step)
+                self.tracker.log_metrics(metrics, self.step_offset + pos.step)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tps=f"{metrics['expected_tokens_per_step']:.2f}")
             bar.update(1)
             if self.validator.due(pos.step, self.total_steps):
-                self.tracker.log_metrics(self.validator.run(self.strategy), pos.step)
+                self.tracker.log_metrics(self.validator.run(self.strategy), self.step_offset + pos.step)
             if self.checkpointer.due(pos.step, self.total_steps):
                 self.save()
         bar.close()
         held_out = self.validator.run(self.strategy)
         if held_out:
-            self.tracker.log_metrics(held_out, pos.step)
+            self.tracker.log_metrics(held_out, self.step_offset + pos.step)
         self.save()
         final = {**metrics, **held_out}
         self.write_summary(final)
@@ -296,8 +311,11 @@ class Trainer:
             f"expected tokens/step {final.get('eval/expected_tokens_per_step', float('nan')):.3f}"
         )
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, failed: bool = False, shutdown: bool = True) -> None:
+        """shutdown=False (a recipe phase before the last) keeps the process group for the next."""
         if self.tracker is not None:
             self.tracker.close("FAILED" if failed else "FINISHED")
-        if not failed:  # a failed rank exits; the launcher ends the others
+        if not failed and shutdown:  # a failed rank exits; the launcher ends the others
             self.strategy.shutdown()
+        elif not failed:
+            self.strategy.release()

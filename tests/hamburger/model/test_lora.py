@@ -84,3 +84,39 @@ def test_bad_lora_settings_are_named(settings, fragment):
     model = HAMburgerModel(tiny_hamburger().base, HAMburgerConfig(embedder_head_dim=16, micro_layers=1))
     with pytest.raises(ValueError, match=fragment):
         add_lora(model.base, LoraSettings(**settings))
+
+
+def test_carried_state_maps_a_checkpoint_onto_a_model_with_or_without_adapters():
+    """init_from between phases: plain -> LoRA (the weight goes to base_layer, adapters start
+    fresh), LoRA -> LoRA (adapters carried), LoRA -> plain (folded in); a missing tensor is named."""
+    from hamburger.model.lora import carried_state
+
+    settings = LoraSettings(rank=2, alpha=4, target_modules=["q_proj"])
+    plain = tiny_hamburger(seed=1)
+    adapted = tiny_hamburger(seed=2)
+    add_lora(adapted.base, settings)
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if ".lora_B." in n:
+                p.normal_()
+    lora_names = [n for n, _ in adapted.named_parameters()]
+    plain_names = [n for n, _ in plain.named_parameters()]
+    q = "base.model.layers.0.self_attn.q_proj"
+
+    to_lora = carried_state(lora_names, plain.state_dict(), None)
+    assert torch.equal(to_lora[f"{q}.base_layer.weight"], plain.state_dict()[f"{q}.weight"])
+    assert f"{q}.lora_B.default.weight" not in to_lora  # fresh: B = 0 keeps the checkpoint's model
+    carried = carried_state(lora_names, adapted.state_dict(), settings.to_dict())
+    assert torch.equal(
+        carried[f"{q}.lora_B.default.weight"], adapted.state_dict()[f"{q}.lora_B.default.weight"]
+    )
+    folded = carried_state(plain_names, adapted.state_dict(), settings.to_dict())
+    sd = adapted.state_dict()
+    want = (
+        sd[f"{q}.base_layer.weight"]
+        + 2.0 * sd[f"{q}.lora_B.default.weight"] @ sd[f"{q}.lora_A.default.weight"]
+    )
+    torch.testing.assert_close(folded[f"{q}.weight"].contiguous(), want)
+    partial = {k: v for k, v in plain.state_dict().items() if not k.startswith("stop_head.")}
+    with pytest.raises(ValueError, match=r"ckpt has no weights for \['stop_head"):
+        carried_state(plain_names, partial, None, where="ckpt")
