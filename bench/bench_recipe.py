@@ -62,6 +62,15 @@ RUNS: dict[str, tuple[str, list[str]]] = {
             "model.hamburger.align_weight=1.0",
         ],
     ),
+    "staged": (
+        "configs/train_staged.yaml's phases: 12 steps base frozen + alignment, 12 steps LoRA + KL 0.5",
+        [
+            "model.hamburger.micro_init=base_top",
+            "phases=[{name: align, steps: 12, overrides: [model.base_training=frozen, "
+            "model.hamburger.align_weight=1.0]}, {name: joint, steps: 12, overrides: [model.base_training=lora, "
+            "optim.lr_base=5e-4, model.hamburger.kl_weight=0.5]}]",
+        ],
+    ),
     "base_top+zero2": (
         "base_top under ZeRO-2 (no parameter gathers)",
         ["model.hamburger.micro_init=base_top", "ds_config=ds_configs/zero2_cpu.json"],
@@ -72,7 +81,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 def train(name: str, overrides: list[str], steps: int, out: Path, extra: list[str]) -> float:
     """Runs one training to completion; returns its wall seconds (reused if already finished)."""
     wall_file = out / "wall_seconds.json"
-    if (out / "final_metrics.json").exists() and wall_file.exists():
+    if (result_dir(out) / "final_metrics.json").exists() and wall_file.exists():
         return json.loads(wall_file.read_text())["seconds"]
     cmd = ["./launch.sh", "train", CONFIG, "--nprocs", "2", f"output_dir={out}", "resume=none"]
     cmd += [f"max_steps={steps}", f"eval_every={steps // 2}", f"save_every={steps}", *extra, *overrides]
@@ -84,6 +93,12 @@ def train(name: str, overrides: list[str], steps: int, out: Path, extra: list[st
     seconds = time.perf_counter() - t0
     wall_file.write_text(json.dumps({"seconds": seconds}))
     return seconds
+
+
+def result_dir(run: Path) -> Path:
+    """Where a run's final model and metrics are: a staged run's last phase, else the run."""
+    phases = sorted(run.glob("phase*-*"))
+    return phases[-1] if phases else run
 
 
 def quick_eval(run: Path, prompts: int, confidences: list[float]) -> dict[float, dict]:
@@ -128,9 +143,9 @@ def main() -> None:
         except subprocess.CalledProcessError as exc:
             rows.append(f"| {name} | {what} | training failed: {exc} | | | | | | |")
             continue
-        m = json.loads((run / "final_metrics.json").read_text())
+        m = json.loads((result_dir(run) / "final_metrics.json").read_text())
         try:
-            ev = quick_eval(run, args.eval_prompts, confidences)
+            ev = quick_eval(result_dir(run), args.eval_prompts, confidences)
         except subprocess.CalledProcessError:
             ev = {}
             curve.append(f"| {name} | eval failed: {run.parent / f'{run.name}.eval.log'} | | | | |")
