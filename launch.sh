@@ -5,12 +5,13 @@
 #   ./launch.sh test  [pytest args]                 run the test suite
 #   ./launch.sh prep  CONFIG [key=value ...] [--hostfile F] [--nprocs N] [launcher args]
 #   ./launch.sh train CONFIG [key=value ...] [--hostfile F] [--nprocs N] [launcher args]
-#   ./launch.sh export RUN_OR_CHECKPOINT --out DIR [--base-only] [--register NAME] [--overwrite]
+#   ./launch.sh export RUN_OR_CHECKPOINT --out DIR [--base-only | --adapter] [--register NAME] [--overwrite]
 #   ./launch.sh eval MODEL [key=value ...]          (MODEL: export folder, models:/NAME/VERSION, run folder)
 #   ./launch.sh serve MODEL [--host 127.0.0.1 --port 8000 --max-batch 16 ...]   OpenAI-compatible server
 #   ./launch.sh label-view SHARDS_DIR [--n 5] [--html out.html]
 #   ./launch.sh curves RUN_DIR                      learning curves of a run (PNG + summary)
 #   ./launch.sh replay OUTPUT_DIR [TRACKING_URI]    send MLflow the metrics a run logged while it was down
+#   ./launch.sh plan CONFIG [--gpus N] [--nodes M]  memory per GPU and step time before a launch
 #   ./launch.sh setup                               only create/refresh the environment
 #
 # Environment:
@@ -146,6 +147,9 @@ case "$cmd" in
   curves)
     ensure_env
     exec "$PY" -m trainer.train.curves "$@" ;;
+  plan)
+    ensure_env
+    exec "$PY" -m trainer.tools.plan "$@" ;;
   replay)
     ensure_env
     exec "$PY" -m trainer.train.tracking replay "$@" ;;

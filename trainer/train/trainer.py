@@ -7,6 +7,7 @@ checkpoint. Every rank runs it; rank 0 logs and writes.
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -289,6 +290,8 @@ class Trainer:
         metrics["epoch"] = pos.epoch
         if torch.cuda.is_available():
             metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:  # rank 0's peak resident memory (what ./launch.sh plan estimates for a CPU rank)
+            metrics["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return metrics
 
     # ---------------------------------------------------------------- saving and the end
