@@ -179,6 +179,8 @@ def collate(
         resp_pos = []
         for i, s in enumerate(samples):
             plain[i, : len(s.input_ids)] = s.input_ids
+        for i in (i for members in rows for i in members):  # the targets' order: row by row
+            s = samples[i]
             # Response token t is predicted by position t-1.
             resp_pos.append(i * lp + np.arange(s.prompt_len - 1, len(s.input_ids) - 1))
         batch.plain_input_ids = torch.from_numpy(plain)

@@ -247,6 +247,29 @@ def test_alignment_is_zero_for_one_token_segments_and_teaches_only_the_embedder(
     assert off(collate(smashed, 4)).align is None  # no plain forward either: no plain batch needed
 
 
+def test_kl_and_alignment_pair_each_token_with_its_own_sample_when_rows_reorder(rng):
+    """Packing puts sample 2 beside sample 0 (rows [[0, 2], [1]]): the targets then run 0, 2, 1,
+    and the plain positions the teacher and the alignment read must follow that order (they
+    ran 0, 1, 2 and paired tokens with another sample's states). Same KL and alignment as with
+    every sample in its own row, where no reordering happens."""
+    hcfg = HAMburgerConfig(embedder_head_dim=16, micro_layers=1, kl_weight=0.5, align_weight=1.0)
+    model = HAMburgerModel(tiny_base(0).double(), hcfg, teacher=tiny_base(1).double()).double()
+    samples = [
+        random_sample(rng, 96, 3, 6, 20, sid=0),
+        random_sample(rng, 96, 3, 9, 30, sid=1),
+        random_sample(rng, 96, 3, 4, 10, sid=2),
+    ]
+    lengths = [s.macro_len for s in samples]
+    cap = max(lengths[0] + lengths[2], lengths[1])
+    assert lengths[0] + lengths[1] > cap  # so sample 1 opens a second row and 2 joins the first
+    packed = collate(samples, 4, row_capacity=cap, with_plain=True)
+    assert packed.seq_ids.shape[0] == 2
+    with torch.no_grad():
+        a, b = model(packed), model(collate(samples, 4, with_plain=True))
+    torch.testing.assert_close(a.kl, b.kl, atol=1e-7, rtol=1e-5)  # the loss runs in fp32
+    torch.testing.assert_close(a.align, b.align, atol=1e-7, rtol=1e-5)
+
+
 def test_alignment_layers_are_checked():
     with pytest.raises(ValueError, match="align_layers entry 9 is outside 0..4"):
         HAMburgerModel(tiny_base(0), HAMburgerConfig(embedder_head_dim=16, micro_layers=1, align_layers=[9]))
