@@ -76,6 +76,13 @@ def add_lora(base: nn.Module, settings: LoraSettings) -> list[nn.Parameter]:
         use_rslora=settings.rslora,
         bias="none",
     )
+    tied = getattr(base.config, "tie_word_embeddings", False)
+    shared = [t for t in settings.target_modules if t in ("lm_head", "embed_tokens")]
+    if tied and shared:
+        raise ValueError(
+            f"model.lora.target_modules {shared}: this base ties its LM head to its embeddings, and an "
+            "adapter on one would not reach the other (exports store the shared weight once)"
+        )
     inject_adapter_in_model(config, base, adapter_name=ADAPTER)
     lora = []
     for name, p in base.named_parameters():

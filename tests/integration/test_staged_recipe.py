@@ -62,6 +62,8 @@ def test_phases_chain_their_weights_and_share_one_mlflow_run(setup, tmp_path):
     params = dict(db.execute("select key, value from params").fetchall())
     assert params["phase.1.warm.model.hamburger.align_weight"] == "1.0"
     assert params["phase.2.hold.model.base_training"] == "frozen" and params["phase.2.hold.first_step"] == "3"
+    artifacts = (out / "mlartifacts").rglob("config.yaml")
+    assert {p.parent.name for p in artifacts} == {"phase1-warm", "phase2-hold"}  # each phase's own
 
     again = launch(recipe, f"output_dir={out}", "eval_every=0", "save_every=2")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -83,7 +83,7 @@ def zero_stage(cfg, shapes: Shapes, world: int, gpu_bytes: int | None) -> tuple[
     from trainer.train.strategy import ROOT, auto_ds_config
 
     if cfg.ds_config == "auto":
-        name, why = auto_ds_config(shapes.base + shapes.new + shapes.lora, world, gpu_bytes)
+        name, why = auto_ds_config(shapes.base + shapes.new, world, gpu_bytes)  # as the trainer counts
         path = ROOT / "ds_configs" / name
     else:
         path, why = Path(cfg.ds_config), cfg.ds_config
@@ -96,10 +96,8 @@ def memory(cfg, s: Shapes, stage: int, world: int, tokens: int, cpu: bool = Fals
     ZeRO keeps fp32 master weights and two fp32 moments per trainable parameter (12 bytes; 8 for
     fp32 weights without ZeRO); a CPU rank also holds its libraries (RUNTIME_CPU)."""
     h = cfg.model.hamburger
-    bt = cfg.model.base_training
-    trainable = (
-        s.new + (s.lora if bt == "lora" else 0) + (s.base if bt == "full" and cfg.optim.lr_base > 0 else 0)
-    )
+    bt = cfg.base_training
+    trainable = s.new + (s.lora if bt == "lora" else 0) + (s.base if bt == "full" else 0)
     total = s.base + s.new + s.lora
     fp32 = cfg.precision == "fp32" or (cpu and cfg.precision == "auto")
     w = 4 if fp32 else 2
@@ -135,7 +133,7 @@ def step_flops(cfg, s: Shapes, tokens_per_step: int) -> float:
     """Forward + backward FLOPs of one optimiser step: 6 per parameter per position where the
     weights train, 4 where only activations need gradients (a frozen or LoRA base)."""
     h = cfg.model.hamburger
-    base_factor = 6 if cfg.model.base_training == "full" and cfg.optim.lr_base > 0 else 4
+    base_factor = 6 if cfg.base_training == "full" else 4
     base = base_factor * s.base * tokens_per_step
     micro = 6 * s.micro * tokens_per_step * (h.num_features + h.max_segment_len - 1)
     head = 6 * s.vocab * s.hidden * tokens_per_step * h.max_segment_len
@@ -192,7 +190,15 @@ def plan(
     ]
     if not fits:
         largest = largest_fitting(cfg, s, stage, world, FIT_SHARE * gpu_bytes, cpu)
-        fixes = [f"data.tokens_per_batch={largest} (the largest that fits)" if largest else "more GPUs"]
+        rows = cfg.data.row_capacity
+        if largest >= rows:
+            fixes = [f"data.tokens_per_batch={largest} (the largest that fits)"]
+        elif largest:  # a micro-batch holds at least one row
+            fixes = [
+                f"data.tokens_per_batch={largest} with data.row_capacity={largest} (the largest that fits)"
+            ]
+        else:
+            fixes = ["more GPUs"]
         if not cfg.model.gradient_checkpointing:
             fixes.append("model.gradient_checkpointing=true")
         if stage < 3:

@@ -151,16 +151,26 @@ class TrainConfig:
     OUTPUT_DIR/phaseN-NAME started from the previous phase's weights, all logged to one MLflow
     run (steps counted across phases, the phase as a tag). Empty: one ordinary run."""
 
+    @property
+    def base_training(self) -> str:
+        """How the base really trains: model.base_training, with optim.lr_base 0 meaning frozen."""
+        bt = str(self.model.base_training.value)
+        return "frozen" if bt == "full" and self.optim.lr_base == 0 else bt
+
     def validate(self) -> None:
         """Every value that could make a run meaningless is refused here, naming its key."""
         self.model.hamburger.validate()
+        if self.phases and self.resume not in ("auto", "none"):
+            raise ConfigError(
+                f"resume={self.resume} with phases: a recipe resumes each phase from its own folder (resume=auto)"
+            )
         names = [p.name for p in self.phases]
         for i, p in enumerate(self.phases):
             if not p.name or not p.name.replace("-", "").replace("_", "").isalnum():
                 raise ConfigError(
                     f"phases.{i}.name must be a non-empty name of letters, digits, - or _, got {p.name!r}"
                 )
-            if names.count(p.name) > 1:
+            if p.name in names[:i]:
                 raise ConfigError(f"phases.{i}.name {p.name!r} names two phases")
             check_range(f"phases.{i}.steps", p.steps, p.steps >= 1, ">= 1")
             for item in p.overrides:

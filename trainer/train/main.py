@@ -23,9 +23,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     """One run, or a staged recipe's phases one after another (trainer/train/phases.py)."""
     if not cfg.phases:
         return run(Trainer(cfg))
+    configs = [phase_config(cfg, i) for i in range(len(cfg.phases))]  # every phase checked before any trains
     final, run_id, offset = {}, None, 0
-    for i, phase in enumerate(cfg.phases):
-        trainer = Trainer(phase_config(cfg, i), Phase(phase.name, i, offset, run_id))
+    for i, (phase, phase_cfg) in enumerate(zip(cfg.phases, configs, strict=True)):
+        trainer = Trainer(phase_cfg, Phase(phase.name, i, offset, run_id))
         final = run(trainer, last=i == len(cfg.phases) - 1)
         run_id, offset = trainer.run_id, offset + trainer.total_steps
     return final

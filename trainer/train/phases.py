@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hamburger.configio import with_overrides
-from hamburger.model.lora import carried_state
+from hamburger.model.lora import carried_state, merged_state
 from trainer.export.zero_files import consolidated_zero_state, verify_loadable
 from trainer.train.checkpoint import COMPLETE, CheckpointInfo, latest_checkpoint
 from trainer.train.config import TrainConfig
@@ -42,7 +42,13 @@ def phase_config(cfg: TrainConfig, index: int) -> TrainConfig:
     """The run config of phase `index`: the recipe's config, the phase's overrides, then what the
     recipe owns (folder, steps, the previous phase's weights, one MLflow store)."""
     phase = cfg.phases[index]
-    extra = [f"output_dir={phase_folder(cfg, index)}", f"max_steps={phase.steps}", "phases=[]"]
+    resume = "none" if cfg.resume == "none" else "auto"  # each phase from its own folder
+    extra = [
+        f"output_dir={phase_folder(cfg, index)}",
+        f"max_steps={phase.steps}",
+        "phases=[]",
+        f"resume={resume}",
+    ]
     if index:
         extra.append(f"init_from={phase_folder(cfg, index - 1)}")
     if cfg.mlflow.enabled and not cfg.mlflow.tracking_uri:
@@ -50,9 +56,11 @@ def phase_config(cfg: TrainConfig, index: int) -> TrainConfig:
     return with_overrides(cfg, [*phase.overrides, *extra], where=f" (phases.{index}: {phase.name})")
 
 
-def initial_state(init_from: str, base: str, names: list[str]) -> dict:
+def initial_state(init_from: str, base: str, names: list[str], lora: dict | None = None) -> dict:
     """The weights `init_from` (a run folder or a checkpoint) gives a model whose parameters are
-    `names`: lazy tensors by name, LoRA folded in or carried over (hamburger/model/lora.py)."""
+    `names` and whose LoRA settings are `lora` (None: no adapters): lazy tensors by name. The
+    checkpoint's adapters are carried over when this run's have the same shape and scale, else
+    folded into the weights, this run's adapters starting fresh (hamburger/model/lora.py)."""
     src = Path(init_from)
     ckpt = latest_checkpoint(src / "checkpoints") if (src / "checkpoints").is_dir() else src
     if ckpt is None or not (ckpt / COMPLETE).is_file():
@@ -63,4 +71,19 @@ def initial_state(init_from: str, base: str, names: list[str]) -> dict:
             f"init_from={init_from}: its base is {info.base!r}, this run's model.base is {base!r}"
         )
     verify_loadable(ckpt, info.world_size)  # the restricted unpickler before DeepSpeed reads it
-    return carried_state(names, consolidated_zero_state(ckpt), info.lora, where=f"init_from={ckpt}")
+    state = {k: v for k, v in consolidated_zero_state(ckpt).items() if not k.startswith("teacher.")}
+    if info.lora and not same_adapters(info.lora, lora or {}):
+        state, settings = merged_state(state, info.lora), None  # fold them in; new adapters start at B = 0
+    else:
+        settings = info.lora
+    return carried_state(names, state, settings, where=f"init_from={ckpt}")
+
+
+def same_adapters(a: dict, b: dict) -> bool:
+    """Whether two LoRA settings give adapters of the same shapes and scale (dropout aside)."""
+    keys = ("rank", "alpha", "rslora")
+    return (
+        bool(b)
+        and all(a.get(k) == b.get(k) for k in keys)
+        and sorted(a["target_modules"]) == sorted(b.get("target_modules", []))
+    )

@@ -113,19 +113,23 @@ def _compare_tokenizers(manifest: dict, base_path: str) -> tuple[list[str], list
     return [], warnings
 
 
-def check_resume_matches(info: CheckpointInfo, ckpt: Path, mcfg, data_hash: str) -> None:
+def check_resume_matches(info: CheckpointInfo, ckpt: Path, cfg, data_hash: str) -> None:
     """A checkpoint resumes only the job that wrote it: same base model, same HAMburger
     settings, same way of training the base (LoRA's shapes included), same data (by the prep
-    manifest's key hash, so a moved prep folder still matches). `mcfg` is the job's ModelConfig."""
+    manifest's key hash, so a moved prep folder still matches). `cfg` is the job's TrainConfig."""
     differ = []
+    mcfg = cfg.model
     base, hcfg = mcfg.base, mcfg.hamburger
-    mine = str(mcfg.base_training.value)
+    mine = cfg.base_training
     if info.base_training != mine:
         differ.append(f"model.base_training: checkpoint {info.base_training!r}, this job {mine!r}")
     elif mine == "lora":
         for k, v in mcfg.lora.to_dict().items():
-            if k in ("rank", "target_modules", "alpha", "rslora") and info.lora.get(k) != v:
-                differ.append(f"model.lora.{k}: checkpoint {info.lora.get(k)!r}, this job {v!r}")
+            saved = info.lora.get(k)
+            if k == "target_modules":
+                saved, v = sorted(saved or []), sorted(v)
+            if k in ("rank", "target_modules", "alpha", "rslora") and saved != v:
+                differ.append(f"model.lora.{k}: checkpoint {saved!r}, this job {v!r}")
     if info.base != base:
         differ.append(f"model.base: checkpoint {info.base!r}, this job {base!r}")
     saved = info.hamburger

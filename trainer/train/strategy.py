@@ -235,7 +235,7 @@ class DeepSpeedStrategy:
             torch.manual_seed(self.cfg.seed + 1)  # A's initialisation, the same on every rank
             for p in add_lora(base, mcfg.lora):
                 p.data = p.data.to(self.dtype())
-        elif mcfg.base_training == "frozen" or self.cfg.optim.lr_base == 0:
+        elif self.cfg.base_training == "frozen":  # optim.lr_base 0 included
             base.requires_grad_(False)  # no gradient, so no fp32 gradient or Adam state either
         if mcfg.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -122,22 +122,28 @@ class Tracker:
             self._monitor = _start_system_metrics(self.run_id, self.uri, system_metrics_s)
 
     def _has_run(self, run_id: str) -> bool:
+        """Whether this store holds the run; any other MLflow failure (a down server) is raised."""
         from mlflow.exceptions import MlflowException
 
         try:
             self.client.get_run(run_id)
-        except MlflowException:
-            return False
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
         return True
 
     # ---------------------------------------------------------------- params and artifacts (start-up)
-    def log_run_start(self, params: dict[str, str], tags: dict[str, str], artifacts: list[Path]) -> None:
+    def log_run_start(
+        self, params: dict[str, str], tags: dict[str, str], artifacts: list[Path], folder: str | None = None
+    ) -> None:
         """What the run is, logged once when it starts: params (a resumed run keeps the ones it
-        has), tags, and the files that define it (config, DeepSpeed config, data manifest)."""
+        has), tags, and the files that define it (config, DeepSpeed config, data manifest), in
+        `folder` of the run's artifacts (a recipe phase's own) or at their root."""
         self.log_params(params)
         self.set_tags(tags)
         for path in artifacts:
-            self.log_artifact(path)
+            self.log_artifact(path, folder)
 
     def log_params(self, params: dict[str, str]) -> None:
         if not self.enabled:

@@ -125,10 +125,7 @@ class Trainer:
             check_world_size(self.resume_from, self.strategy.world_size)
             verify_loadable(self.resume_from, self.strategy.world_size)  # before DeepSpeed unpickles
             check_resume_matches(
-                CheckpointInfo.read(self.resume_from),
-                self.resume_from,
-                cfg.model,
-                self.data_key_hash,
+                CheckpointInfo.read(self.resume_from), self.resume_from, cfg, self.data_key_hash
             )
         d = cfg.data
         self.plan = BatchPlan(
@@ -149,7 +146,8 @@ class Trainer:
         model = self.strategy.build_model(resolve_model(cfg.model.base))
         if cfg.init_from and self.resume_from is None:  # a resumed run has its weights already
             names = [n for n, _ in model.named_parameters()]
-            self.strategy.load_weights(model, initial_state(cfg.init_from, cfg.model.base, names))
+            lora = cfg.model.lora.to_dict() if cfg.model.base_training == "lora" else None
+            self.strategy.load_weights(model, initial_state(cfg.init_from, cfg.model.base, names, lora))
             self.log(f"weights from {cfg.init_from}")
         self.strategy.prepare(model, self.total_steps)
         self.validator = Validator(cfg, self.eval_samples)
@@ -159,7 +157,7 @@ class Trainer:
             "base_path": resolve_model(cfg.model.base),
             "data": str(self.data_dir),
             "data_key_hash": self.data_key_hash,
-            "base_training": str(cfg.model.base_training.value),
+            "base_training": cfg.base_training,
             "lora": cfg.model.lora.to_dict() if lora else {},
         }
         self.checkpointer = Checkpointer(
@@ -201,9 +199,11 @@ class Trainer:
             "steps_total": str(self.total_steps),
         }
         tags = {"data_manifest_hash": summary["key_hash"], "base_model": cfg.model.base}
+        folder = None  # a recipe's phases keep their files apart in the one run
         if self.phase is not None:
             tags["phase"] = self.phase.name
             prefix = f"phase.{self.phase.index + 1}.{self.phase.name}"
+            folder = self.out_dir.name
             params = {f"{prefix}.{k}": v for k, v in params.items()} | {
                 f"{prefix}.first_step": str(self.step_offset + 1)
             }
@@ -212,7 +212,7 @@ class Trainer:
             self.out_dir / "ds_config.json",
             self.data_dir / "manifest.json",
         ]
-        tracker.log_run_start(params, tags, files)
+        tracker.log_run_start(params, tags, files, folder)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, float]:

@@ -70,6 +70,14 @@ def test_rslora_scales_by_the_square_root_of_the_rank():
     assert LoraSettings(rank=16, alpha=32, rslora=True).scaling == 8.0
 
 
+def test_an_adapter_on_a_tied_lm_head_is_refused():
+    from conftest import tiny_base
+
+    base = tiny_base(0, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"\['lm_head'\]: this base ties its LM head"):
+        add_lora(base, LoraSettings(target_modules=["q_proj", "lm_head"]))
+
+
 @pytest.mark.parametrize(
     "settings, fragment",
     [

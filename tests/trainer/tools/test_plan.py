@@ -3,6 +3,8 @@ meta device; a config that cannot fit is refused naming the largest micro-batch 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from helpers import tiny_model_dir
 
@@ -50,7 +52,11 @@ def test_a_config_that_cannot_fit_is_refused_naming_the_largest_micro_batch(base
     assert not fits and "refused:" in report and "model.gradient_checkpointing=true" in report
     s = model_shapes(cfg)
     largest = largest_fitting(cfg, s, 3, 1, FIT_SHARE * GIB)
-    assert f"data.tokens_per_batch={largest} (the largest that fits)" in report
+    suggestion = re.search(r"change (data\.tokens_per_batch=\d+)( with (data\.row_capacity=\d+))?", report)
+    assert suggestion and suggestion.group(1) == f"data.tokens_per_batch={largest}"
+    fixed = [suggestion.group(1), *([suggestion.group(3)] if suggestion.group(3) else [])]
+    fixed_cfg = _cfg(base, "data.row_capacity=1024", *fixed)  # the advice is a valid config that fits
+    assert plan(fixed_cfg, 1, 1, 1.0, 0.4, "h100")[1]
     assert sum(memory(cfg, s, 3, 1, largest).values()) <= FIT_SHARE * GIB
     assert sum(memory(cfg, s, 3, 1, largest + 512).values()) > FIT_SHARE * GIB
     with pytest.raises(SystemExit) as e:

@@ -46,6 +46,10 @@ TRAIN_CONFIG_CASES = [
     (["model.base_training=lora", "model.lora.rank=0"], "model.lora.rank must be >= 1"),
     (["model.base_training=lora", "model.lora.dropout=1.5"], "model.lora.dropout must be in [0, 1)"),
     (["model.lora.rnak=4"], "model.lora.rnak"),
+    (["phases=[{name: a, steps: 1}]", "resume=/x"], "resume=/x with phases: a recipe resumes each phase"),
+    (["phases=[{name: a, steps: 0}]"], "'phases.0.steps': must be >= 1"),
+    (["phases=[{name: a, steps: 1}, {name: a, steps: 1}]"], "phases.1.name 'a' names two phases"),
+    (["phases=[{name: a, steps: 1, overrides: [max_steps=3]}]"], "phases.0.overrides: max_steps is set by the recipe"),
     (["epochs=1.5"], "epochs"),
 ]
 # fmt: on
