@@ -7,15 +7,14 @@ is an ordinary model folder's plus an `adapter` block naming the base (as the ru
 it), the base's weights' content hash, and the LoRA settings. Loading reads the base's own
 safetensors, checks the hash (another base, or the same name with other weights, is refused
 naming both), folds any LoRA into the weights and checks every tensor as a full folder's are:
-load(), serve, eval and the registry read both kinds of folder the same way.
+load(), serve, eval and the registry read both kinds of folder the same way (the loading is
+folder.compose_state; this module holds what export and loading share).
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-
-import torch
 
 ADAPTER_KEY = "adapter"
 
@@ -56,54 +55,3 @@ def adapter_block(base: str, base_path: str, base_training: str, lora: dict) -> 
         "base_training": base_training,
         "lora": lora,
     }
-
-
-def lora_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
-    """The LoRA tensors an adapter folder of this config holds, by name and shape."""
-    from .folder import build_model
-    from .lora import LoraSettings, add_lora, lora_parameter_names
-
-    settings = meta[ADAPTER_KEY].get("lora") or {}
-    if not settings:
-        return {}
-    model = build_model(meta, device="meta")
-    with torch.device("meta"):
-        add_lora(model.base, LoraSettings(**settings))
-    state = model.state_dict()
-    return {k: tuple(state[k].shape) for k in lora_parameter_names(state)}
-
-
-def compose_state(path: str | Path, meta: dict, base: str = "") -> dict[str, torch.Tensor]:
-    """The full model state of an adapter folder: its own tensors, the base's weights (checked
-    against the recorded hash) and the LoRA pairs folded in. `base` overrides the recorded name."""
-    from hamburger.assets import resolve_model
-
-    from .folder import TIED_KEY, expected_shapes, load_state, weight_files
-    from .lora import merged_state
-
-    block = meta[ADAPTER_KEY]
-    name = base or block["base"]
-    base_path = resolve_model(name)
-    found = base_fingerprint(base_path)
-    if found != block["base_sha256"]:
-        raise BaseMismatch(
-            f"{path}: an adapter for base {block['base']!r} (weights sha256 {block['base_sha256'][:16]}), "
-            f"but {name!r} ({base_path}) has weights {found[:16]}: pass the base it was trained on"
-        )
-    expected, _ = expected_shapes(meta)
-    own = {k: s for k, s in expected.items() if is_adapter_tensor(k)} | lora_shapes(meta)
-    state = load_state(path, own)
-    from safetensors import safe_open
-
-    for key, file in weight_files(base_path).items():
-        with safe_open(file, "pt") as f:
-            state[f"base.{key}"] = f.get_tensor(key)
-    if block.get("lora"):  # the adapted layers' weights sit at base_layer names until merged
-        for key in list(state):
-            stem = key.removesuffix(".weight")
-            if key.startswith("base.") and f"{stem}.lora_A.default.weight" in state:
-                state[f"{stem}.base_layer.weight"] = state.pop(key)
-    state = {k: v.contiguous() for k, v in merged_state(state, block.get("lora")).items()}
-    if TIED_KEY not in expected:
-        state.pop(TIED_KEY, None)
-    return state

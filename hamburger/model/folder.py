@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .adapter import ADAPTER_KEY, BaseMismatch, base_fingerprint, is_adapter_tensor
 from .config import HAMburgerConfig
 from .folder_check import check_model_folder
 from .hamburger import HAMburgerModel
@@ -74,8 +75,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, base: str =
     """Load a folder written by save_model or export; needs no network. Every tensor is
     checked against the config first (a missing or mis-shaped one is named). An adapter folder
     (hamburger/model/adapter.py) is put onto its base: the recorded one, or `base`."""
-    from .adapter import ADAPTER_KEY, compose_state
-
     meta = read_meta(path)
     expected, _ = expected_shapes(meta)
     if meta.get(ADAPTER_KEY):
@@ -224,3 +223,53 @@ def write_meta(
     if adapter:
         meta["adapter"] = adapter
     Path(path, CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- adapter folders (adapter.py)
+def lora_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
+    """The LoRA tensors an adapter folder of this config holds, by name and shape."""
+    from .lora import LoraSettings, add_lora, lora_parameter_names
+
+    settings = meta[ADAPTER_KEY].get("lora") or {}
+    if not settings:
+        return {}
+    model = build_model(meta, device="meta")
+    with torch.device("meta"):
+        add_lora(model.base, LoraSettings(**settings))
+    state = model.state_dict()
+    return {k: tuple(state[k].shape) for k in lora_parameter_names(state)}
+
+
+def compose_state(path: str | Path, meta: dict, base: str = "") -> dict[str, torch.Tensor]:
+    """The full model state of an adapter folder: its own tensors, the base's weights (checked
+    against the recorded hash) and the LoRA pairs folded in. `base` overrides the recorded name."""
+    from safetensors import safe_open
+
+    from hamburger.assets import resolve_model
+
+    from .lora import merged_state
+
+    block = meta[ADAPTER_KEY]
+    name = base or block["base"]
+    base_path = resolve_model(name)
+    found = base_fingerprint(base_path)
+    if found != block["base_sha256"]:
+        raise BaseMismatch(
+            f"{path}: an adapter for base {block['base']!r} (weights sha256 {block['base_sha256'][:16]}), "
+            f"but {name!r} ({base_path}) has weights {found[:16]}: pass the base it was trained on"
+        )
+    expected, _ = expected_shapes(meta)
+    own = {k: s for k, s in expected.items() if is_adapter_tensor(k)} | lora_shapes(meta)
+    state = load_state(path, own)
+    for key, file in weight_files(base_path).items():
+        with safe_open(file, "pt") as f:
+            state[f"base.{key}"] = f.get_tensor(key)
+    if block.get("lora"):  # the adapted layers' weights sit at base_layer names until merged
+        for key in list(state):
+            stem = key.removesuffix(".weight")
+            if key.startswith("base.") and f"{stem}.lora_A.default.weight" in state:
+                state[f"{stem}.base_layer.weight"] = state.pop(key)
+    state = {k: v.contiguous() for k, v in merged_state(state, block.get("lora")).items()}
+    if TIED_KEY not in expected:
+        state.pop(TIED_KEY, None)
+    return state
