@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from .lora import is_lora_name
+
 ADAPTER_KEY = "adapter"
 
 
@@ -39,7 +41,7 @@ def base_fingerprint(folder: str | Path) -> str:
 
 def is_adapter_tensor(name: str) -> bool:
     """What an adapter folder stores: everything but the base's own weights (LoRA pairs kept)."""
-    return not name.startswith("base.") or ".lora_A." in name or ".lora_B." in name
+    return not name.startswith("base.") or is_lora_name(name)
 
 
 def adapter_block(base: str, base_path: str, base_training: str, lora: dict) -> dict:

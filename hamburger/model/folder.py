@@ -228,7 +228,7 @@ def write_meta(
 # ---------------------------------------------------------------- adapter folders (adapter.py)
 def lora_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
     """The LoRA tensors an adapter folder of this config holds, by name and shape."""
-    from .lora import LoraSettings, add_lora, lora_parameter_names
+    from .lora import LoraSettings, add_lora, is_lora_name
 
     settings = meta[ADAPTER_KEY].get("lora") or {}
     if not settings:
@@ -237,7 +237,7 @@ def lora_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         add_lora(model.base, LoraSettings(**settings))
     state = model.state_dict()
-    return {k: tuple(state[k].shape) for k in lora_parameter_names(state)}
+    return {k: tuple(v.shape) for k, v in state.items() if is_lora_name(k)}
 
 
 def compose_state(path: str | Path, meta: dict, base: str = "") -> dict[str, torch.Tensor]:
@@ -247,7 +247,7 @@ def compose_state(path: str | Path, meta: dict, base: str = "") -> dict[str, tor
 
     from hamburger.assets import resolve_model
 
-    from .lora import merged_state
+    from .lora import lora_key, merged_state
 
     block = meta[ADAPTER_KEY]
     name = base or block["base"]
@@ -267,7 +267,7 @@ def compose_state(path: str | Path, meta: dict, base: str = "") -> dict[str, tor
     if block.get("lora"):  # the adapted layers' weights sit at base_layer names until merged
         for key in list(state):
             stem = key.removesuffix(".weight")
-            if key.startswith("base.") and f"{stem}.lora_A.default.weight" in state:
+            if key.startswith("base.") and lora_key(stem, "A") in state:
                 state[f"{stem}.base_layer.weight"] = state.pop(key)
     state = {k: v.contiguous() for k, v in merged_state(state, block.get("lora")).items()}
     if TIED_KEY not in expected:

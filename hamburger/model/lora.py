@@ -86,15 +86,31 @@ def add_lora(base: nn.Module, settings: LoraSettings) -> list[nn.Parameter]:
     inject_adapter_in_model(config, base, adapter_name=ADAPTER)
     lora = []
     for name, p in base.named_parameters():
-        is_lora = ".lora_A." in name or ".lora_B." in name
-        p.requires_grad_(is_lora)
-        if is_lora:
+        p.requires_grad_(is_lora_name(name))
+        if is_lora_name(name):
             lora.append(p)
     return lora
 
 
-def lora_parameter_names(names) -> list[str]:
-    return [n for n in names if ".lora_A." in n or ".lora_B." in n]
+def is_lora_name(name: str) -> bool:
+    """Whether a parameter or state-dict name is one of peft's LoRA pairs (A or B)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def lora_key(stem: str, which: str) -> str:
+    """The state-dict name of an adapted layer's LoRA matrix `which` (A or B)."""
+    return f"{stem}.lora_{which}.{ADAPTER}.weight"
+
+
+def adapter_shape(settings: dict) -> dict:
+    """What makes two LoRA settings give the same adapters (shapes and scale; dropout aside):
+    a resume must match it, a phase carries adapters over only when it matches."""
+    return {
+        "rank": settings.get("rank"),
+        "alpha": settings.get("alpha"),
+        "rslora": settings.get("rslora"),
+        "target_modules": sorted(settings.get("target_modules") or []),
+    }
 
 
 class _Merged:
@@ -121,11 +137,11 @@ def merged_state(state: dict, settings: dict | None) -> dict:
     scaling = LoraSettings(**settings).scaling
     out = {}
     for name, tensor in state.items():
-        if ".lora_A." in name or ".lora_B." in name:
+        if is_lora_name(name):
             continue
         if name.endswith(".base_layer.weight"):
             stem = name[: -len(".base_layer.weight")]
-            a, b = state[f"{stem}.lora_A.{ADAPTER}.weight"], state[f"{stem}.lora_B.{ADAPTER}.weight"]
+            a, b = state[lora_key(stem, "A")], state[lora_key(stem, "B")]
             out[f"{stem}.weight"] = _Merged(tensor, a, b, scaling)
         elif ".base_layer." in name:  # a bias of an adapted layer
             out[name.replace(".base_layer.", ".")] = tensor
@@ -143,7 +159,7 @@ def carried_state(names: list[str], state: dict, settings: dict | None, where: s
     plain = merged_state(state, settings)
     out, missing = {}, []
     for name in names:
-        fresh_adapter = (".lora_A." in name or ".lora_B." in name) and name not in state
+        fresh_adapter = is_lora_name(name) and name not in state
         if name.startswith("teacher.") or fresh_adapter:
             continue
         if name in state:

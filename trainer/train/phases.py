@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hamburger.configio import with_overrides
-from hamburger.model.lora import carried_state, merged_state
+from hamburger.model.lora import adapter_shape, carried_state, merged_state
 from trainer.export.zero_files import consolidated_zero_state, verify_loadable
 from trainer.train.checkpoint import COMPLETE, CheckpointInfo, latest_checkpoint
 from trainer.train.config import TrainConfig
@@ -72,18 +72,8 @@ def initial_state(init_from: str, base: str, names: list[str], lora: dict | None
         )
     verify_loadable(ckpt, info.world_size)  # the restricted unpickler before DeepSpeed reads it
     state = {k: v for k, v in consolidated_zero_state(ckpt).items() if not k.startswith("teacher.")}
-    if info.lora and not same_adapters(info.lora, lora or {}):
+    if info.lora and adapter_shape(info.lora) != adapter_shape(lora or {}):
         state, settings = merged_state(state, info.lora), None  # fold them in; new adapters start at B = 0
     else:
         settings = info.lora
     return carried_state(names, state, settings, where=f"init_from={ckpt}")
-
-
-def same_adapters(a: dict, b: dict) -> bool:
-    """Whether two LoRA settings give adapters of the same shapes and scale (dropout aside)."""
-    keys = ("rank", "alpha", "rslora")
-    return (
-        bool(b)
-        and all(a.get(k) == b.get(k) for k in keys)
-        and sorted(a["target_modules"]) == sorted(b.get("target_modules", []))
-    )

@@ -16,6 +16,7 @@ from data_prep.fingerprint import vocab_fingerprint
 from data_prep.shards import load_manifest
 from hamburger.assets import resolve_model
 from hamburger.model import HAMburgerConfig, Sample
+from hamburger.model.lora import adapter_shape
 from trainer.train.checkpoint import CheckpointInfo
 
 ARCHITECTURE_KEYS = ("max_segment_len", "micro_layers", "feature_layers", "num_features", "embedder_head_dim")
@@ -124,12 +125,12 @@ def check_resume_matches(info: CheckpointInfo, ckpt: Path, cfg, data_hash: str) 
     if info.base_training != mine:
         differ.append(f"model.base_training: checkpoint {info.base_training!r}, this job {mine!r}")
     elif mine == "lora":
-        for k, v in mcfg.lora.to_dict().items():
-            saved = info.lora.get(k)
-            if k == "target_modules":
-                saved, v = sorted(saved or []), sorted(v)
-            if k in ("rank", "target_modules", "alpha", "rslora") and saved != v:
-                differ.append(f"model.lora.{k}: checkpoint {saved!r}, this job {v!r}")
+        saved, this = adapter_shape(info.lora), adapter_shape(mcfg.lora.to_dict())
+        differ += [
+            f"model.lora.{k}: checkpoint {saved[k]!r}, this job {v!r}"
+            for k, v in this.items()
+            if saved[k] != v
+        ]
     if info.base != base:
         differ.append(f"model.base: checkpoint {info.base!r}, this job {base!r}")
     saved = info.hamburger
