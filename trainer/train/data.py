@@ -1,33 +1,22 @@
 """Training data: prep shards -> samples -> packed micro-batches, split over ranks.
 
-The batch plan of an epoch is a pure function of (samples, seed, epoch, world size): every rank
-computes the same global list of micro-batches and takes every world_size-th one. Resuming at
-micro-batch i therefore needs no data to be read or skipped.
+Samples are read by index from a memory-mapped store (sample_store.py). The batch plan of an
+epoch is a pure function of (sample lengths, seed, epoch, world size): every rank computes the
+same global list of micro-batches and takes every world_size-th one. Resuming at micro-batch i
+therefore needs no data to be read or skipped.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.shards import load_manifest, read_split
-from hamburger.model import Sample
+import numpy as np
+
+from data_prep.shards import load_manifest
 from trainer.train.config import DataConfig
-
-
-def load_samples(folder: str | Path, split: str, expand_copies: bool = True) -> list[Sample]:
-    """Rows of a split (each shard checked against the manifest), repeated by their source weight."""
-    table = read_split(folder, split)
-    cols = {
-        name: table.column(name).to_pylist()
-        for name in ("sample_id", "input_ids", "prompt_len", "seg_lens", "copies")
-    }
-    samples = []
-    for sid, ids, p, segs, copies in zip(*cols.values(), strict=True):
-        for _ in range(copies if expand_copies else 1):
-            samples.append(Sample(input_ids=ids, prompt_len=p, seg_lens=segs, sample_id=sid))
-    return samples
 
 
 def manifest_summary(folder: str | Path) -> dict:
@@ -47,7 +36,8 @@ def manifest_summary(folder: str | Path) -> dict:
 
 @dataclass
 class BatchPlan:
-    samples: list[Sample]
+    macro_lens: Sequence[int]
+    """Base positions of each sample (SampleStore.macro_lens): all the plan needs to know."""
     tokens_per_batch: int
     world_size: int
     grad_accum: int
@@ -71,14 +61,14 @@ class BatchPlan:
         their macro positions fit the budget. The tail that cannot fill a whole optimiser step is
         dropped (at most world_size * grad_accum - 1 micro-batches), as every rank must step
         together."""
-        order = list(range(len(self.samples)))
+        order = list(range(len(self.macro_lens)))
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        lens = np.asarray(self.macro_lens, dtype=np.int64)[order].tolist()
         batches: list[list[int]] = []
         current: list[int] = []
         used = 0
-        for i in order:
-            n = self.samples[i].macro_len
+        for i, n in zip(order, lens, strict=True):
             if current and used + n > self.tokens_per_batch:
                 batches.append(current)
                 current, used = [], 0
@@ -114,20 +104,21 @@ class BatchPlan:
         return min(per_epoch * epochs, max_steps) if max_steps > 0 else per_epoch * epochs
 
 
-def loss_chunks(batches: list[list[Sample]], chunk_tokens: int) -> int:
+def loss_chunks(response_tokens: Sequence[int], chunk_tokens: int) -> int:
     """LM-head calls of the chunked loss for one micro-batch step, the same on every rank: enough
-    for the rank with the most response tokens. Every rank knows every rank's batch (the plan is
-    global), so this needs no communication."""
+    for the rank with the most response tokens (one count per rank). Every rank knows every
+    rank's batch (the plan is global), so this needs no communication."""
     from hamburger.model.chunked_loss import chunks_for
 
-    most = max((sum(s.response_len for s in b) for b in batches), default=0)
-    return chunks_for(most, chunk_tokens)
+    return chunks_for(max(response_tokens, default=0), chunk_tokens)
 
 
-def eval_batches(samples: list[Sample], tokens_per_batch: int, world_size: int, rank: int, limit: int = 0):
+def eval_batches(
+    macro_lens: Sequence[int], tokens_per_batch: int, world_size: int, rank: int, limit: int = 0
+):
     """This rank's held-out micro-batches as (indices, weight). Ranks must run the same number of
     forwards (ZeRO-3 gathers are collective), so short ranks repeat a batch with weight 0."""
-    plan = BatchPlan(samples, tokens_per_batch, 1, 1, seed=0, shuffle=False).global_batches(0)
+    plan = BatchPlan(macro_lens, tokens_per_batch, 1, 1, seed=0, shuffle=False).global_batches(0)
     if limit:
         plan = plan[: limit * world_size]
     per_rank = -(-len(plan) // world_size) if plan else 0

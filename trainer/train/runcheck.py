@@ -15,7 +15,7 @@ from pathlib import Path
 from data_prep.fingerprint import vocab_fingerprint
 from data_prep.shards import load_manifest
 from hamburger.assets import resolve_model
-from hamburger.model import HAMburgerConfig, Sample
+from hamburger.model import HAMburgerConfig
 from hamburger.model.lora import adapter_shape
 from trainer.train.checkpoint import CheckpointInfo
 
@@ -26,10 +26,9 @@ class RunMismatch(ValueError):
     """The data, model or run folder do not go together; the message says what differs."""
 
 
-def check_data_fits_model(
-    data_dir: Path, base: str, hcfg: HAMburgerConfig, samples: list[Sample]
-) -> list[str]:
-    """Refuse data the model cannot train on; return warnings for what is merely unusual."""
+def check_data_fits_model(data_dir: Path, base: str, hcfg: HAMburgerConfig, top: int) -> list[str]:
+    """Refuse data the model cannot train on (top: the largest token id in the shards); return
+    warnings for what is merely unusual."""
     from transformers import AutoConfig
 
     manifest = load_manifest(data_dir)
@@ -44,7 +43,6 @@ def check_data_fits_model(
             f"model.hamburger.max_segment_len={hcfg.max_segment_len}; relabel with K<={hcfg.max_segment_len} or raise the model's K"
         )
     vocab = AutoConfig.from_pretrained(base_path).vocab_size
-    top = max((max(s.input_ids) for s in samples if s.input_ids), default=-1)
     if top >= vocab:
         problems.append(f"token id {top} in the shards is outside the model's vocabulary of {vocab} ids")
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from data_prep.shards import load_manifest
 from hamburger.assets import resolve_model
 from hamburger.configio import to_flat_dict, to_yaml
-from hamburger.model import Sample, collate
+from hamburger.model import collate
 from hamburger.model.folder_check import check_model_folder
 from trainer.export.zero_files import verify_loadable
 from trainer.train.checkpoint import (
@@ -32,10 +32,11 @@ from trainer.train.checkpoint import (
 )
 from trainer.train.config import TrainConfig
 from trainer.train.curves import write_run_curves
-from trainer.train.data import BatchPlan, load_samples, loss_chunks, manifest_summary, resolve_data
+from trainer.train.data import BatchPlan, loss_chunks, manifest_summary, resolve_data
 from trainer.train.metrics import check_finite, output_values, reduce_outputs, response_tokens
 from trainer.train.phases import Phase, initial_state
 from trainer.train.runcheck import check_data_fits_model, check_resume_matches
+from trainer.train.sample_store import SampleStore, open_samples
 from trainer.train.strategy import DeepSpeedStrategy
 from trainer.train.tracking import Tracker, flatten_params
 from trainer.train.validate import Validator, probe_generations
@@ -70,8 +71,8 @@ class Trainer:
     # data
     data_dir: Path
     data_key_hash: str  # the prep manifest's identity, recorded in every checkpoint
-    train_samples: list[Sample]
-    eval_samples: list[Sample]
+    train_samples: SampleStore
+    eval_samples: SampleStore
     # runtime state
     pos: Position
     total_steps: int
@@ -105,8 +106,8 @@ class Trainer:
         self.data_dir = resolve_data(cfg.data)
         cfg.data.path = str(self.data_dir)
         self.data_key_hash = load_manifest(self.data_dir)["key_hash"]
-        self.train_samples = load_samples(self.data_dir, "train")
-        self.eval_samples = load_samples(self.data_dir, cfg.data.eval_split, expand_copies=False)
+        self.train_samples = open_samples(self.data_dir, "train")
+        self.eval_samples = open_samples(self.data_dir, cfg.data.eval_split, expand_copies=False)
         if self.rank0:
             resolve_model(cfg.model.base)  # converts the embedded model once
         self.strategy.barrier()
@@ -117,7 +118,7 @@ class Trainer:
                 "(re-run prep with heldout_fraction in (0, 1))"
             )
         for warning in check_data_fits_model(
-            self.data_dir, cfg.model.base, cfg.model.hamburger, self.train_samples
+            self.data_dir, cfg.model.base, cfg.model.hamburger, self.train_samples.max_token
         ):
             self.log(f"warning: {warning}")
         self.resume_from = find_resume_checkpoint(cfg.resume, cfg.output_dir)
@@ -129,7 +130,7 @@ class Trainer:
             )
         d = cfg.data
         self.plan = BatchPlan(
-            self.train_samples,
+            self.train_samples.macro_lens,
             d.tokens_per_batch,
             self.strategy.world_size,
             cfg.optim.grad_accum,
@@ -270,7 +271,7 @@ class Trainer:
             )
             batch.loss_chunks = loss_chunks(
                 [
-                    [self.train_samples[i] for i in b[pos.batch + micro]]
+                    self.train_samples.response_tokens(b[pos.batch + micro])
                     for b in self.plan.all_ranks(pos.epoch)
                 ],
                 cfg.model.hamburger.loss_chunk_tokens,

@@ -4,6 +4,7 @@ generations written beside the final metrics. Every rank joins (ZeRO-3 gathers l
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -12,6 +13,7 @@ from hamburger.model import Sample, collate
 from trainer.train.config import TrainConfig
 from trainer.train.data import eval_batches, loss_chunks
 from trainer.train.metrics import output_values, reduce_outputs, response_tokens
+from trainer.train.sample_store import SampleStore
 from trainer.train.strategy import DeepSpeedStrategy
 
 
@@ -19,7 +21,7 @@ class Validator:
     """Decides when held-out metrics are due (every `eval_every` steps before the end, and once
     at the end) and computes them on the held-out split."""
 
-    def __init__(self, cfg: TrainConfig, samples: list[Sample]):
+    def __init__(self, cfg: TrainConfig, samples: SampleStore):
         self.cfg, self.samples = cfg, samples
 
     def due(self, step: int, total_steps: int) -> bool:
@@ -31,14 +33,14 @@ class Validator:
         return held_out_metrics(strategy, self.samples, self.cfg) if self.samples else {}
 
 
-def held_out_metrics(
-    strategy: DeepSpeedStrategy, samples: list[Sample], cfg: TrainConfig
-) -> dict[str, float]:
+def held_out_metrics(strategy: DeepSpeedStrategy, samples: SampleStore, cfg: TrainConfig) -> dict[str, float]:
     """Loss and HAMburger metrics on the held-out split (eval/...), every rank its share."""
     strategy.train(False)
     records = []
     every_rank = [
-        eval_batches(samples, cfg.data.tokens_per_batch, strategy.world_size, r, cfg.eval_max_batches)
+        eval_batches(
+            samples.macro_lens, cfg.data.tokens_per_batch, strategy.world_size, r, cfg.eval_max_batches
+        )
         for r in range(strategy.world_size)
     ]
     with torch.no_grad():
@@ -50,7 +52,7 @@ def held_out_metrics(
                 with_plain=cfg.model.hamburger.needs_plain,  # KL and alignment read the plain tokens
             )
             batch.loss_chunks = loss_chunks(  # the same LM-head calls on every rank (ZeRO-3)
-                [[samples[i] for i in r[n][0]] for r in every_rank], cfg.model.hamburger.loss_chunk_tokens
+                [samples.response_tokens(r[n][0]) for r in every_rank], cfg.model.hamburger.loss_chunk_tokens
             )
             out = strategy.forward(batch)
             records.append((output_values(out), response_tokens([samples[i] for i in idx]), weight))
@@ -63,7 +65,7 @@ def held_out_metrics(
 
 
 def probe_generations(
-    strategy: DeepSpeedStrategy, samples: list[Sample], n: int = 2, max_new_tokens: int = 24
+    strategy: DeepSpeedStrategy, samples: Sequence[Sample], n: int = 2, max_new_tokens: int = 24
 ) -> list[dict]:
     """Greedy HAMburger decodes of a few held-out prompts, inside the strategy: a sanity sample for
     the run and the reference an export must reproduce. Every rank decodes the same prompts,

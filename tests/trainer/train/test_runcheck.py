@@ -12,9 +12,10 @@ import pytest
 
 
 def _samples(folder):
-    from trainer.train.data import load_samples
+    """The largest token id of the train split, what the vocabulary check reads."""
+    from trainer.train.sample_store import open_samples
 
-    return load_samples(folder, "train")
+    return open_samples(folder, "train").max_token
 
 
 def test_data_labelled_with_a_larger_k_is_refused_before_training(setup):
