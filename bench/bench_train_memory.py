@@ -1,4 +1,4 @@
-"""Memory and step time of a training rank's data as the corpus grows: the memory-mapped sample
+"""Memory and step time of a training rank's data as the corpus grows: the on-disk sample
 store against every sample as Python lists (what the trainer did before).
 
 Writes synthetic prep folders (the shard schema, prompts of 8-64 and responses of 16-160 tokens,
@@ -6,8 +6,7 @@ segments of 1-4) of each --sizes count of samples, once, under --work. Then, in 
 per (mode, size), does what a training rank does with its data: open the train split, build the
 epoch's batch plan (`BatchPlan`), and take --steps micro-batches of the plan through the
 collate the trainer uses. Reported: the process's peak RSS, its anonymous (private) resident
-memory at the end, its file-backed resident memory (pages of the memory map, which the kernel
-shares between ranks and reclaims), and the time to open, to plan, and per micro-batch.
+memory at the end, its file-backed resident memory, and the time to open, to plan, and per micro-batch.
 
     python bench/bench_train_memory.py [--sizes 10000,100000,1000000] [--steps 50]
 """
@@ -17,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -116,7 +116,9 @@ def rank_main(args) -> None:
     torch.set_num_threads(1)
     out = {"mode": args.mode, "samples": args.size, "after_imports_mib": status_kib("VmHWM") / 1024}
     t0 = time.perf_counter()
-    if args.mode == "store":
+    if args.mode in ("convert", "store"):
+        if args.mode == "convert":  # the first rank of the first run: converts the shards
+            shutil.rmtree(args.folder / ".store", ignore_errors=True)
         samples = open_samples(args.folder, "train")
         lens = samples.macro_lens
     else:
@@ -140,7 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--modes", default="store,lists")
+    ap.add_argument("--modes", default="convert,store,lists")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_train_memory"))
     ap.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="store", help=argparse.SUPPRESS)
@@ -172,7 +174,7 @@ def main() -> None:
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
     rows = [
-        "| data | samples | peak RSS MiB | anon RSS MiB | mapped file RSS MiB | open s | plan s | ms per micro-batch |",
+        "| data | samples | peak RSS MiB | anon RSS MiB | file RSS MiB | open s | plan s | ms per micro-batch |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -183,11 +185,12 @@ def main() -> None:
     body = (
         "One training rank's data (open the train split, plan an epoch, collate "
         f"{args.steps} micro-batches of 2048 positions), in a fresh process per row; synthetic "
-        "samples of 24-224 tokens (about 128). `store`: the memory-mapped sample store; "
-        "`lists`: every sample as Python lists, as the trainer read data before. Peak RSS "
-        "includes the conversion of the shards on a store's first open (the store is then "
-        "reused). Mapped-file pages are the OS page cache: shared by a node's ranks and reclaimed "
-        "under pressure.\n\n" + "\n".join(rows)
+        "samples of 24-224 tokens (about 128). `convert`: the on-disk sample store, on "
+        "its first open (this rank converts the shards; the others wait); `store`: every other "
+        "rank and later run (the conversion exists and is read); `lists`: every sample as "
+        "Python lists, as the trainer read data before. Anonymous RSS is the rank's own "
+        "memory; file RSS is mapped files (the libraries: the store maps nothing)."
+        "\n\n" + "\n".join(rows)
     )
     write_section("Training data memory (CPU)", body)
 

@@ -45,7 +45,7 @@ def _build(cls: type[T], merged, path, overrides: list[str] | None, where: str =
                 raise ConfigError(f"override {item!r}{where} is not of the form key=value")
             key = item.split("=", 1)[0]
             _check_plain_value(key, item.split("=", 1)[1])
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            merged = _override(merged, key, item, where)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
@@ -58,6 +58,38 @@ def _build(cls: type[T], merged, path, overrides: list[str] | None, where: str =
     if callable(validate):
         validate()
     return obj
+
+
+def _override(merged, key: str, item: str, where: str):
+    """One `key=value` onto the config. A key through a list element (`sources.0.weight=0.2`)
+    is set in place: a dotlist merge would replace the whole list with a new one."""
+    if not any(part.isdigit() for part in key.split(".")):
+        try:
+            return OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except TypeError:  # a mapping onto a list: `sources.x.weight=1`
+            raise ConfigError(
+                f"override {item!r}{where}: a list lies on the way to {key!r}; name one entry by its "
+                "index (e.g. sources.0.weight=0.5)"
+            ) from None
+    value = OmegaConf.from_dotlist(["v=" + item.split("=", 1)[1]])["v"]
+    node, parts = merged, key.split(".")
+    for n, part in enumerate(parts):
+        last = n == len(parts) - 1
+        if isinstance(node, ListConfig):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"override {item!r}{where}: {'.'.join(parts[:n]) or key!r} has {len(node)} entries, "
+                    f"no entry {part!r}"
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif last:
+            node[part] = value  # a structured config checks the key and the type
+        else:
+            node = node[part]
+    return merged
 
 
 def _renamed_to(cls: type, dotted: str) -> str | None:

@@ -4,6 +4,7 @@ per line; interpolations are refused in overrides."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,30 @@ def test_config_file_error_names_the_file_or_key(tmp_path, text, fragment):
 def test_interpolations_are_refused_in_overrides():
     with pytest.raises(ConfigError, match=r"output_dir: interpolations are not allowed"):
         load_config(TrainConfig, None, ["data.path=x", "output_dir=${oc.env:HOME}"])
+
+
+def test_an_override_can_set_one_entry_of_a_list():
+    """`sources.0.weight=0.25` sets that field of that entry (a dotlist merge would have raised
+    a bare TypeError); a missing entry, a wrong field or type and a key without an index are
+    refused naming the override."""
+    from data_prep.config import PrepConfig
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    cfg = load_config(
+        PrepConfig, configs / "prep_distill.yaml", ["sources.0.weight=0.25", "sources.2.name=lib"]
+    )
+    assert (
+        [s.weight for s in cfg.sources][:1] == [0.25]
+        and cfg.sources[2].name == "lib"
+        and len(cfg.sources) == 3
+    )
+    staged = load_config(TrainConfig, configs / "train_staged.yaml", ["phases.1.steps=7"])
+    assert [p.steps for p in staged.phases] == [12, 7]
+    for bad, match in (
+        ("sources.5.weight=1", r"'sources' has 3 entries, no entry '5'"),
+        ("sources.0.wieght=1", r"Key 'wieght' not in 'SourceConfig'"),
+        ("sources.0.weight=abc", r"could not be converted to Float"),
+        ("sources.x.weight=1", r"a list lies on the way to 'sources.x.weight'"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(PrepConfig, configs / "prep_distill.yaml", [bad])

@@ -1,6 +1,6 @@
 """Training data: prep shards -> samples -> packed micro-batches, split over ranks.
 
-Samples are read by index from a memory-mapped store (sample_store.py). The batch plan of an
+Samples are read by index from an on-disk store (sample_store.py). The batch plan of an
 epoch is a pure function of (sample lengths, seed, epoch, world size): every rank computes the
 same global list of micro-batches and takes every world_size-th one. Resuming at micro-batch i
 therefore needs no data to be read or skipped.

@@ -2,11 +2,11 @@
 
 Parquet shards are compressed, so they cannot be read in place. The first rank to open a split
 converts it, one verified shard at a time, into flat uncompressed arrays (every token of every
-sample in one int32 file, every segment length in one int8 file, per-sample offsets beside them)
-and every rank then memory-maps those. A sample is built only when a batch asks for it, so a
-rank holds a few bytes per sample (offsets and lengths), not about 36 bytes per token as a
-Python list of every sample would. The pages of the token file belong to the OS page cache:
-they are shared by the ranks of a node and given back under memory pressure.
+sample in one int32 file, every segment length in one int8 file, per-sample offsets beside them).
+Every rank then holds only the per-sample arrays (about 60 bytes per sample) and reads a
+sample's tokens and segments from disk when a micro-batch asks for them, not about 36 bytes per
+token as a Python list of every sample would. Those reads are served by the OS page cache,
+which the ranks of a node share and the kernel gives back under memory pressure.
 
 The converted arrays are keyed by the sha256 of the split's manifest (which holds each shard's
 sha256), so a re-prepared folder is converted again and a finished conversion is reused by later
@@ -49,11 +49,13 @@ class SampleStore(Sequence):
 
     def __init__(self, folder: Path, expand_copies: bool = True):
         self.folder = folder
-        a = {name: _open(folder / f"{name}.bin", dtype) for name, dtype in _ARRAYS.items()}
-        self._tokens, self._segs = a["tokens"], a["segs"]
+        per_row = ("token_offsets", "seg_offsets", "prompt_len", "sample_id", "copies")
+        a = {name: np.fromfile(folder / f"{name}.bin", dtype=_ARRAYS[name]) for name in per_row}
         self._tok_off, self._seg_off = a["token_offsets"], a["seg_offsets"]
         self._prompt, self._sid = a["prompt_len"], a["sample_id"]
-        copies = np.asarray(a["copies"], dtype=np.int64) if expand_copies else 1
+        self._tokens = _Flat(folder / "tokens.bin", _ARRAYS["tokens"])
+        self._segs = _Flat(folder / "segs.bin", _ARRAYS["segs"])
+        copies = a["copies"].astype(np.int64) if expand_copies else 1
         self._rows = np.repeat(np.arange(len(self._prompt)), copies)  # sample index -> stored row
         lengths = np.diff(self._tok_off)[self._rows]
         n_segs = np.diff(self._seg_off)[self._rows]
@@ -75,9 +77,9 @@ class SampleStore(Sequence):
         a, b = self._tok_off[row], self._tok_off[row + 1]
         c, d = self._seg_off[row], self._seg_off[row + 1]
         return Sample(
-            input_ids=self._tokens[a:b].tolist(),
+            input_ids=self._tokens.read(a, b),
             prompt_len=int(self._prompt[row]),
-            seg_lens=self._segs[c:d].tolist(),
+            seg_lens=self._segs.read(c, d),
             sample_id=int(self._sid[row]),
         )
 
@@ -164,6 +166,7 @@ def _write_arrays(data_dir: Path, shards: list[dict], out: Path) -> dict:
     finally:
         for f in files.values():
             f.close()
+        pa.default_memory_pool().release_unused()  # the shards' buffers, back to the OS
     return {"version": STORE_VERSION, "rows": rows, "tokens": tok_end, "max_token": max_token}
 
 
@@ -176,8 +179,21 @@ def _lengths(arr: pa.ListArray) -> np.ndarray:
     return np.diff(arr.offsets.to_numpy()).astype(np.int64)
 
 
-def _open(path: Path, dtype) -> np.ndarray:
-    """A read-only memory map of a flat array (an empty file cannot be mapped)."""
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+class _Flat:
+    """A flat array on disk, read by range with pread: nothing is mapped into the process, so its
+    resident memory does not grow as an epoch touches the whole file (a memory map would show
+    every touched page of it, in 2 MiB folios, as the rank's own), and the OS page cache still
+    serves repeated reads."""
+
+    def __init__(self, path: Path, dtype):
+        self.dtype = np.dtype(dtype)
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read(self, start: int, stop: int) -> list[int]:
+        size = self.dtype.itemsize
+        raw = os.pread(self.fd, (int(stop) - int(start)) * size, int(start) * size)
+        return np.frombuffer(raw, dtype=self.dtype).tolist()
+
+    def __del__(self):
+        if hasattr(self, "fd"):
+            os.close(self.fd)
