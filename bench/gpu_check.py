@@ -12,7 +12,8 @@ each skipped (and reported as skipped) once --deadline-s has passed:
   CUDA graphs, and tokens/s of HAMburger against the base at forced segment lengths
   (tau = 1.5, 2.0, 2.5; the decoder's benchmark-only `forced_seg_lens` switch), each case
   with the bound tau * t_base / (t_base + t_embed + m * t_micro), m = micro-decoder calls per
-  macro step actually run; rows of equal lengths and rows drawing lengths independently;
+  macro step actually run; rows of equal lengths, rows drawing lengths independently, and
+  (batch > 1) the same drawn lengths through the batch-aware micro loop (drawn_aware);
 - label: data_prep's scorer at the paper's batch_tokens and vocabulary (tokens/s, peak memory)
   against a plain forward of the same batches;
 - train: HAMburger (K=4) vs plain SFT (K=1) under ZeRO-3 on one device, bf16 on GPU, one packed

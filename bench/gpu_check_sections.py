@@ -138,14 +138,21 @@ def decode_rows(args, device, model, shape, batch, prompts, graphs, probs, rng) 
     sync(device)
     base_tps = batch * args.max_new / (time.perf_counter() - t0)
     costs = decode_costs(model, base_dec, ham_dec, graphs, device, min(32, args.max_new - 1))
-    for case in ("equal", "drawn", "drawn_k2") if batch > 1 else ("equal", "drawn"):
+    # drawn_aware: the drawn lengths through the batch-aware micro loop (its cutoff measured here)
+    cutoff = ham_dec.measure_cutoff() if batch > 1 else 0.0
+    tables = {}  # drawn_aware decodes drawn's very tables
+    for case in ("equal", "drawn", "drawn_k2", "drawn_aware") if batch > 1 else ("equal", "drawn"):
         for tau in args.taus:
-            table = forced_table(case, tau, batch, probs, rng)
-            ham_dec.generate(prompts, forced_seg_lens=table)  # warm-up
+            key = (case.removesuffix("_aware"), tau)
+            if key not in tables:
+                tables[key] = forced_table(key[0], tau, batch, probs, rng)
+            table = tables[key]
+            run = dict(forced_seg_lens=table, micro_cutoff=cutoff if case == "drawn_aware" else 0.0)
+            ham_dec.generate(prompts, **run)  # warm-up
             ham_dec.micro_calls = ham_dec.macro_steps = 0
             sync(device)
             t0 = time.perf_counter()
-            res = ham_dec.generate(prompts, forced_seg_lens=table)
+            res = ham_dec.generate(prompts, **run)
             sync(device)
             seconds = time.perf_counter() - t0
             m = ham_dec.micro_calls / ham_dec.macro_steps
@@ -166,6 +173,7 @@ def decode_rows(args, device, model, shape, batch, prompts, graphs, probs, rng) 
                     "speedup": tps / base_tps,
                     "bound": bound,
                     "speedup_over_bound": tps / base_tps / bound,
+                    "micro_cutoff": run["micro_cutoff"],
                     **costs,
                 }
             )

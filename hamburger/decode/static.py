@@ -19,6 +19,7 @@ explicit additive mask, so no transformers mask or cache logic is involved.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -96,6 +97,21 @@ def capture(fn: Callable[[], None], prepare: Callable[[], None], device: torch.d
     with torch.cuda.graph(graph):
         fn()
     return graph
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], n: int, device: torch.device) -> float:
+    """Mean seconds per call of fn over n calls (after the caller's warm-up)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / n
 
 
 class Step:
@@ -297,9 +313,11 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self.forced_buf = torch.ones(batch, max_new + 4, dtype=long, device=dev)  # benchmark switch
         self.forced_period = torch.ones((), dtype=long, device=dev)
         self.forcing = torch.zeros((), dtype=torch.bool, device=dev)
-        self.flags = torch.zeros(2, dtype=torch.bool, device=dev)  # (all done, any row in its segment)
+        # (all done, rows still in their segment, unfinished rows): read with one host sync
+        self.flags = torch.zeros(3, dtype=long, device=dev)
         self.micro_calls = 0
         self.macro_steps = 0
+        self.cuts = 0  # macro steps whose micro loop the batch-aware rule ended early
         self.micro_plan = []
         for j in range(1, k):  # micro step j feeds [slots, e(t_1)] (j = 1) or e(t_j); emits t_{j+1}
             q = f + 1 if j == 1 else 1
@@ -377,11 +395,14 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         never read); static, it is skipped then."""
         self._finish()
         if not self.speculative and bool(self.done.all()):
-            self.flags.fill_(True)
+            self.flags.copy_(torch.tensor([1, 0, 0]))
             return
         self._cap_from_table()
         self._base_step()
-        self.flags.copy_(torch.stack([self.done.all(), self.live.any()]))
+        self._set_flags()
+
+    def _set_flags(self) -> None:
+        self.flags.copy_(torch.stack([self.done.all().long(), self.live.sum(), (~self.done).sum()]))
 
     def _base_step(self) -> None:
         m = self.model
@@ -389,6 +410,26 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self.last_pos.add_(self.seg_len)  # a smashed segment sits at the position of its last token
         hs = self.base_forward(x, self.last_pos[:, None])
         self._head(torch.stack([h[:, -1] for h in m.features(hs)], dim=1))
+
+    def measure_cutoff(self, n: int = 8) -> float:
+        """The batch-aware micro loop's threshold at this decoder's batch size (see generate):
+        t_micro / t_macro, measured on its own steps (graphed if it is). A micro step for c of
+        the batch's a unfinished rows yields c tokens in t_micro; ending their segments instead
+        brings the next macro step (t_macro, a tokens) sooner. So the micro step pays while
+        c / a >= t_micro / t_macro; at batch 1 (c = a) it always does, unless a micro step costs
+        more than a whole macro step. Leaves the state undefined: generate resets it."""
+        if not self.micro_steps:
+            return 0.0
+        self.done.fill_(True)  # no live row: timed steps leave every segment as it is
+        self.live.zero_()
+        n = max(1, min(n, self.max_new))
+        costs = []
+        for fn in (self.base_step, self.micro_steps[min(1, len(self.micro_steps) - 1)]):
+            self.col.fill_(self.width)
+            fn()
+            self.col.fill_(self.width)
+            costs.append(timed(fn, n, self.device))
+        return costs[1] / costs[0]
 
     # ------------------------------------------------------------------ host loop
     @torch.no_grad()
@@ -399,7 +440,14 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         confidence: float = DEFAULT_CONFIDENCE,
         forced_seg_lens: torch.Tensor | None = None,
         max_new: int | None = None,
+        micro_cutoff: float = 0.0,
     ) -> list[DecodeResult]:
+        """Greedy decode of one batch. micro_cutoff > 0 makes the micro loop know its batch: before
+        each micro step, if fewer than micro_cutoff of the unfinished rows are still in their
+        segment, those rows end their segments now (their next token then comes from the base
+        head) instead of the whole batch paying for a micro step that few rows use. The
+        worthwhile cutoff is t_micro / t_macro (measure_cutoff): one micro step then
+        yields tokens at least as fast as the macro step that ending would bring forward."""
         ids, positions = self.reset(prompts, eos or set(), max_new)
         for t in (self.seg_log, self.head_log, self.t):
             t.zero_()
@@ -408,18 +456,23 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self._cap_from_table()
         hs = self.prefill(self.inner.embed_tokens(ids), positions)
         self._head(torch.stack([h[:, -1] for h in self.model.features(hs)], dim=1))
-        live = bool(self.live.any())  # host syncs read only stop decisions
+        self._set_flags()
+        _, live, active = self.flags.tolist()  # host syncs read only stop decisions
         while True:
             for j, micro in enumerate(self.micro_steps):
+                if live and live < micro_cutoff * active:
+                    self.live.zero_()  # segments end here; by_head stays False for them
+                    self.cuts += 1
+                    live = 0
                 if not live:
                     break
                 micro()
                 self.micro_calls += 1
                 if j + 1 < len(self.micro_steps):
-                    live = bool(self.live.any())
+                    live = int(self.live.sum())
             self.advance()
             self.macro_steps += 1
-            all_done, live = self.flags.tolist()
+            all_done, live, active = self.flags.tolist()
             if all_done:
                 break
         n_steps = int(self.t)

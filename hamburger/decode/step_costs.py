@@ -12,28 +12,12 @@ same batch size, no HAMburger decoder can beat the ratio of tokens per second
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from hamburger.decode.eager import DecodeResult
-from hamburger.decode.static import Step
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], None], n: int, device: torch.device) -> float:
-    """Mean seconds per call of fn over n calls (after the caller's warm-up)."""
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / n
+from hamburger.decode.static import Step, sync, timed  # noqa: F401 - sync, timed re-exported for bench
 
 
 def speed_bound(tau: float, m: float, t_base: float, t_embed: float, t_micro: float) -> float:

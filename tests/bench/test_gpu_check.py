@@ -31,13 +31,17 @@ def test_gpu_check_dry_run(tmp_path):
     assert set(sections) == {"checks", "decode tiny", "label tiny", "train tiny"}
     assert sections["checks"]["ok"] is True
     decode = sections["decode tiny"]["rows"]
-    every = {(b, c, t) for b in (1, 3) for c in ("equal", "drawn", "drawn_k2") for t in (1.5, 2.0, 2.5)}
+    cases = ("equal", "drawn", "drawn_k2", "drawn_aware")
+    every = {(b, c, t) for b in (1, 3) for c in cases for t in (1.5, 2.0, 2.5)}
     assert {(r["batch"], r["case"], r["tau"]) for r in decode} == every - {
-        (1, "drawn_k2", t) for t in (1.5, 2.0, 2.5)
+        (1, c, t) for c in ("drawn_k2", "drawn_aware") for t in (1.5, 2.0, 2.5)
     }
     for r in decode:
         assert r["tokens_per_s"] > 0 and r["base_tokens_per_s"] > 0 and r["bound"] > 0
         assert min(r["t_base"], r["t_micro"], r["t_embed"]) > 0
+        if r["case"] == "drawn_aware":  # the batch-aware loop: no more micro calls than without it
+            plain = next(x for x in decode if (x["batch"], x["case"], x["tau"]) == (3, "drawn", r["tau"]))
+            assert r["micro_cutoff"] > 0 and r["m"] <= plain["m"]
         if r["case"] == "drawn_k2":
             assert r["tau_measured"] <= 2.0 and r["m"] <= 1.0
         if r["case"] == "equal" and r["batch"] == 1 and r["tau"] == 2.0:

@@ -73,6 +73,10 @@ class EvalConfig:
     decode: DecodeMode = DecodeMode.eager
     """Decoder for both models: eager, static (static KV caches, no host sync but the stop
     decisions) or graphed (static + CUDA graphs on a GPU; static on CPU). Same tokens."""
+    batch_aware: bool = False
+    """static/graphed, batch > 1: the micro loop ends the segments of the few rows still in
+    theirs when one more micro step costs more than it yields (cutoff t_micro / t_macro,
+    measured per batch size); off: every micro step runs while any row continues."""
     dtype: DType = DType.auto
     """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16; both models use it."""
     output_dir: str = "outputs/eval"
@@ -89,3 +93,7 @@ class EvalConfig:
         check_range("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1")
         check_range("max_prompts", self.max_prompts, self.max_prompts >= 1, ">= 1")
         check_range("code_timeout_s", self.code_timeout_s, self.code_timeout_s > 0, "> 0")
+        if self.batch_aware and self.decode == DecodeMode.eager:
+            raise ValueError(
+                "batch_aware=true needs decode=static or decode=graphed (the eager loop has no cutoff)"
+            )

@@ -67,6 +67,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "max_new_tokens": cfg.max_new_tokens,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "dtype": str(dtype),
+        "batch_aware": cfg.batch_aware,
         "definitions": DEFINITIONS,
         "runs": [],
     }
@@ -98,7 +99,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         for conf in cfg.confidences:
             run, _, texts, res = measure(
                 lambda ids, n, c=conf: generate_batch(
-                    model, ids, n or cfg.max_new_tokens, c, no_stop, pad, cfg.decode
+                    model, ids, n or cfg.max_new_tokens, c, no_stop, pad, cfg.decode, cfg.batch_aware
                 ),
                 bs,
                 base_tokens,

@@ -146,3 +146,48 @@ def test_capture_runs_stay_in_range_and_leave_no_trace(monkeypatch):
         base = static_decode.StaticBaseDecoder(model.base, len(PROMPTS), 11, max_new, graphs=True)
         want = base_generate_batch(model.base, PROMPTS, max_new, {2})
         assert [fields(r) for r in base.generate(PROMPTS, {2})] == [fields(r) for r in want]
+
+
+def test_batch_aware_micro_loop_ends_segments_few_rows_use():
+    """Before each micro step, when fewer than `micro_cutoff` of the unfinished rows are still in
+    their segment, those rows end it there: the next token comes from the base head, as if their
+    segment had been that long. With more rows going on, nothing changes."""
+    model = sharp_model()
+    dec = StaticHAMburgerDecoder(model, len(PROMPTS), 11, 12, graphs=False)
+    one_long = torch.tensor([[4], [1], [1], [1]])  # row 0 wants 4 tokens per segment, the rest 1
+    plain = [fields(r) for r in dec.generate(PROMPTS, set(), forced_seg_lens=one_long)]
+    assert dec.cuts == 0 and dec.micro_calls > 0
+    for cutoff in (0.3, 0.5):  # 1 of 4 rows goes on: under the cutoff, so no micro step at all
+        before = dec.micro_calls
+        cut = dec.generate(PROMPTS, set(), forced_seg_lens=one_long, micro_cutoff=cutoff)
+        assert dec.micro_calls == before and dec.cuts > 0
+        ones = dec.generate(PROMPTS, set(), forced_seg_lens=torch.ones(4, 1, dtype=torch.long))
+        assert [r.tokens for r in cut] == [r.tokens for r in ones]
+        assert all(set(r.seg_lens) == {1} for r in cut)
+    kept = dec.generate(PROMPTS, set(), forced_seg_lens=one_long, micro_cutoff=0.25)  # 1 >= 0.25 * 4
+    assert [fields(r) for r in kept] == plain
+    two_long = torch.tensor([[4], [4], [1], [1]])
+    want = [fields(r) for r in dec.generate(PROMPTS, set(), forced_seg_lens=two_long)]
+    assert [
+        fields(r) for r in dec.generate(PROMPTS, set(), forced_seg_lens=two_long, micro_cutoff=0.5)
+    ] == want
+
+
+def test_batch_aware_generate_measures_its_cutoff_once_and_leaves_batch_1_alone():
+    model = sharp_model()
+    for prompts in (PROMPTS[:1], PROMPTS):
+        aware = generate_batch(model, prompts, 10, 0.5, decode="static", batch_aware=True)
+        for r, p in zip(aware, prompts, strict=True):
+            assert sum(r.seg_lens) == len(r.tokens) == 10 and len(p) > 0
+    assert [
+        fields(r) for r in generate_batch(model, PROMPTS[:1], 10, 0.5, decode="static", batch_aware=True)
+    ] == [fields(r) for r in generate_batch(model, PROMPTS[:1], 10, 0.5, decode="static")]
+    from hamburger.decode.batched import _static_decoder
+
+    dec = _static_decoder(model, PROMPTS, 10, "static")
+    first = dec.cutoff
+    assert first > 0  # t_micro / t_macro, measured on this decoder's own steps
+    generate_batch(model, PROMPTS, 10, 0.5, decode="static", batch_aware=True)
+    assert dec.cutoff == first  # measured once per decoder
+    with pytest.raises(ValueError, match="batch_aware decoding needs decode=static or decode=graphed"):
+        generate_batch(model, PROMPTS, 10, 0.5, decode="eager", batch_aware=True)
