@@ -5,7 +5,7 @@ server, batched the same way) or an MLflow URI (models:/NAME/VERSION). Endpoints
 
     POST /v1/completions        {"prompt", "max_tokens", "stop", "temperature": 0, "stream", "confidence"}
     POST /v1/chat/completions   {"messages", ...same...} through the model's chat template
-    GET  /v1/models, GET /health
+    GET  /v1/models, GET /health, GET /metrics (Prometheus: trainer/serve/metrics.py)
 
 Decoding is greedy (temperature 0; anything else is a 400). `confidence` (HAMburger only, in
 (0, 1]) is the stop threshold of the micro decoder. Every response carries `usage` and a
@@ -76,6 +76,10 @@ def create_app(loaded: LoadedModel, cfg: ServeConfig, scheduler: Scheduler):
     async def health():
         stats = {"model": loaded.name, "kind": loaded.kind, **scheduler.stats()}
         return {"status": "ok", **stats, "max_batch": cfg.max_batch, "max_queue": cfg.max_queue}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(scheduler.prometheus(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():

@@ -16,6 +16,7 @@ import traceback
 from collections import deque
 
 from hamburger.decode.continuous import ContinuousBatch, Sequence
+from trainer.serve.metrics import ServeMetrics
 
 
 class QueueFull(RuntimeError):
@@ -30,6 +31,7 @@ class Scheduler:
         self._closed = False
         self.macro_steps = 0
         self.finished = 0
+        self.metrics = ServeMetrics()
         self._thread = threading.Thread(target=self._run, name="hamburger-scheduler", daemon=True)
 
     def start(self) -> Scheduler:
@@ -51,8 +53,21 @@ class Scheduler:
                     f"the queue is full ({self.max_queue} requests waiting, {len(self.batch)} running); "
                     "retry later"
                 )
+            self.metrics.submitted(seq)
+            inner = seq.on_finish
+
+            def on_finish(s: Sequence) -> None:  # every way a request ends is counted once
+                self.metrics.ended(s)
+                if inner is not None:
+                    inner(s)
+
+            seq.on_finish = on_finish
             self._waiting.append(seq)
             self._cond.notify()
+
+    def prometheus(self) -> str:
+        """GET /metrics (trainer/serve/metrics.py)."""
+        return self.metrics.render(len(self.batch), len(self._waiting), self.max_batch, self.macro_steps)
 
     def stats(self) -> dict:
         return {
@@ -79,6 +94,7 @@ class Scheduler:
                 self.batch.join(new)
                 self.finished += len(self.batch.step())
                 self.macro_steps += 1
+                self.metrics.stepped(self.batch.rows)
             except Exception as e:  # noqa: BLE001 - keep serving; the rows it hit get the error
                 message = f"decoding failed: {type(e).__name__}: {e}"
                 traceback.print_exc()

@@ -589,3 +589,44 @@ def test_a_failing_model_step_answers_500_and_the_server_carries_on(folders, ser
     srv.batch.step = real_step
     r = srv.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+def _metrics(srv) -> dict[str, float]:
+    r = requests.get(srv.url + "/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    out = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_prometheus_metrics_count_what_the_responses_say(folders, server_factory):
+    """GET /metrics: requests by how they ended, tokens and macro steps equal to the responses'
+    own usage and hamburger stats, one latency observation per request, an idle batch after."""
+    srv = server_factory(folders["ham"], max_batch=2)
+    answers = [
+        srv.post("/v1/completions", {"prompt": p, "max_tokens": 6, "confidence": 0.5}).json()
+        for p in PROMPTS[:3]
+    ]
+    late = srv.post("/v1/completions", {"prompt": PROMPTS[3], "max_tokens": 30, "timeout": 1e-6})
+    assert late.status_code == 504
+    m = _metrics(srv)
+    tokens = sum(a["usage"]["completion_tokens"] for a in answers)
+    steps = sum(a["hamburger"]["macro_steps"] for a in answers)
+    assert (
+        m['hamburger_requests_total{finish_reason="length"}']
+        + m.get('hamburger_requests_total{finish_reason="stop"}', 0)
+        == 3
+    )
+    assert m['hamburger_requests_total{finish_reason="deadline"}'] == 1
+    assert m["hamburger_generated_tokens_total"] >= tokens  # + what the late request got before its deadline
+    assert m["hamburger_request_macro_steps_total"] >= steps
+    assert m["hamburger_requests_running"] == 0 and m["hamburger_requests_waiting"] == 0
+    assert m["hamburger_slot_occupancy"] == 0 and m["hamburger_batch_macro_steps_total"] >= 1
+    assert m["hamburger_request_latency_seconds_count"] == 4
+    assert m['hamburger_request_latency_seconds_bucket{le="+Inf"}'] == 4
+    assert m["hamburger_time_to_first_token_seconds_count"] >= 3  # the late one may end before a token
+    assert m["hamburger_inter_token_latency_seconds_count"] == 3
+    assert m["hamburger_tokens_per_macro_step"] > 0
