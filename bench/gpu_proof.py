@@ -60,6 +60,7 @@ def commands(args, work: Path, data: Path) -> dict[str, list[str]]:
         prep += [
             "generate.max_new_tokens=12",
             "generate.batch_size=4",
+            "generate.decode=auto",
             "heldout_fraction=0.3",
         ]
         train = [f"model.base={model}", "model.hamburger.micro_layers=1", "model.hamburger.num_features=2"]
@@ -67,7 +68,7 @@ def commands(args, work: Path, data: Path) -> dict[str, list[str]]:
         evals = ["max_prompts=3", "batch_sizes=[1,2]", "confidences=[0.5,0.9]", "max_new_tokens=8"]
     else:
         model = "builtin:smollm2"
-        prep = [f"sources.0.weight={args.chat_weight}", "generate.batch_size=64"]
+        prep = [f"sources.0.weight={args.chat_weight}", "generate.batch_size=64", "generate.decode=auto"]
         train = ["data.tokens_per_batch=8192", "data.row_capacity=2048", "eval_max_batches=8"]
         evals = [f"max_prompts={args.eval_prompts}", "batch_sizes=[1,8,32]", "max_new_tokens=128"]
         evals.append("confidences=[" + ",".join(map(str, CONFIDENCES)) + "]")

@@ -201,6 +201,11 @@ class GenerateConfig:
     """Prompts decoded together (sorted by length, so padding stays small)."""
     at_limit: AtLimit = AtLimit.keep
     """A response cut at max_new_tokens (no EOS): keep it as it is, or skip the row; counted either way."""
+    decode: str = "eager"
+    """Greedy only: eager (the reference loop), static (fixed shapes), graphed (static + CUDA
+    graphs on a GPU: about 20x eager at batch 1 there), or auto (graphed on a GPU, static
+    elsewhere). Sampling always runs eager. Part of the prep key unless eager (in bf16 the
+    kernels differ, so near-ties may decode differently)."""
 
     def validate(self) -> None:
         _finite("generate.temperature", self.temperature)
@@ -215,6 +220,14 @@ class GenerateConfig:
             raise ValueError(f"generate.batch_size must be >= 1, got {self.batch_size}")
         if self.at_limit not in AT_LIMIT:
             raise ValueError(f"generate.at_limit must be one of {list(AT_LIMIT)}, got {self.at_limit!r}")
+        modes = ("auto", "eager", "static", "graphed")
+        if self.decode not in modes:
+            raise ValueError(f"generate.decode must be one of {list(modes)}, got {self.decode!r}")
+        if self.temperature > 0 and self.decode in ("static", "graphed"):
+            raise ValueError(
+                f"generate.decode={self.decode} decodes greedily; sampling (temperature > 0) needs "
+                "generate.decode=eager or auto"
+            )
 
 
 @dataclass

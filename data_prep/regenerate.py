@@ -89,6 +89,7 @@ class Regenerator:
                 max_new_tokens=self.cfg.max_new_tokens,
                 eos_token_ids={self.eos_id},
                 pad_id=self.pad_id,
+                decode=self.cfg.decode,
                 **extra,
             )
             for i, r in zip(idx, results, strict=True):

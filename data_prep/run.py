@@ -193,7 +193,10 @@ def generation_key(cfg: PrepConfig) -> dict:
     prepared folders) of runs without it stay what they were."""
     if cfg.responses == "source":
         return {}
-    return {"responses": cfg.responses, "generate": asdict(cfg.generate), "generator": GENERATOR}
+    generate = asdict(cfg.generate)
+    if generate["decode"] == "eager":  # the keys of runs from before the setting stay what they were
+        del generate["decode"]
+    return {"responses": cfg.responses, "generate": generate, "generator": GENERATOR}
 
 
 def key_hash(key: dict) -> str:

@@ -20,14 +20,18 @@ from hamburger.decode.steppers import BaseStepper, HAMburgerStepper, left_pad
 from hamburger.model.config import DEFAULT_CONFIDENCE
 from hamburger.model.hamburger import HAMburgerModel
 
-DECODE_MODES = ("eager", "static", "graphed")
+DECODE_MODES = ("auto", "eager", "static", "graphed")
 """eager: this module (dynamic caches, finished rows retired); static: static_decode without
-CUDA graphs; graphed: static_decode with CUDA graphs on a GPU (the same as static elsewhere)."""
+CUDA graphs; graphed: static_decode with CUDA graphs on a GPU (the same as static elsewhere);
+auto: graphed on a GPU, static elsewhere (on CPU static and eager run at the same speed)."""
 
 
-def _check_mode(decode: str) -> str:
+def resolve_mode(decode: str, model) -> str:
+    """The decoder a `decode` setting means for this model (auto: by the model's device)."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    if decode == "auto":
+        return "graphed" if next(model.parameters()).device.type == "cuda" else "static"
     return decode
 
 
@@ -79,7 +83,8 @@ def generate_batch(
     micro decoder).
     """
     model.eval()
-    if _check_mode(decode) != "eager":
+    decode = resolve_mode(decode, model)
+    if decode != "eager":
         dec = _static_decoder(model, prompts, max_new_tokens, decode)
         cutoff = 0.0
         if batch_aware and len(prompts) > 1:
@@ -155,7 +160,10 @@ def base_generate_batch(
     still running to their next tokens [n] (default argmax: greedy); data_prep's
     self-distillation samples with it (eager mode only)."""
     base_lm.eval()
-    if _check_mode(decode) != "eager":
+    if decode == "auto" and pick is not None:
+        decode = "eager"  # sampling runs in the eager loop only
+    decode = resolve_mode(decode, base_lm)
+    if decode != "eager":
         if pick is not None:
             raise ValueError(f"pick (e.g. sampling) needs decode='eager', got decode={decode!r}")
         dec = _static_decoder(base_lm, prompts, max_new_tokens, decode)

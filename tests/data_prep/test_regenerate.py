@@ -131,6 +131,18 @@ def test_greedy_regeneration_equals_the_batched_decoder(eos_dir, regenerated):
     assert m["key"]["responses"] == "regenerate"
 
 
+def test_static_regeneration_writes_the_eager_responses(eos_dir, prompts_only, regenerated, tmp_path):
+    """generate.decode=static (graphed on a GPU: auto) writes the very rows the eager loop
+    writes; eager keeps the key runs had before the setting existed; static shapes cannot sample."""
+    folder = prepare(make_cfg(eos_dir, tmp_path, prompt_source(prompts_only), decode="static"))
+    assert folder != regenerated and token_ids(folder) == token_ids(regenerated)
+    assert "decode" not in load_manifest(regenerated)["key"]["generate"]
+    with pytest.raises(ValueError, match="sampling .* needs generate.decode=eager or auto"):
+        GenerateConfig(temperature=0.7, decode="static").validate()
+    with pytest.raises(ValueError, match="generate.decode must be one of"):
+        GenerateConfig(decode="fast").validate()
+
+
 def test_cut_responses_can_be_skipped_and_are_counted(eos_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative source path: the held-out split (hashed from it) is fixed
     write_jsonl(tmp_path / "prompts.jsonl", [{"question": q} for q in PROMPTS])
@@ -188,6 +200,7 @@ def _key(cfg: PrepConfig, tmp_path: Path) -> str:
         ("seed", 1),
         ("batch_size", 5),
         ("at_limit", "skip"),
+        ("decode", "static"),
     ],
 )
 def test_every_generation_setting_changes_the_key(eos_dir, prompts_only, tmp_path, setting, value):

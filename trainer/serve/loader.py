@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from hamburger.decode import DecodeResult, generate
+from hamburger.decode import DecodeResult
+from hamburger.decode.batched import generate_batch
 from hamburger.decode.continuous import BaseStepper, ContinuousBatch, HAMburgerStepper
 from hamburger.model import load_model
 from hamburger.model.config import DEFAULT_CONFIDENCE, check_confidence
@@ -26,9 +27,23 @@ from hamburger.model.folder_check import check_model_folder, read_json_object
 
 
 class HAMburgerGenerator:
-    def __init__(self, path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32):
+    """`load()`'s generator. decode: auto (default: CUDA graphs on a GPU, static shapes on CPU),
+    graphed, static or eager (the reference loop); all give the same greedy tokens."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        decode: str = "auto",
+    ):
         from transformers import AutoTokenizer
 
+        from hamburger.decode.batched import DECODE_MODES
+
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        self.decode = decode
         self.path = Path(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.defaults = generation_defaults(self.path)  # a bad stored default is named before any load
@@ -45,7 +60,7 @@ class HAMburgerGenerator:
     ) -> DecodeResult:
         max_new = max_new_tokens or self.defaults.get("max_new_tokens", 256)
         conf = confidence if confidence is not None else self.defaults.get("confidence", DEFAULT_CONFIDENCE)
-        res = generate(self.model, self.encode(prompt), max_new, conf, self.eos)
+        res = generate_batch(self.model, [self.encode(prompt)], max_new, conf, self.eos, decode=self.decode)[0]
         res.text = self.tokenizer.decode(res.tokens, skip_special_tokens=True)
         return res
 

@@ -630,3 +630,19 @@ def test_prometheus_metrics_count_what_the_responses_say(folders, server_factory
     assert m["hamburger_time_to_first_token_seconds_count"] >= 3  # the late one may end before a token
     assert m["hamburger_inter_token_latency_seconds_count"] == 3
     assert m["hamburger_tokens_per_macro_step"] > 0
+
+
+def test_load_generates_through_the_static_decoder_with_the_reference_tokens(folders):
+    """load().generate decodes with static shapes by default (CUDA graphs on a GPU): the same
+    tokens, segments and macro steps as the eager reference loop."""
+    from trainer.serve.loader import HAMburgerGenerator
+
+    fast, slow = HAMburgerGenerator(folders["ham"]), HAMburgerGenerator(folders["ham"], decode="eager")
+    assert fast.decode == "auto"
+    for prompt, n, c in ((PROMPTS[0], 12, 0.5), (PROMPTS[2], 20, 0.3), (PROMPTS[3], 7, 0.9)):
+        a, b = fast.generate(prompt, n, c), slow.generate(prompt, n, c)
+        ref = generate(slow.model, slow.encode(prompt), n, c, slow.eos)
+        assert (a.tokens, a.seg_lens, a.macro_steps, a.text) == (b.tokens, b.seg_lens, b.macro_steps, b.text)
+        assert (a.tokens, a.seg_lens) == (ref.tokens, ref.seg_lens)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        HAMburgerGenerator(folders["ham"], decode="fast")
