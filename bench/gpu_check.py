@@ -18,7 +18,9 @@ each skipped (and reported as skipped) once --deadline-s has passed:
   against a plain forward of the same batches;
 - train: HAMburger (K=4) vs plain SFT (K=1) under ZeRO-3 on one device, bf16 on GPU, one packed
   row of row_capacity macro positions per step, dense mask vs FlexAttention (tokens/s, peak
-  memory, MFU).
+  memory, MFU): 20 timed steps over 4 different rows, one engine per table row (freed before
+  the next), and a profiler summary of one step (device busy time, host share, top kernels);
+  the 1B and 135M shapes, then a 3B shape if the deadline allows.
 """
 
 from __future__ import annotations
@@ -82,15 +84,15 @@ def markdown(report: dict) -> str:
             lines += [f"- {k}: {v}" for k, v in sec.items()] + [""]
         elif name.startswith("train"):
             lines += [
-                "| K | attention | tokens/step | step s | tokens/s | peak GiB | MFU |",
-                "|---|---|---|---|---|---|---|",
+                "| K | attention | tokens/step | step s (mean) | p50 | max | tokens/s | peak GiB | MFU |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             for r in sec["rows"]:
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
                 peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
                 lines.append(
-                    f"| {r['K']} | {r['attention']} | {r['tokens']} | {r['step_s']:.3f} | "
-                    f"{r['tokens_per_s']:.0f} | {peak} | {mfu} |"
+                    f"| {r['K']} | {r['attention']} | {r['tokens']:.0f} | {r['step_s']:.3f} | "
+                    f"{r['step_s_p50']:.3f} | {r['step_s_max']:.3f} | {r['tokens_per_s']:.0f} | {peak} | {mfu} |"
                 )
             by = {(r["K"], r["attention"]): r["tokens_per_s"] for r in sec["rows"]}
             for att in sorted({r["attention"] for r in sec["rows"]}):
@@ -98,6 +100,12 @@ def markdown(report: dict) -> str:
                     lines.append(
                         f"- {att}: HAMburger / plain SFT tokens/s = {by[(4, att)] / by[(1, att)]:.2f}x"
                     )
+            for run, prof in sec.get("profiles", {}).items():
+                share = (
+                    f", host share {100 * prof['host_share']:.0f}%" if prof["host_share"] is not None else ""
+                )
+                top = "; ".join(f"{t['name'][:60]} {t['self_ms']:.1f} ms" for t in prof["top"][:5])
+                lines.append(f"- profile {run}: step {prof['wall_s']:.3f} s{share}; top: {top}")
             failures = {k: v for k, v in sec.get("flex_compile_failures", {}).items() if v}
             if failures:
                 lines.append(f"**FlexAttention ran uncompiled** (compile failed): {failures}")
@@ -120,14 +128,15 @@ def parse_args(argv=None):
         args.decode_models, args.train_models, args.label_models = ["tiny"], ["tiny"], ["tiny"]
         args.batch_sizes, args.prompt_len, args.max_new = [1, 3], 8, 12
         args.label_batch_tokens, args.label_len = 256, 64
-        args.row_capacity, args.train_steps, args.train_warmup = 96, 1, 1
+        args.row_capacity, args.train_steps, args.train_warmup, args.train_batches = 96, 2, 1, 2
     else:
         args.decode_models = ["llama-3.2-1b", "smollm2-135m"]
         args.train_models = ["llama-3.2-1b", "smollm2-135m"]
+        args.late_train_models = ["llama-3.2-3b"]  # after every other section: if the deadline allows
         args.label_models = ["llama-3.2-1b"]
         args.batch_sizes, args.prompt_len, args.max_new = [1, 8, 32], 64, 128
         args.label_batch_tokens, args.label_len = 65536, 1024
-        args.row_capacity, args.train_steps, args.train_warmup = 8192, 4, 2
+        args.row_capacity, args.train_steps, args.train_warmup, args.train_batches = 8192, 20, 2, 4
     args.taus = [1.5, 2.0, 2.5]
     return args
 
@@ -145,6 +154,8 @@ def plan(args) -> list[tuple[str, callable, tuple]]:
         units += [(f"train {m}", section_train, (m,)) for m in args.train_models]
     if "decode" in wanted:
         units += [(f"decode {m}", section_decode, (m,)) for m in rest]
+    if "train" in wanted:
+        units += [(f"train {m}", section_train, (m,)) for m in getattr(args, "late_train_models", [])]
     return units
 
 

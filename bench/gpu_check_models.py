@@ -44,6 +44,17 @@ SHAPES = {
         max_position_embeddings=131072,
         rope_theta=500000.0,
     ),
+    "llama-3.2-3b": dict(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+    ),
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,

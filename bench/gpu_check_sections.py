@@ -28,8 +28,8 @@ from gpu_check_models import (  # first: it puts the repo root on sys.path
     tilted,
 )
 
-from hamburger.decode.static import StaticBaseDecoder, StaticHAMburgerDecoder
-from hamburger.decode.step_costs import decode_costs, speed_bound, sync, timed
+from hamburger.decode.static import StaticBaseDecoder, StaticHAMburgerDecoder, sync
+from hamburger.decode.step_costs import decode_costs, speed_bound
 from hamburger.model import HAMburgerConfig, Sample, collate
 
 
@@ -334,6 +334,10 @@ def model_flops(cfg, hcfg: HAMburgerConfig, samples: list[Sample], k: int) -> fl
 
 
 def section_train(args, device, shape: str) -> dict:
+    """HAMburger (K=4) vs plain SFT (K=1) through the trainer's strategy: args.train_steps timed
+    steps cycling over args.train_batches different packed rows (so no one batch's shape is
+    timed alone), one DeepSpeed engine per row of the table, freed before the next (its peak
+    memory is its own), and a profiler summary of one step."""
     from trainer.train.config import TrainConfig
     from trainer.train.strategy import DeepSpeedStrategy
 
@@ -347,45 +351,59 @@ def section_train(args, device, shape: str) -> dict:
     probs = segment_distribution(args.manifest, 4)
     attentions = ["dense", "flex"] if device.type == "cuda" else ["dense"]  # flex: no CPU backward
     peak = peak_tflops(device)
-    rows, errors = [], []
+    rows, errors, profiles = [], [], {}
     for k in (4, 1):
-        tcfg = TrainConfig()
-        tcfg.model.hamburger.max_segment_len = k
-        tcfg.precision = "bf16" if device.type == "cuda" else "fp32"
-        tcfg.optim.warmup_steps = 0
-        start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        st = DeepSpeedStrategy(tcfg)
-        st.setup_distributed()
-        model = st.build_model(str(base_dir))
-        st.prepare(model, total_steps=1000)
-        st.train()
-        samples = train_samples(k, args.row_capacity, probs, cfg.vocab_size, seed=1)
-        batch = collate(samples, k, row_capacity=args.row_capacity)
-        tokens = sum(len(s.input_ids) for s in samples)
-        flops = model_flops(cfg, st.model.config, samples, k)
+        sample_sets = [
+            train_samples(k, args.row_capacity, probs, cfg.vocab_size, seed=1 + i)
+            for i in range(args.train_batches)
+        ]
+        batches = [collate(samples, k, row_capacity=args.row_capacity) for samples in sample_sets]
+        tokens = sum(len(s.input_ids) for samples in sample_sets for s in samples) / len(sample_sets)
         for attention in attentions:
-            st.model.config.packed_attention = attention
+            free(device)
+            reset_peak(device)
+            start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            tcfg = TrainConfig()
+            tcfg.model.hamburger.max_segment_len = k
+            tcfg.model.hamburger.packed_attention = attention
+            tcfg.precision = "bf16" if device.type == "cuda" else "fp32"
+            tcfg.optim.warmup_steps = 0
+            st = DeepSpeedStrategy(tcfg)
+            st.setup_distributed()
             try:
-                for _ in range(args.train_warmup):
+                model = st.build_model(str(base_dir))
+                st.prepare(model, total_steps=1000)
+                st.train()
+                flops = sum(model_flops(cfg, st.model.config, s, k) for s in sample_sets) / len(sample_sets)
+                for i in range(args.train_warmup):
+                    _train_step(st, batches[i % len(batches)])
+                times = []
+                for i in range(args.train_steps):
+                    batch = batches[i % len(batches)]
+                    sync(device)
+                    t0 = time.perf_counter()
                     _train_step(st, batch)
-                free(device)
-                reset_peak(device)
-                seconds = timed(lambda st=st, batch=batch: _train_step(st, batch), args.train_steps, device)
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                profiles[f"K={k} {attention}"] = profile_step(st, batches[0], device)
             except Exception as exc:  # keep the other runs (flex last: a failure cannot spoil dense)
                 traceback.print_exc()
                 errors.append(f"K={k} {attention}: {type(exc).__name__}: {exc}")
-                free(device)
+                st.release()
                 continue
+            seconds = sum(times) / len(times)
             rows.append(
                 {
                     "model": shape,
                     "K": k,
                     "attention": attention,
                     "row_capacity": args.row_capacity,
-                    "macro_positions": sum(s.macro_len for s in samples),
+                    "batches": len(batches),
+                    "steps": len(times),
                     "tokens": tokens,
-                    "samples": len(samples),
                     "step_s": seconds,
+                    "step_s_p50": sorted(times)[len(times) // 2],
+                    "step_s_max": max(times),
                     "tokens_per_s": tokens / seconds,
                     "peak_gib": peak_gib(device),
                     "allocated_before_build_gib": start_gib,
@@ -393,18 +411,55 @@ def section_train(args, device, shape: str) -> dict:
                     "mfu": flops / seconds / (peak * 1e12) if peak else None,
                 }
             )
-        if hasattr(st.engine, "destroy"):  # drops DeepSpeed's hooks and buffers
-            st.engine.destroy()
-        del st, model
-        free(device)
+            st.release()  # this engine's partitions, optimiser state and hooks go before the next row
+            del model
+            free(device)
     from hamburger.model.packed_attention import COMPILE_FAILURES
 
     return {
         "rows": rows,
         "errors": errors,
+        "profiles": profiles,
         "peak_bf16_tflops": peak,
         "segment_distribution": probs,
         "flex_compile_failures": COMPILE_FAILURES,
+    }
+
+
+def profile_step(st, batch, device, top: int = 12) -> dict:
+    """One training step under torch.profiler: wall time, the device's busy time and the host's
+    share of the step (what the GPU waits on), and the kernels (or, on CPU, operators) that
+    take the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        _train_step(st, batch)
+        sync(device)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    if device.type == "cuda":
+        key = (
+            "self_device_time_total"
+            if hasattr(events[0], "self_device_time_total")
+            else "self_cuda_time_total"
+        )
+        kernels = [e for e in events if getattr(e, key, 0) > 0]
+        busy = sum(getattr(e, key) for e in kernels) / 1e6
+    else:
+        key = "self_cpu_time_total"
+        kernels = [e for e in events if e.self_cpu_time_total > 0]
+        busy = None
+    kernels.sort(key=lambda e: getattr(e, key), reverse=True)
+    return {
+        "wall_s": wall,
+        "device_busy_s": busy,
+        "host_share": None if busy is None else max(0.0, 1 - busy / wall),
+        "top": [
+            {"name": e.key[:120], "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in kernels[:top]
+        ],
     }
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from hamburger.decode.eager import DecodeResult
-from hamburger.decode.static import Step, sync, timed  # noqa: F401 - sync, timed re-exported for bench
+from hamburger.decode.static import Step, timed
 
 
 def speed_bound(tau: float, m: float, t_base: float, t_embed: float, t_micro: float) -> float:

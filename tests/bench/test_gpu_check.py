@@ -51,8 +51,12 @@ def test_gpu_check_dry_run(tmp_path):
     train = sections["train tiny"]["rows"]
     assert {(r["K"], r["attention"]) for r in train} == {(4, "dense"), (1, "dense")}
     assert all(r["tokens_per_s"] > 0 and r["model_tflops_per_step"] > 0 for r in train)
+    assert all(r["steps"] == 2 and r["batches"] == 2 and r["step_s_p50"] <= r["step_s_max"] for r in train)
+    profiles = sections["train tiny"]["profiles"]  # one profiled step per row: what took the time
+    assert set(profiles) == {"K=4 dense", "K=1 dense"}
+    assert all(p["wall_s"] > 0 and p["top"] and p["top"][0]["self_ms"] > 0 for p in profiles.values())
     md = (out / "gpu_check.md").read_text()
-    assert "## decode tiny" in md and "| K | attention |" in md
+    assert "## decode tiny" in md and "| K | attention |" in md and "- profile K=4 dense: step" in md
 
 
 def test_wheels_folder_is_ignored_and_small():
