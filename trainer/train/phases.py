@@ -19,7 +19,7 @@ from pathlib import Path
 from hamburger.configio import with_overrides
 from hamburger.model.lora import adapter_shape, carried_state, merged_state
 from trainer.export.zero_files import consolidated_zero_state, verify_loadable
-from trainer.train.checkpoint import COMPLETE, CheckpointInfo, latest_checkpoint
+from trainer.train.checkpoint import CheckpointInfo
 from trainer.train.config import TrainConfig
 from trainer.train.tracking import default_tracking_uri
 
@@ -61,10 +61,12 @@ def initial_state(init_from: str, base: str, names: list[str], lora: dict | None
     `names` and whose LoRA settings are `lora` (None: no adapters): lazy tensors by name. The
     checkpoint's adapters are carried over when this run's have the same shape and scale, else
     folded into the weights, this run's adapters starting fresh (hamburger/model/lora.py)."""
-    src = Path(init_from)
-    ckpt = latest_checkpoint(src / "checkpoints") if (src / "checkpoints").is_dir() else src
-    if ckpt is None or not (ckpt / COMPLETE).is_file():
-        raise FileNotFoundError(f"init_from={init_from}: no complete checkpoint there")
+    from trainer.export.export import ExportError, resolve_checkpoint
+
+    try:  # the checkpoint export would take, verified the same way
+        ckpt = resolve_checkpoint(init_from)
+    except ExportError as e:
+        raise ValueError(f"init_from={init_from}: {e}") from None
     info = CheckpointInfo.read(ckpt)
     if info.base != base:
         raise ValueError(
