@@ -51,3 +51,25 @@ def test_proof_carry_folders_are_ignored():
     """What bench/gpu_proof_assets.sh fills travels beside the tree and is never committed."""
     for path in ("bench/proof_part1/x.part1", "bench/proof_part2/x.part2", ".proof_stage/x.part1"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
+
+
+def test_the_full_proof_run_configs_load(tmp_path):
+    """The GPU run's own commands (not run here): every stage's config loads and validates, so
+    the one GPU call cannot fail on a typo."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_proof import commands, parse_args
+
+    from data_prep.config import PrepConfig
+    from hamburger.configio import load_config
+    from trainer.evaluate.config import EvalConfig
+    from trainer.train.config import TrainConfig
+
+    cmds = commands(parse_args(["--work", str(tmp_path)]), tmp_path, tmp_path / "prep" / "abc")
+    prep = load_config(PrepConfig, ROOT / cmds["prep"][3], cmds["prep"][4:])
+    assert prep.generate.decode == "auto" and prep.model == "builtin:smollm2"
+    train = load_config(TrainConfig, ROOT / cmds["train"][3], cmds["train"][4:])
+    assert [p.steps for p in train.phases] == [100, 200] and not train.mlflow.enabled
+    assert train.data.path.endswith("abc") and not train.data.prep_config
+    ev = load_config(EvalConfig, None, [f"model={cmds['eval'][3]}", *cmds["eval"][4:]])
+    assert ev.batch_sizes == [1, 8, 32] and ev.decode == "graphed" and len(ev.confidences) == 6
+    assert cmds["export"][-1] == "15MB" and "--adapter" in cmds["export"]
