@@ -23,6 +23,7 @@ import torch
 
 GIB = 2**30
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # dense bf16 tensor-core peaks
+GPU_MEM_GIB = {"h100": 79.6, "h200": 139.8, "a100": 79.2}  # what torch reports as total memory
 RUNTIME_CPU = 0.38 * GIB
 """A CPU rank's resident memory after importing torch, transformers, deepspeed and mlflow
 (measured here); on a GPU the libraries live in host memory, not the device's."""
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="key=value, as for train")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs (or CPU ranks, with --cpu) per node")
     ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    ap.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: the --gpu's)")
     ap.add_argument("--gpu", default="h100", choices=sorted(PEAK_TFLOPS))
     ap.add_argument(
         "--mfu", type=float, default=0.4, help="the model FLOPs utilisation the step time assumes"
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         help="CPU ranks (fp32 under precision auto; --gpu-mem: host GiB per rank)",
     )
     args = ap.parse_args(argv)
+    if args.gpu_mem is None:
+        args.gpu_mem = 80.0 if args.cpu else GPU_MEM_GIB[args.gpu]
     from hamburger.configio import load_config
     from trainer.train.config import TrainConfig
 
