@@ -19,13 +19,13 @@ explicit additive mask, so no transformers mask or cache logic is involved.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from hamburger.decode.eager import DecodeResult
+from hamburger.decode.timing import timed
 from hamburger.model.compat import cache_kwargs
 from hamburger.model.config import DEFAULT_CONFIDENCE
 from hamburger.model.hamburger import HAMburgerModel
@@ -99,21 +99,6 @@ def capture(fn: Callable[[], None], prepare: Callable[[], None], device: torch.d
     return graph
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], None], n: int, device: torch.device) -> float:
-    """Mean seconds per call of fn over n calls (after the caller's warm-up)."""
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / n
-
-
 class Step:
     """A function of device state only; replayed as a CUDA graph when `graphs` (on CUDA)."""
 
@@ -155,7 +140,8 @@ class _Common:
         self.out_tok = torch.zeros(batch, max_new + 2 * width_extra, dtype=long, device=dev)
         self.junk = max_new + width_extra  # finished rows write here
         self.eos_table = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
-        self.max_new_t = torch.tensor(max_new, device=dev)
+        self.max_new_t = torch.full((batch,), max_new, device=dev)  # per row: slots differ (slots.py)
+        self.ignore_eos = torch.zeros(batch, dtype=torch.bool, device=dev)  # EOS ends its segment only
 
     def reset(
         self, prompts: list[list[int]], eos: set[int], max_new: int | None
@@ -183,7 +169,7 @@ class _Common:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         self.last_pos.copy_(positions[:, -1])
         self.col.fill_(self.width)
-        for t in (self.emitted, self.done, self.kv_entries, self.out_tok, self.eos_table):
+        for t in (self.emitted, self.done, self.kv_entries, self.out_tok, self.eos_table, self.ignore_eos):
             t.zero_()
         self.forwards.fill_(1)
         if eos:
@@ -223,7 +209,7 @@ class _Common:
         self.out_tok.scatter_(1, idx, seg_tok)
         self.emitted.add_(torch.where(active, seg_len, torch.zeros_like(seg_len)))
         last = seg_tok.gather(1, (seg_len - 1)[:, None])[:, 0]
-        fin = active & (self.eos_table[last] | (self.emitted >= self.max_new_t))
+        fin = active & ((self.eos_table[last] & ~self.ignore_eos) | (self.emitted >= self.max_new_t))
         self.kv_entries.copy_(torch.where(fin, self.valid.sum(1), self.kv_entries))
         self.done.logical_or_(fin)
 
@@ -303,7 +289,7 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self.live = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.by_head = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.cap = torch.full((batch,), k, dtype=long, device=dev)  # forced lengths, else K
-        self.conf = torch.zeros((), dtype=torch.float64, device=dev)
+        self.conf = torch.zeros(batch, dtype=torch.float64, device=dev)  # per row: slots differ
         d = model.base.config.hidden_size
         self.feats = torch.zeros(batch, len(model.feature_layers), d, dtype=self.dtype, device=dev)
         # + 4: spare columns (the speculative last step of a graphed decode writes one more)

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from hamburger.decode.eager import DecodeResult
-from hamburger.decode.static import Step, timed
+from hamburger.decode.static import Step
+from hamburger.decode.timing import timed
 
 
 def speed_bound(tau: float, m: float, t_base: float, t_embed: float, t_micro: float) -> float:

@@ -57,7 +57,12 @@ class HAMburgerPyfunc(mlflow.pyfunc.PythonModel):
             if not _missing(params.get(key)):
                 params[key] = check(params[key], "params")
         seqs = [self._sequence(i, row, params) for i, row in enumerate(pyfunc_rows(model_input))]
-        decode_all(self.loaded.batch(), seqs, PYFUNC_MAX_BATCH)
+        slots = min(PYFUNC_MAX_BATCH, max(1, len(seqs)))
+        longest = max((len(s.prompt_ids) for s in seqs), default=1)
+        most = max((s.max_new_tokens for s in seqs), default=1)
+        # shapes rounded up, so later calls of similar sizes reuse the slot batch (and its graphs)
+        batch = self.loaded.batch("auto", slots, -(-longest // 64) * 64, 1 << (most - 1).bit_length())
+        decode_all(batch, seqs, slots)
         tok = self.loaded.tokenizer
         return pd.DataFrame(
             [

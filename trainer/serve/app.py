@@ -241,11 +241,15 @@ def serve(cfg: ServeConfig) -> None:
 
         torch.set_num_threads(cfg.threads)
     loaded = load_for_serving(cfg.model, cfg.dtype, cfg.device, cfg.model_name)
-    scheduler = Scheduler(loaded.batch(), cfg.max_batch, cfg.max_queue).start()
+    batch = loaded.batch(
+        cfg.decode, cfg.max_batch, cfg.max_prompt_tokens, cfg.max_tokens_cap, cfg.batch_aware
+    )
+    scheduler = Scheduler(batch, cfg.max_batch, cfg.max_queue).start()
     app = create_app(loaded, cfg, scheduler)
     print(
         f"[serve] {loaded.kind} model {loaded.name!r} on http://{cfg.host}:{cfg.port} "
-        f"(max_batch {cfg.max_batch}, max_queue {cfg.max_queue}, max_tokens cap {cfg.max_tokens_cap})",
+        f"(max_batch {cfg.max_batch}, max_queue {cfg.max_queue}, max_tokens cap {cfg.max_tokens_cap}, "
+        f"decode {cfg.decode}: {type(batch).__name__})",
         flush=True,
     )
     try:
@@ -269,10 +273,15 @@ def main(argv: list[str] | None = None) -> None:
         "dtype",
         "device",
         "threads",
+        "decode",
+        "max_prompt_tokens",
     ):
         value = getattr(defaults, name)
         ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     ap.add_argument("--confidence", type=float, default=None, help="default confidence (HAMburger)")
+    ap.add_argument(
+        "--batch-aware", action="store_true", help="HAMburger, static/graphed: batch-aware micro loop"
+    )
     args = vars(ap.parse_args(argv))
     cfg = ServeConfig(**args)
     try:

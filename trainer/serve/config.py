@@ -25,6 +25,14 @@ class ServeConfig:
     threads: int = 0
     """torch threads (0: torch's default). On a CPU shared with other work, 1 avoids threads
     waiting on a descheduled partner at every barrier of the small decode kernels."""
+    decode: str = "auto"
+    """auto (graphed on a GPU, static elsewhere), graphed, static: fixed slots with static KV
+    caches (hamburger/decode/slots.py; graphed replays CUDA graphs); eager: dynamic caches."""
+    max_prompt_tokens: int = 1024
+    """static/graphed: the longest prompt a slot holds (its KV caches are preallocated for
+    max_prompt_tokens + 2 x max_tokens_cap columns per slot); longer prompts get a 400."""
+    batch_aware: bool = False
+    """HAMburger, static/graphed: the micro loop ends segments that few rows still use."""
 
     def validate(self) -> None:
         """Refuse at start what would make every request fail (a queue of 0 answers only 429s)."""
@@ -37,6 +45,11 @@ class ServeConfig:
             "confidence": (self.confidence is None or is_confidence(self.confidence), "a number in (0, 1]"),
             "dtype": (self.dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
             "threads": (self.threads >= 0, "an integer >= 0 (0: torch's default)"),
+            "decode": (
+                self.decode in ("auto", "graphed", "static", "eager"),
+                "auto, graphed, static or eager",
+            ),
+            "max_prompt_tokens": (self.max_prompt_tokens >= 1, "an integer >= 1"),
         }
         for name, (ok, must) in rules.items():
             if not ok:

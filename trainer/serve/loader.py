@@ -60,7 +60,9 @@ class HAMburgerGenerator:
     ) -> DecodeResult:
         max_new = max_new_tokens or self.defaults.get("max_new_tokens", 256)
         conf = confidence if confidence is not None else self.defaults.get("confidence", DEFAULT_CONFIDENCE)
-        res = generate_batch(self.model, [self.encode(prompt)], max_new, conf, self.eos, decode=self.decode)[0]
+        res = generate_batch(self.model, [self.encode(prompt)], max_new, conf, self.eos, decode=self.decode)[
+            0
+        ]
         res.text = self.tokenizer.decode(res.tokens, skip_special_tokens=True)
         return res
 
@@ -145,10 +147,35 @@ class LoadedModel:
     default_max_tokens: int
     default_confidence: float | None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _slot_batches: dict = field(default_factory=dict, repr=False)
 
-    def batch(self) -> ContinuousBatch:
-        pad = self.tokenizer.pad_token_id
-        return ContinuousBatch(self.stepper, self.eos, pad if pad is not None else 0, self.device)
+    def batch(
+        self,
+        decode: str = "eager",
+        slots: int = 16,
+        max_prompt: int = 1024,
+        max_new: int = 1024,
+        batch_aware: bool = False,
+    ):
+        """The running batch continuous batching decodes in: eager (ContinuousBatch: dynamic
+        caches) or, for static / graphed / auto, a SlotBatch (hamburger/decode/slots.py: fixed
+        slots, static shapes, CUDA graphs on a GPU) of `slots` rows holding prompts of up to
+        max_prompt tokens and up to max_new new tokens, built once per shape."""
+        from hamburger.decode.batched import resolve_mode
+        from hamburger.decode.slots import SlotBatch
+
+        model = self.stepper.parameters_of
+        mode = resolve_mode(decode, model)
+        if mode == "eager":
+            pad = self.tokenizer.pad_token_id
+            return ContinuousBatch(self.stepper, self.eos, pad if pad is not None else 0, self.device)
+        key = (mode, slots, max_prompt, max_new, batch_aware)
+        if key not in self._slot_batches:
+            self._slot_batches.clear()  # one shape at a time: each holds its KV caches
+            self._slot_batches[key] = SlotBatch(
+                model, slots, max_prompt, max_new, self.eos, mode == "graphed", batch_aware
+            )
+        return self._slot_batches[key]
 
 
 def load_for_serving(spec: str, dtype: str = "float32", device: str = "", name: str = "") -> LoadedModel:

@@ -132,6 +132,13 @@ def parse_params(
         raise APIError(
             400, f"{max_key}: {max_tokens} is over this server's cap of {cfg.max_tokens_cap}", max_key
         )
+    if cfg.decode != "eager" and len(prompt_ids) > cfg.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"the prompt has {len(prompt_ids)} tokens; this server's slots hold prompts of at most "
+            f"{cfg.max_prompt_tokens} (--max-prompt-tokens)",
+            "prompt" if "prompt" in known else "messages",
+        )
     if len(prompt_ids) + max_tokens > loaded.max_positions:
         raise APIError(
             400,

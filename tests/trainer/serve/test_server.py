@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from hamburger.decode import base_generate_batch, generate
 from hamburger.decode.continuous import ContinuousBatch
+from hamburger.decode.slots import SlotBatch
 from hamburger.model import HAMburgerConfig, HAMburgerModel, save_model
 from trainer.serve.app import create_app
 from trainer.serve.config import ServeConfig
@@ -75,14 +76,37 @@ class RecordingBatch(ContinuousBatch):
         return super().step()
 
 
+class RecordingSlots(SlotBatch):
+    """RecordingBatch's records, on the static slot engine (decode static / graphed)."""
+
+    def __init__(self, *a, delay_s: float = 0.0, **kw):
+        super().__init__(*a, **kw)
+        self.delay_s, self.steps, self.joins_while_running = delay_s, [], 0
+
+    def join(self, seqs):
+        self.joins_while_running += bool(seqs) and len(self.rows) > 0
+        super().join(seqs)
+
+    def step(self):
+        self.steps.append((time.monotonic(), [tuple(s.prompt_ids) for s in self.rows]))
+        time.sleep(self.delay_s)
+        return super().step()
+
+
 class Server:
-    def __init__(self, folder: Path, delay_s: float = 0.0, **overrides):
+    def __init__(self, folder: Path, delay_s: float = 0.0, decode: str = "eager", **overrides):
         import uvicorn
 
-        self.cfg = ServeConfig(model=str(folder), port=free_port(), **overrides)
+        self.cfg = ServeConfig(model=str(folder), port=free_port(), decode=decode, **overrides)
         self.engine = load_for_serving(self.cfg.model, name="tiny")
         pad = self.engine.tokenizer.pad_token_id or 0
-        self.batch = RecordingBatch(self.engine.stepper, self.engine.eos, pad, delay_s=delay_s)
+        if decode == "eager":
+            self.batch = RecordingBatch(self.engine.stepper, self.engine.eos, pad, delay_s=delay_s)
+        else:  # what `serve --decode static` runs
+            model, c = self.engine.stepper.parameters_of, self.cfg
+            self.batch = RecordingSlots(
+                model, c.max_batch, c.max_prompt_tokens, c.max_tokens_cap, self.engine.eos, delay_s=delay_s
+            )
         self.scheduler = Scheduler(self.batch, self.cfg.max_batch, self.cfg.max_queue).start()
         app = create_app(self.engine, self.cfg, self.scheduler)
         self.server = uvicorn.Server(
@@ -122,8 +146,9 @@ def reference(engine, prompt: str, max_new: int, confidence: float) -> tuple[str
     return engine.tokenizer.decode(res.tokens, skip_special_tokens=True), len(res.tokens), res.macro_steps
 
 
-def test_greedy_output_equals_generate_with_requests_arriving_mid_run(folders, server_factory):
-    srv = server_factory(folders["ham"], delay_s=0.01, max_batch=4)
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_greedy_output_equals_generate_with_requests_arriving_mid_run(folders, server_factory, decode):
+    srv = server_factory(folders["ham"], delay_s=0.01, max_batch=4, decode=decode, max_tokens_cap=64)
     jobs = [(p, 8 + 5 * i, (0.3, 0.5, 0.7, 0.9)[i % 4]) for i, p in enumerate(PROMPTS)]
     answers: dict[int, dict] = {}
 
@@ -151,8 +176,9 @@ def test_greedy_output_equals_generate_with_requests_arriving_mid_run(folders, s
     assert multi, "the test model must emit multi-token segments"
 
 
-def test_base_server_batches_the_same_way(folders, server_factory):
-    srv = server_factory(folders["base"], delay_s=0.01, max_batch=3)
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_base_server_batches_the_same_way(folders, server_factory, decode):
+    srv = server_factory(folders["base"], delay_s=0.01, max_batch=3, decode=decode, max_tokens_cap=64)
     answers: dict[int, dict] = {}
 
     def ask(i: int) -> None:
@@ -646,3 +672,14 @@ def test_load_generates_through_the_static_decoder_with_the_reference_tokens(fol
         assert (a.tokens, a.seg_lens) == (ref.tokens, ref.seg_lens)
     with pytest.raises(ValueError, match="decode must be one of"):
         HAMburgerGenerator(folders["ham"], decode="fast")
+
+
+def test_static_slots_refuse_a_prompt_longer_than_a_slot_holds(folders, server_factory):
+    srv = server_factory(folders["ham"], decode="static", max_prompt_tokens=4, max_tokens_cap=16)
+    r = srv.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 4})
+    assert r.status_code == 400 and "--max-prompt-tokens" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "prompt"
+    ok = srv.post("/v1/completions", {"prompt": "a", "max_tokens": 4})
+    assert ok.status_code == 200, ok.text
+    with pytest.raises(ValueError, match="serve --decode: must be auto, graphed, static or eager"):
+        ServeConfig(model="x", decode="fast").validate()

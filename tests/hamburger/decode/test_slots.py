@@ -1,0 +1,112 @@
+"""Continuous batching on the static decoder (hamburger/decode/slots.py): requests joining and
+leaving fixed slots at macro-step boundaries get the tokens each prompt gets decoded alone, for
+HAMburger and for the plain base, through KV-column compaction, with per-request budgets,
+confidences and ignore_eos."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import sharp_model
+
+from hamburger.decode import base_generate_batch, generate
+from hamburger.decode.continuous import ContinuousBatch, HAMburgerStepper, Sequence
+from hamburger.decode.slots import SlotBatch
+
+EOS = 2
+
+
+def requests(n: int, seed: int = 0) -> list[Sequence]:
+    rng = random.Random(seed)
+    return [
+        Sequence(
+            prompt_ids=[rng.randrange(3, 90) for _ in range(rng.randint(1, 9))],
+            max_new_tokens=rng.randint(1, 10),
+            confidence=rng.choice([0.3, 0.5, 0.9]),
+            ignore_eos=rng.random() < 0.3,
+        )
+        for _ in range(n)
+    ]
+
+
+def run(batch, seqs: list[Sequence], slots: int, rng: random.Random) -> int:
+    """Join a random number of waiting requests at each boundary (as the scheduler does)."""
+    waiting, steps = list(seqs), 0
+    while waiting or len(batch):
+        free = slots - len(batch)
+        take = rng.randint(0, free) if len(batch) else max(1, rng.randint(0, free))
+        batch.join(waiting[:take])
+        waiting = waiting[take:]
+        batch.step()
+        steps += 1
+    return steps
+
+
+def fields(s: Sequence):
+    return s.tokens, s.seg_lens, s.finish_reason, s.macro_steps
+
+
+def test_slots_give_each_prompt_its_own_tokens_with_joins_leaves_and_compaction():
+    model = sharp_model()
+    seqs = requests(80)
+    # max_new 10: the cache holds 9 + 20 columns, so 80 requests pass through compaction
+    batch = SlotBatch(model, slots=3, max_prompt=9, max_new=10, eos={EOS})
+    steps = run(batch, seqs, 3, random.Random(1))
+    assert steps > 40
+    ref = requests(80)
+    cont = ContinuousBatch(HAMburgerStepper(model), {EOS})
+    run(cont, ref, 3, random.Random(1))
+    assert [fields(s) for s in seqs] == [fields(s) for s in ref]
+    for s in seqs:  # and each equals the prompt decoded alone
+        if not s.ignore_eos:
+            alone = generate(model, s.prompt_ids, s.max_new_tokens, s.confidence, {EOS})
+            assert (s.tokens, s.seg_lens) == (alone.tokens, alone.seg_lens)
+    assert all(s.finish_reason in ("stop", "length") for s in seqs)
+    assert batch.compactions > 0 and batch.col < batch.dec.length and len(batch) == 0
+
+
+def test_base_slots_equal_the_base_decoder():
+    model = sharp_model()
+    seqs = [Sequence(prompt_ids=s.prompt_ids, max_new_tokens=s.max_new_tokens) for s in requests(12, seed=3)]
+    batch = SlotBatch(model.base, slots=4, max_prompt=9, max_new=10, eos={EOS})
+    run(batch, seqs, 4, random.Random(2))
+    for s in seqs:
+        alone = base_generate_batch(model.base, [s.prompt_ids], s.max_new_tokens, {EOS})[0]
+        assert s.tokens == alone.tokens and s.seg_lens == [1] * len(s.tokens)
+
+
+def test_cancelled_rows_leave_and_oversized_requests_are_refused():
+    model = sharp_model()
+    batch = SlotBatch(model, slots=2, max_prompt=9, max_new=10, eos={EOS})
+    a, b = requests(2, seed=5)
+    a.max_new_tokens = b.max_new_tokens = 10
+    a.ignore_eos = b.ignore_eos = True
+    batch.join([a, b])
+    batch.step()
+    a.cancel("deadline")
+    assert batch.drop_cancelled() == [a] and a.finish_reason == "deadline" and batch.rows == [b]
+    while len(batch):
+        batch.step()
+    alone = generate(model, b.prompt_ids, 10, b.confidence, set())
+    assert b.tokens == alone.tokens
+    with pytest.raises(ValueError, match="holds prompts of <= 9 tokens and <= 10 new tokens"):
+        batch.join([Sequence(prompt_ids=list(range(3, 13)), max_new_tokens=4)])
+    batch.join(requests(1))
+    batch.fail_all("boom")
+    assert len(batch) == 0
+
+
+def test_graphed_slots_run_the_captured_steps():
+    """On CPU graphs are not captured; the static path is what a GPU replays (test_static_decode
+    rehearses the capture)."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a GPU")
+    model = sharp_model().cuda()
+    seqs = requests(8)
+    run(SlotBatch(model, 2, 9, 10, {EOS}, graphs=True), seqs, 2, random.Random(1))
+    for s in seqs:
+        if not s.ignore_eos:
+            alone = generate(model, s.prompt_ids, s.max_new_tokens, s.confidence, {EOS})
+            assert s.tokens == alone.tokens
