@@ -8,8 +8,9 @@ Two kinds of segment lengths:
 - the model's own: a trained export (--model, e.g. the recipe ablation's) deciding with its
   stop head at c = 0.5 on its held-out prompts (--data, a prep folder).
 
-Each cell is the best of --reps interleaved runs in this one process (the machine is noisy, so
-ratios are what to read). Columns: tokens per macro step, micro calls per macro step (m), the
+Each cell is the best of --reps interleaved runs in this one process, the order reversed every
+other rep (the machine is noisy, so ratios are what to read; at batch 1 on and off run the same
+code, so their ratio there is the noise floor). Columns: tokens per macro step, micro calls per macro step (m), the
 share of macro steps whose micro loop the rule ended early, tokens/s, and the speed-up over
 the base with the rule off and on.
 
@@ -63,9 +64,10 @@ def measure(model, prompts, max_new: int, reps: int, forced, confidence: float) 
     for fn in runs.values():
         fn()  # warm-up
     seconds = {k: [] for k in runs}
-    for _ in range(reps):  # interleaved: each rep runs all three back to back
-        for k, fn in runs.items():
-            seconds[k].append(best(fn, 1))
+    order = list(runs)
+    for rep in range(reps):  # interleaved, the order reversed every other rep (no one is always last)
+        for k in order if rep % 2 == 0 else order[::-1]:
+            seconds[k].append(best(runs[k], 1))
     for k in runs:
         out[f"tps_{k}"] = batch * max_new / min(seconds[k])
     out["speedup_off"] = out["tps_off"] / out["tps_base"]

@@ -112,7 +112,9 @@ def env() -> dict:
 
 
 class Server:
-    def __init__(self, kind: str, folder: Path, log: Path, max_batch: int = 16, cap: int = 400):
+    def __init__(
+        self, kind: str, folder: Path, log: Path, max_batch: int = 16, cap: int = 400, decode: str = "auto"
+    ):
         self.kind, self.port = kind, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if kind == "pyfunc":
@@ -122,7 +124,7 @@ class Server:
         else:
             cmd = [sys.executable, "-m", "trainer.serve", str(folder), "--port", str(self.port)]
             cmd += ["--max-batch", str(max_batch), "--max-queue", "256", "--max-tokens-cap", str(cap)]
-            cmd += ["--model-name", "bench"]
+            cmd += ["--model-name", "bench", "--decode", decode, "--max-prompt-tokens", "256"]
             self.health = "/health"
         self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=self.log, stderr=subprocess.STDOUT)
@@ -353,6 +355,9 @@ def main() -> None:
         "--repeats", type=int, default=2, help="passes per row (order reversed each pass); best kept"
     )
     ap.add_argument("--confidences", default="0.9,0.3")
+    ap.add_argument(
+        "--decodes", default="static,eager", help="our servers' --decode values, each its own server"
+    )
     ap.add_argument("--soak-s", type=float, default=0.0, help="then a soak of this many seconds")
     ap.add_argument("--threads", default="1", help="torch threads per server process")
     ap.add_argument("--skip-load", action="store_true")
@@ -370,7 +375,9 @@ def main() -> None:
     prompts = bench_prompts(args.requests)
     rows, soak_stats = [], None
     confs = [float(c) for c in args.confidences.split(",")]
-    plan = [("hamburger", folders["ham"], ask_ours, confs), ("base", folders["base"], ask_ours, [None])]
+    decodes = args.decodes.split(",")
+    plan = [(f"hamburger/{d}", folders["ham"], ask_ours, confs) for d in decodes]
+    plan += [(f"base/{d}", folders["base"], ask_ours, [None]) for d in decodes]
     if not args.skip_pyfunc:
         plan += [("pyfunc", folders["pyfunc"], ask_pyfunc, [None])]
     servers: dict[str, Server] = {}
@@ -378,7 +385,8 @@ def main() -> None:
         # All servers up at once, then each concurrency level on every server in turn: a change in
         # the machine's load (it is shared) falls on all of them alike rather than on one.
         for kind, folder, ask, conf_list in [] if args.skip_load else plan:
-            servers[kind] = Server(kind, folder, work / f"{kind}.log")
+            name, _, decode = kind.partition("/")
+            servers[kind] = Server(name, folder, work / f"{name}-{decode}.log", decode=decode or "auto")
             ask(servers[kind].url, prompts[0], 4, conf_list[0])  # warm-up
         # --repeats passes, the order reversed every other pass; each row keeps its best pass.
         cases = [(kind, ask, conf) for kind, _folder, ask, conf_list in plan for conf in conf_list]
@@ -423,22 +431,29 @@ def report(rows: list[dict], soak_stats: dict | None, args) -> str:
     ]
     if rows:
         lines += [
-            "| server | confidence | concurrency | ok / failed | tokens/s | p50 s | p95 s | p99 s | TTFT p50 s "
-            "| tokens per macro step | vs base | vs pyfunc |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| server/decode | confidence | concurrency | ok / failed | tokens/s | p50 s | p95 s | p99 s | TTFT p50 s "
+            "| tokens per macro step | vs base (same decode) | vs its eager | vs pyfunc |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         ref = {
-            (r["server"], r["concurrency"]): r["tokens_per_s"] for r in rows if r["failed"] < r["requests"]
+            (r["server"], r["confidence"], r["concurrency"]): r["tokens_per_s"]
+            for r in rows
+            if r["failed"] < r["requests"]
         }
         for r in rows:
-            base, pyf = ref.get(("base", r["concurrency"])), ref.get(("pyfunc", r["concurrency"]))
+            kind, _, dec = r["server"].partition("/")
+            c = r["concurrency"]
+            base = ref.get((f"base/{dec or 'static'}", None, c))
+            eager = ref.get((f"{kind}/eager", r["confidence"], c)) if dec and dec != "eager" else None
+            pyf = ref.get(("pyfunc", None, c))
             vs_base = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
+            vs_eager = f"{r['tokens_per_s'] / eager:.2f}x" if eager else ""
             vs_pyf = f"{r['tokens_per_s'] / pyf:.2f}x" if pyf else ""
             lines.append(
                 f"| {r['server']} | {r['confidence'] or ''} | {r['concurrency']} | "
                 f"{r['requests'] - r['failed']} / {r['failed']} | {r['tokens_per_s']:.1f} | {r['p50']:.2f} | "
                 f"{r['p95']:.2f} | {r['p99']:.2f} | {r['ttft_p50']:.2f} | {r['tokens_per_macro_step']:.2f} | "
-                f"{vs_base} | {vs_pyf} |"
+                f"{vs_base} | {vs_eager} | {vs_pyf} |"
             )
         errors = sorted({e for r in rows for e in r["errors"]})
         if errors:
