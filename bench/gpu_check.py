@@ -20,7 +20,10 @@ each skipped (and reported as skipped) once --deadline-s has passed:
   row of row_capacity macro positions per step, dense mask vs FlexAttention (tokens/s, peak
   memory, MFU): 20 timed steps over 4 different rows, one engine per table row (freed before
   the next), and a profiler summary of one step (device busy time, host share, top kernels);
-  the 1B and 135M shapes, then a 3B shape if the deadline allows.
+  the 1B and 135M shapes, then a 3B shape if the deadline allows;
+- serve: continuous batching as the server runs it (bench/gpu_check_serve.py), HAMburger and
+  the base through the slot batch (graphed) and through the eager batch, at concurrency 1, 8,
+  32 and 64.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 from gpu_check_models import free
 from gpu_check_sections import section_checks, section_decode, section_label, section_train
+from gpu_check_serve import section_serve
 
 
 # ---------------------------------------------------------------- report
@@ -80,6 +84,17 @@ def markdown(report: dict) -> str:
                     f"{1e3 * r['t_micro']:.3f} | {1e3 * r['t_embed']:.3f} | {r['eager_base_tokens_per_s']:.0f} |"
                 )
             lines.append("")
+        elif name.startswith("serve"):
+            lines += [
+                "| server | decode | concurrency | confidence | tokens/s | tokens per macro step | vs base (same decode) |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in sec["rows"]:
+                lines.append(
+                    f"| {r['server']} | {r['decode']} | {r['concurrency']} | {r['confidence'] or ''} | "
+                    f"{r['tokens_per_s']:.0f} | {r['tokens_per_macro_step']:.2f} | {r['vs_base_same_decode']:.2f}x |"
+                )
+            lines.append("")
         elif name.startswith("label"):
             lines += [f"- {k}: {v}" for k, v in sec.items()] + [""]
         elif name.startswith("train"):
@@ -118,7 +133,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "outputs/gpu_check"))
     ap.add_argument("--work", default="/tmp/hamburger-gpu-check", help="scratch folder (random base models)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: the CI dry run of this same script")
-    ap.add_argument("--sections", default="checks,decode,label,train")
+    ap.add_argument("--sections", default="checks,decode,label,train,serve")
     ap.add_argument("--deadline-s", type=float, default=420.0, help="skip what would start after this")
     ap.add_argument(
         "--manifest", default="", help="a prep manifest.json whose segment histogram to draw from"
@@ -129,6 +144,7 @@ def parse_args(argv=None):
         args.batch_sizes, args.prompt_len, args.max_new = [1, 3], 8, 12
         args.label_batch_tokens, args.label_len = 256, 64
         args.row_capacity, args.train_steps, args.train_warmup, args.train_batches = 96, 2, 1, 2
+        args.serve_models, args.serve_concurrency = ["tiny"], [1, 3]
     else:
         args.decode_models = ["llama-3.2-1b", "smollm2-135m"]
         args.train_models = ["llama-3.2-1b", "smollm2-135m"]
@@ -137,6 +153,7 @@ def parse_args(argv=None):
         args.batch_sizes, args.prompt_len, args.max_new = [1, 8, 32], 64, 128
         args.label_batch_tokens, args.label_len = 65536, 1024
         args.row_capacity, args.train_steps, args.train_warmup, args.train_batches = 8192, 20, 2, 4
+        args.serve_models, args.serve_concurrency = ["llama-3.2-1b"], [1, 8, 32, 64]
     args.taus = [1.5, 2.0, 2.5]
     return args
 
@@ -152,6 +169,8 @@ def plan(args) -> list[tuple[str, callable, tuple]]:
         units += [(f"label {m}", section_label, (m,)) for m in args.label_models]
     if "train" in wanted:
         units += [(f"train {m}", section_train, (m,)) for m in args.train_models]
+    if "serve" in wanted:
+        units += [(f"serve {m}", section_serve, (m,)) for m in args.serve_models]
     if "decode" in wanted:
         units += [(f"decode {m}", section_decode, (m,)) for m in rest]
     if "train" in wanted:

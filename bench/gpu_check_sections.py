@@ -28,8 +28,9 @@ from gpu_check_models import (  # first: it puts the repo root on sys.path
     tilted,
 )
 
-from hamburger.decode.static import StaticBaseDecoder, StaticHAMburgerDecoder, sync
+from hamburger.decode.static import StaticBaseDecoder, StaticHAMburgerDecoder
 from hamburger.decode.step_costs import decode_costs, speed_bound
+from hamburger.decode.timing import sync
 from hamburger.model import HAMburgerConfig, Sample, collate
 
 

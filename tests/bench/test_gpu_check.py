@@ -28,7 +28,17 @@ def test_gpu_check_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     sections = report["sections"]
-    assert set(sections) == {"checks", "decode tiny", "label tiny", "train tiny"}
+    assert set(sections) == {"checks", "decode tiny", "label tiny", "train tiny", "serve tiny"}
+    serve = sections["serve tiny"]
+    assert serve["errors"] == []
+    assert {(r["server"], r["decode"], r["concurrency"], r["confidence"]) for r in serve["rows"]} == {
+        (k, d, c, conf)
+        for d in ("static", "eager")
+        for c in (1, 3)
+        for k, conf in (("hamburger", 0.3), ("hamburger", 0.9), ("base", None))
+    }
+    assert all(r["tokens_per_s"] > 0 and r["requests"] == 2 * r["concurrency"] for r in serve["rows"])
+    assert all(r["tokens_per_macro_step"] == 1 for r in serve["rows"] if r["server"] == "base")
     assert sections["checks"]["ok"] is True
     decode = sections["decode tiny"]["rows"]
     cases = ("equal", "drawn", "drawn_k2", "drawn_aware")
