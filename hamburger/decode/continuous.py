@@ -54,6 +54,16 @@ class Sequence(DecodeResult):
         if self.cancel_reason is None:
             self.cancel_reason = reason
 
+    def after_segment(self, seg: list[int], eos: set[int]) -> str | None:
+        """Why the sequence ends after this new segment (None: it goes on): EOS or a stop string
+        ('stop'), its budget ('length'), what on_step said, or a pending cancel."""
+        said = self.on_step(self, seg) if self.on_step is not None else None
+        if (seg[-1] in eos and not self.ignore_eos) or said == "stop":
+            return "stop"
+        if len(self.tokens) >= self.max_new_tokens:
+            return "length"
+        return said or self.cancel_reason
+
     def finish(self, reason: str, error: str = "") -> None:
         if self.finish_reason is not None:
             return
@@ -133,13 +143,7 @@ class ContinuousBatch:
             s.tokens += seg
             s.seg_lens.append(len(seg))
             s.forced_stop.append(not by_head[row])
-            said = s.on_step(s, seg) if s.on_step is not None else None
-            if (seg[-1] in self.eos and not s.ignore_eos) or said == "stop":
-                reason = "stop"
-            elif len(s.tokens) >= s.max_new_tokens:
-                reason = "length"
-            else:
-                reason = said or s.cancel_reason
+            reason = s.after_segment(seg, self.eos)
             if reason is None:
                 keep.append(row)
             else:

@@ -118,7 +118,7 @@ class SlotBatch:
             self._compact()
         dec = self.dec
         if self.ham:
-            self._micro_loop()
+            dec.micro_loop(int(dec.live.sum()), len(self), self.micro_cutoff)
             by_head = dec.by_head.clone()
             dec.advance()
             dec.t.zero_()  # the decoder's per-step logs are not used here: keep their index in range
@@ -142,13 +142,7 @@ class SlotBatch:
             s.tokens += seg
             s.seg_lens.append(len(seg))
             s.forced_stop.append(not head)
-            said = s.on_step(s, seg) if s.on_step is not None else None
-            if (seg[-1] in self.eos and not s.ignore_eos) or said == "stop":
-                reason = "stop"
-            elif len(s.tokens) >= s.max_new_tokens:
-                reason = "length"
-            else:
-                reason = said or s.cancel_reason
+            reason = s.after_segment(seg, self.eos)
             if reason is None:
                 s.macro_steps += 1
             else:
@@ -158,22 +152,6 @@ class SlotBatch:
         return finished
 
     # ---------------------------------------------------------------- inside
-    def _micro_loop(self) -> None:
-        """The micro steps of one macro step, as StaticHAMburgerDecoder.generate runs them."""
-        dec = self.dec
-        live, active = int(dec.live.sum()), len(self)
-        for j, micro in enumerate(dec.micro_steps):
-            if live and live < self.micro_cutoff * active:
-                dec.live.zero_()
-                dec.cuts += 1
-                live = 0
-            if not live:
-                break
-            micro()
-            dec.micro_calls += 1
-            if j + 1 < len(dec.micro_steps):
-                live = int(dec.live.sum())
-
     def _base_slot_step(self) -> None:
         """The base's macro step in the ContinuousBatch order: emit each row's pending token,
         then feed it (the next pending token comes from the new logits)."""

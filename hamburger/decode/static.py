@@ -445,17 +445,7 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self._set_flags()
         _, live, active = self.flags.tolist()  # host syncs read only stop decisions
         while True:
-            for j, micro in enumerate(self.micro_steps):
-                if live and live < micro_cutoff * active:
-                    self.live.zero_()  # segments end here; by_head stays False for them
-                    self.cuts += 1
-                    live = 0
-                if not live:
-                    break
-                micro()
-                self.micro_calls += 1
-                if j + 1 < len(self.micro_steps):
-                    live = int(self.live.sum())
+            self.micro_loop(live, active, micro_cutoff)
             self.advance()
             self.macro_steps += 1
             all_done, live, active = self.flags.tolist()
@@ -465,6 +455,21 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         seg = [[n for n in row if n] for row in self.seg_log[:, :n_steps].tolist()]
         head = self.head_log[:, :n_steps].tolist()
         return self.results(seg, [h[: len(s)] for h, s in zip(head, seg, strict=True)])
+
+    def micro_loop(self, live: int, active: int, micro_cutoff: float) -> None:
+        """The micro steps of one macro step, while any of the `active` unfinished rows is still
+        in its segment (`live` of them now); see generate for micro_cutoff."""
+        for j, micro in enumerate(self.micro_steps):
+            if live and live < micro_cutoff * active:
+                self.live.zero_()  # segments end here; by_head stays False for them
+                self.cuts += 1
+                live = 0
+            if not live:
+                break
+            micro()
+            self.micro_calls += 1
+            if j + 1 < len(self.micro_steps):
+                live = int(self.live.sum())
 
     def _load_forced(self, forced: torch.Tensor | None) -> None:
         """Macro step t forces forced[:, t % S]; steps never exceed max_new, so the table is cut

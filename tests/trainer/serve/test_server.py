@@ -59,8 +59,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {"ham": ham, "base": base_dir}
 
 
-class RecordingBatch(ContinuousBatch):
-    """Records every macro step's rows (by prompt) and joins that happen while rows are running."""
+class Recording:
+    """Records every macro step's rows (by prompt) and joins that happen while rows are running;
+    mixed into the eager batch and the slot batch alike."""
 
     def __init__(self, *a, delay_s: float = 0.0, **kw):
         super().__init__(*a, **kw)
@@ -76,21 +77,12 @@ class RecordingBatch(ContinuousBatch):
         return super().step()
 
 
-class RecordingSlots(SlotBatch):
-    """RecordingBatch's records, on the static slot engine (decode static / graphed)."""
+class RecordingBatch(Recording, ContinuousBatch):
+    """The eager batch (`serve --decode eager`)."""
 
-    def __init__(self, *a, delay_s: float = 0.0, **kw):
-        super().__init__(*a, **kw)
-        self.delay_s, self.steps, self.joins_while_running = delay_s, [], 0
 
-    def join(self, seqs):
-        self.joins_while_running += bool(seqs) and len(self.rows) > 0
-        super().join(seqs)
-
-    def step(self):
-        self.steps.append((time.monotonic(), [tuple(s.prompt_ids) for s in self.rows]))
-        time.sleep(self.delay_s)
-        return super().step()
+class RecordingSlots(Recording, SlotBatch):
+    """The slot batch on the static decoder (`serve --decode static` / graphed)."""
 
 
 class Server:
