@@ -246,29 +246,31 @@ class HAMburgerModel(nn.Module):
     def _micro_outputs(self, feats: torch.Tensor, tgt_tokens: torch.Tensor, tgt_lens: torch.Tensor):
         """[S, F, D] features -> [S * K, D] micro-step outputs (zeros past each segment's end).
 
-        The micro decoder runs once per segment length present (no padded slots, nothing for
-        one-token segments); a length absent from the batch costs one dummy sequence.
+        One micro-decoder call for every segment of two or more tokens, each a row of F + K - 1
+        slots [features, e(t_1..t_{K-1})]: under the causal mask a segment of L tokens reads
+        only its first F + L - 1 slots, so the slots past them change nothing it computes
+        (their outputs are dropped). One-token segments need no micro step (o_1 = h_L). With
+        no such segment the call runs on one dummy row with weight 0: every rank makes the same
+        module calls (ZeRO-3 gathers are collective) and backward matches.
         """
         s, f, d = feats.shape
         k = self.config.max_segment_len
-        pieces = [feats[:, -1]]  # o_1 = h_L
-        index = [torch.arange(s, device=feats.device) * k]
-        tok_emb = self.embed_tokens(tgt_tokens[:, : k - 1]) if k > 1 else None
-        zero = feats.new_zeros(())
-        for length in range(2, k + 1):  # one decoder call per segment length
-            sel = (tgt_lens == length).nonzero().squeeze(1)
-            if sel.numel() == 0:
-                # Same module calls on every rank (ZeRO-3 gathers are collective): run one dummy
-                # sequence and keep it in the graph with weight 0, so backward matches too.
-                seq = torch.cat([self.micro.features_in(feats[:1]), tok_emb[:1, : length - 1]], dim=1)
-                zero = zero + 0.0 * self.micro(seq).sum()
-                continue
-            seq = torch.cat([self.micro.features_in(feats[sel]), tok_emb[sel, : length - 1]], dim=1)
-            y = self.micro(seq)[:, f:]  # slots of e(t_1..t_{length-1}) -> o_2..o_length
-            pieces.append(y.reshape(-1, d))
-            index.append((sel[:, None] * k + torch.arange(1, length, device=feats.device)[None]).reshape(-1))
-        out = feats.new_zeros(s * k, d).index_copy(0, torch.cat(index), torch.cat(pieces))
-        return out + zero
+        out = feats.new_zeros(s, k, d)
+        out[:, 0] = feats[:, -1]  # o_1 = h_L
+        if k == 1:
+            return out.reshape(s * k, d)
+        rows = (tgt_lens >= 2).nonzero().squeeze(1)
+        dummy = rows.numel() == 0
+        sel = rows if not dummy else torch.zeros(1, dtype=torch.long, device=feats.device)
+        seq = torch.cat(
+            [self.micro.features_in(feats[sel]), self.embed_tokens(tgt_tokens[sel, : k - 1])], dim=1
+        )
+        y = self.micro(seq)[:, f:]  # slots of e(t_1..t_{K-1}) -> o_2..o_K
+        if dummy:
+            return out.reshape(s * k, d) + 0.0 * y.sum()
+        used = torch.arange(1, k, device=feats.device)[None] < tgt_lens[sel][:, None]  # o_j, j <= L
+        out = out.index_put((sel,), torch.cat([out[sel, :1], y * used[..., None]], dim=1))
+        return out.reshape(s * k, d)
 
     @torch.no_grad()
     def _plain_states(self, batch: PackedBatch) -> tuple[torch.Tensor, ...]:

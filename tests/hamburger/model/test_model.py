@@ -395,3 +395,20 @@ def test_chunked_loss_equals_the_full_logits_loss_and_gradients(rng, kl_weight):
 def test_loss_chunk_tokens_is_checked():
     with pytest.raises(ValueError, match="loss_chunk_tokens must be an integer >= 0"):
         HAMburgerConfig(loss_chunk_tokens=-1).validate()
+
+
+def test_the_micro_decoder_runs_once_per_forward_whatever_the_segment_lengths(rng):
+    """One call for every segment of two or more tokens (rows of F + K - 1 slots), and one
+    dummy call when every segment is one token: the same module calls on every ZeRO-3 rank."""
+    model = tiny_hamburger()
+    calls = []
+    model.micro.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape))
+    mixed = mixed_samples(rng, 6)
+    model(collate(mixed, 4))
+    assert len(calls) == 1 and calls[0][1] == model.micro.num_features + 3
+    assert calls[0][0] == sum(n >= 2 for s in mixed for n in s.seg_lens)
+    ones = [random_sample(rng, 96, 1, 3, 5, sid=i) for i in range(2)]
+    calls.clear()
+    out = model(collate(ones, 4))
+    assert len(calls) == 1 and calls[0][0] == 1
+    torch.autograd.grad(out.loss, [p for p in model.micro.parameters()], allow_unused=True)
