@@ -72,6 +72,7 @@ def generate_batch(
     pad_id: int = 0,
     decode: str = "eager",
     batch_aware: bool = False,
+    max_segment_len: int | None = None,
 ) -> list[DecodeResult]:
     """One DecodeResult per prompt, equal to `generate` run on each prompt alone.
 
@@ -80,7 +81,7 @@ def generate_batch(
     the micro loop ends the segments of the few rows still in theirs when one more micro step
     for them costs more than it yields (StaticHAMburgerDecoder.generate); outputs then differ
     from decoding each prompt alone (a cut row's next token comes from the base head, not the
-    micro decoder).
+    micro decoder). max_segment_len (static and graphed) caps every segment below the model's K.
     """
     model.eval()
     decode = resolve_mode(decode, model)
@@ -91,9 +92,16 @@ def generate_batch(
             if getattr(dec, "cutoff", None) is None:  # measured once per decoder (batch size)
                 dec.cutoff = dec.measure_cutoff()
             cutoff = dec.cutoff
-        return dec.generate(prompts, eos_token_ids, confidence, max_new=max_new_tokens, micro_cutoff=cutoff)
-    if batch_aware and len(prompts) > 1:
-        raise ValueError("batch_aware decoding needs decode=static or decode=graphed (not eager)")
+        return dec.generate(
+            prompts,
+            eos_token_ids,
+            confidence,
+            max_new=max_new_tokens,
+            micro_cutoff=cutoff,
+            max_segment_len=max_segment_len,
+        )
+    if (batch_aware and len(prompts) > 1) or max_segment_len:
+        raise ValueError("batch_aware and max_segment_len need decode=static or decode=graphed (not eager)")
     confidences = [confidence] * len(prompts)
     return _retiring_loop(
         HAMburgerStepper(model), prompts, max_new_tokens, confidences, eos_token_ids, pad_id

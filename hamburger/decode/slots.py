@@ -45,9 +45,10 @@ class SlotBatch:
         eos: set[int],
         graphs: bool = False,
         batch_aware: bool = False,
+        max_segment_len: int | None = None,
     ):
         """batch_aware: the micro loop knows its batch (StaticHAMburgerDecoder.generate), with
-        the cutoff measured here at `slots` rows."""
+        the cutoff measured here at `slots` rows; max_segment_len caps every segment below K."""
         self.ham = isinstance(model, HAMburgerModel)
         cls = StaticHAMburgerDecoder if self.ham else StaticBaseDecoder
         self.dec = dec = cls(model, slots, max_prompt, 2 * max_new, graphs)
@@ -71,7 +72,8 @@ class SlotBatch:
             t.zero_()
         if self.ham:
             dec.live.zero_()
-            dec.cap.fill_(dec.k)
+            dec.k_limit.fill_(min(dec.k, max_segment_len or dec.k))
+            dec.cap.fill_(int(dec.k_limit))
 
     # ---------------------------------------------------------------- the ContinuousBatch interface
     @property

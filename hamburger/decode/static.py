@@ -288,7 +288,8 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self.seg_len = torch.ones(batch, dtype=long, device=dev)
         self.live = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.by_head = torch.zeros(batch, dtype=torch.bool, device=dev)
-        self.cap = torch.full((batch,), k, dtype=long, device=dev)  # forced lengths, else K
+        self.cap = torch.full((batch,), k, dtype=long, device=dev)  # forced lengths, else k_limit
+        self.k_limit = torch.full((), k, dtype=long, device=dev)  # at most this many tokens per segment
         self.conf = torch.zeros(batch, dtype=torch.float64, device=dev)  # per row: slots differ
         d = model.base.config.hidden_size
         self.feats = torch.zeros(batch, len(model.feature_layers), d, dtype=self.dtype, device=dev)
@@ -372,7 +373,7 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
     def _cap_from_table(self) -> None:
         """This macro step's forced segment lengths (benchmark switch), else K."""
         forced = self.forced_buf.index_select(1, self.t % self.forced_period)[:, 0]
-        self.cap.copy_(torch.where(self.forcing, forced, torch.full_like(forced, self.k)))
+        self.cap.copy_(torch.where(self.forcing, forced, self.k_limit.expand_as(forced)))
 
     def _advance(self) -> None:
         """End this macro step and start the next: record the segments, feed them to the base,
@@ -427,17 +428,20 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         forced_seg_lens: torch.Tensor | None = None,
         max_new: int | None = None,
         micro_cutoff: float = 0.0,
+        max_segment_len: int | None = None,
     ) -> list[DecodeResult]:
         """Greedy decode of one batch. micro_cutoff > 0 makes the micro loop know its batch: before
         each micro step, if fewer than micro_cutoff of the unfinished rows are still in their
         segment, those rows end their segments now (their next token then comes from the base
         head) instead of the whole batch paying for a micro step that few rows use. The
         worthwhile cutoff is t_micro / t_macro (measure_cutoff): one micro step then
-        yields tokens at least as fast as the macro step that ending would bring forward."""
+        yields tokens at least as fast as the macro step that ending would bring forward.
+        max_segment_len (<= K) caps every segment, e.g. a smaller K for larger batches."""
         ids, positions = self.reset(prompts, eos or set(), max_new)
         for t in (self.seg_log, self.head_log, self.t):
             t.zero_()
         self.conf.fill_(0.0 if forced_seg_lens is not None else confidence)
+        self.k_limit.fill_(min(self.k, max_segment_len or self.k))
         self._load_forced(forced_seg_lens)
         self._cap_from_table()
         hs = self.prefill(self.inner.embed_tokens(ids), positions)

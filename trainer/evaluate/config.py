@@ -77,6 +77,9 @@ class EvalConfig:
     """static/graphed, batch > 1: the micro loop ends the segments of the few rows still in
     theirs when one more micro step costs more than it yields (cutoff t_micro / t_macro,
     measured per batch size); off: every micro step runs while any row continues."""
+    max_segment_len_by_batch: dict[int, int] = field(default_factory=dict)
+    """static/graphed: at these batch sizes, segments of at most this many tokens (a K below
+    the model's for large batches, e.g. {32: 2}); other batch sizes use the model's K."""
     dtype: DType = DType.auto
     """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16; both models use it."""
     output_dir: str = "outputs/eval"
@@ -93,7 +96,10 @@ class EvalConfig:
         check_range("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1")
         check_range("max_prompts", self.max_prompts, self.max_prompts >= 1, ">= 1")
         check_range("code_timeout_s", self.code_timeout_s, self.code_timeout_s > 0, "> 0")
-        if self.batch_aware and self.decode == DecodeMode.eager:
+        for bs, k in self.max_segment_len_by_batch.items():
+            if k < 1:
+                raise ValueError(f"max_segment_len_by_batch: {bs}: {k} must be >= 1")
+        if (self.batch_aware or self.max_segment_len_by_batch) and self.decode == DecodeMode.eager:
             raise ValueError(
-                "batch_aware=true needs decode=static or decode=graphed (the eager loop has no cutoff)"
+                "batch_aware and max_segment_len_by_batch need decode=static or decode=graphed (not eager)"
             )

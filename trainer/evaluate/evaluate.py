@@ -96,10 +96,19 @@ def evaluate(cfg: EvalConfig) -> dict:
             f"base, batch {bs}",
         )
         report["runs"].append({"decoder": "base", "batch_size": bs, **base_run, **costs})
+        cap = cfg.max_segment_len_by_batch.get(bs)  # None: the model's K
         for conf in cfg.confidences:
             run, _, texts, res = measure(
-                lambda ids, n, c=conf: generate_batch(
-                    model, ids, n or cfg.max_new_tokens, c, no_stop, pad, cfg.decode, cfg.batch_aware
+                lambda ids, n, c=conf, cap=cap: generate_batch(
+                    model,
+                    ids,
+                    n or cfg.max_new_tokens,
+                    c,
+                    no_stop,
+                    pad,
+                    cfg.decode,
+                    cfg.batch_aware,
+                    cap,
                 ),
                 bs,
                 base_tokens,
@@ -110,6 +119,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                     "decoder": "hamburger",
                     "confidence": conf,
                     "batch_size": bs,
+                    "max_segment_len": cfg.max_segment_len_by_batch.get(bs, model.config.max_segment_len),
                     **run,
                     "speedup": run["tokens_per_s"] / base_run["tokens_per_s"],
                     **bound_columns(run, micro_calls_per_macro_step(res, bs), costs, base_run),

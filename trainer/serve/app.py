@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads",
         "decode",
         "max_prompt_tokens",
+        "max_segment_len",
     ):
         value = getattr(defaults, name)
         ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)

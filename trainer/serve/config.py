@@ -33,6 +33,8 @@ class ServeConfig:
     max_prompt_tokens + 2 x max_tokens_cap columns per slot); longer prompts get a 400."""
     batch_aware: bool = False
     """HAMburger, static/graphed: the micro loop ends segments that few rows still use."""
+    max_segment_len: int = 0
+    """HAMburger, static/graphed: segments of at most this many tokens (0: the model's K)."""
 
     def validate(self) -> None:
         """Refuse at start what would make every request fail (a queue of 0 answers only 429s)."""
@@ -50,6 +52,7 @@ class ServeConfig:
                 "auto, graphed, static or eager",
             ),
             "max_prompt_tokens": (self.max_prompt_tokens >= 1, "an integer >= 1"),
+            "max_segment_len": (self.max_segment_len >= 0, "an integer >= 0 (0: the model's K)"),
         }
         for name, (ok, must) in rules.items():
             if not ok:

@@ -156,24 +156,35 @@ class LoadedModel:
         max_prompt: int = 1024,
         max_new: int = 1024,
         batch_aware: bool = False,
+        max_segment_len: int = 0,
     ):
         """The running batch continuous batching decodes in: eager (ContinuousBatch: dynamic
         caches) or, for static / graphed / auto, a SlotBatch (hamburger/decode/slots.py: fixed
         slots, static shapes, CUDA graphs on a GPU) of `slots` rows holding prompts of up to
-        max_prompt tokens and up to max_new new tokens, built once per shape."""
+        max_prompt tokens and up to max_new new tokens, built once per shape (max_segment_len:
+        a cap on HAMburger's segments, 0 for the model's K)."""
         from hamburger.decode.batched import resolve_mode
         from hamburger.decode.slots import SlotBatch
 
         model = self.stepper.parameters_of
         mode = resolve_mode(decode, model)
         if mode == "eager":
+            if max_segment_len:
+                raise ValueError("--max-segment-len needs --decode static or graphed")
             pad = self.tokenizer.pad_token_id
             return ContinuousBatch(self.stepper, self.eos, pad if pad is not None else 0, self.device)
-        key = (mode, slots, max_prompt, max_new, batch_aware)
+        key = (mode, slots, max_prompt, max_new, batch_aware, max_segment_len)
         if key not in self._slot_batches:
             self._slot_batches.clear()  # one shape at a time: each holds its KV caches
             self._slot_batches[key] = SlotBatch(
-                model, slots, max_prompt, max_new, self.eos, mode == "graphed", batch_aware
+                model,
+                slots,
+                max_prompt,
+                max_new,
+                self.eos,
+                mode == "graphed",
+                batch_aware,
+                max_segment_len or None,
             )
         return self._slot_batches[key]
 

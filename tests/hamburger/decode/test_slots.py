@@ -110,3 +110,12 @@ def test_graphed_slots_run_the_captured_steps():
         if not s.ignore_eos:
             alone = generate(model, s.prompt_ids, s.max_new_tokens, s.confidence, {EOS})
             assert s.tokens == alone.tokens
+
+
+def test_a_segment_cap_holds_in_the_slots():
+    model = sharp_model()
+    seqs = requests(10, seed=7)
+    run(SlotBatch(model, 3, 9, 10, {EOS}, max_segment_len=2), seqs, 3, random.Random(4))
+    assert max(n for s in seqs for n in s.seg_lens) <= 2 and all(
+        sum(s.seg_lens) == len(s.tokens) for s in seqs
+    )

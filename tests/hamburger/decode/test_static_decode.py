@@ -191,3 +191,19 @@ def test_batch_aware_generate_measures_its_cutoff_once_and_leaves_batch_1_alone(
     assert dec.cutoff == first  # measured once per decoder
     with pytest.raises(ValueError, match="batch_aware decoding needs decode=static or decode=graphed"):
         generate_batch(model, PROMPTS, 10, 0.5, decode="eager", batch_aware=True)
+
+
+def test_a_segment_cap_limits_every_segment_and_one_of_k_changes_nothing():
+    """max_segment_len: a smaller K for a batch (e.g. large batches, where every extra micro
+    step costs all rows); the model's own K is the same as no cap."""
+    model = sharp_model()
+    k = model.config.max_segment_len
+    plain = generate_batch(model, PROMPTS, 12, 0.3, decode="static")
+    assert max(n for r in plain for n in r.seg_lens) == k
+    same = generate_batch(model, PROMPTS, 12, 0.3, decode="static", max_segment_len=k)
+    assert [fields(r) for r in same] == [fields(r) for r in plain]
+    capped = generate_batch(model, PROMPTS, 12, 0.3, decode="static", max_segment_len=2)
+    assert max(n for r in capped for n in r.seg_lens) == 2
+    assert all(sum(r.seg_lens) == len(r.tokens) == 12 for r in capped)
+    with pytest.raises(ValueError, match="need decode=static or decode=graphed"):
+        generate_batch(model, PROMPTS, 12, 0.3, decode="eager", max_segment_len=2)
