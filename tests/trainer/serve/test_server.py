@@ -86,7 +86,10 @@ class RecordingSlots(Recording, SlotBatch):
 
 
 class Server:
-    def __init__(self, folder: Path, delay_s: float = 0.0, decode: str = "eager", **overrides):
+    """A server on the slot engine by default (what `serve` runs on CPU: decode auto = static),
+    so every behaviour below is tested against it; decode="eager" for the dynamic-cache batch."""
+
+    def __init__(self, folder: Path, delay_s: float = 0.0, decode: str = "static", **overrides):
         import uvicorn
 
         self.cfg = ServeConfig(model=str(folder), port=free_port(), decode=decode, **overrides)
