@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_section  # noqa: E402
 
 SECTION = "Serving: OpenAI server with continuous batching vs base vs pyfunc (CPU)"
+SLOTS_SECTION = "Serving: the slot engine (static) vs the eager batch (CPU)"
 
 
 # ---------------------------------------------------------------------------- model and prompts
@@ -414,8 +415,8 @@ def main() -> None:
     args.load = (load_start, os.getloadavg()[0])
     body = report(rows, soak_stats, args)
     print(body)
-    if not args.no_write:
-        write_section(SECTION, body)
+    if not args.no_write:  # several --decodes: the slot engine against the eager batch
+        write_section(SECTION if len(decodes) == 1 else SLOTS_SECTION, body)
 
 
 def report(rows: list[dict], soak_stats: dict | None, args) -> str:

@@ -26,8 +26,9 @@ class ServeConfig:
     """torch threads (0: torch's default). On a CPU shared with other work, 1 avoids threads
     waiting on a descheduled partner at every barrier of the small decode kernels."""
     decode: str = "auto"
-    """auto (graphed on a GPU, static elsewhere), graphed, static: fixed slots with static KV
-    caches (hamburger/decode/slots.py; graphed replays CUDA graphs); eager: dynamic caches."""
+    """auto (graphed on a GPU, eager on CPU), graphed, static: fixed slots with static KV caches
+    (hamburger/decode/slots.py; graphed replays CUDA graphs); eager: dynamic caches. On CPU a
+    static step computes every slot whatever the load: 2-3.5x slower than eager there."""
     max_prompt_tokens: int = 1024
     """static/graphed: the longest prompt a slot holds (its KV caches are preallocated for
     max_prompt_tokens + 2 x max_tokens_cap columns per slot); longer prompts get a 400."""

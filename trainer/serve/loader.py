@@ -159,15 +159,18 @@ class LoadedModel:
         max_segment_len: int = 0,
     ):
         """The running batch continuous batching decodes in: eager (ContinuousBatch: dynamic
-        caches) or, for static / graphed / auto, a SlotBatch (hamburger/decode/slots.py: fixed
-        slots, static shapes, CUDA graphs on a GPU) of `slots` rows holding prompts of up to
-        max_prompt tokens and up to max_new new tokens, built once per shape (max_segment_len:
+        caches) or, for static / graphed, a SlotBatch (hamburger/decode/slots.py: fixed slots,
+        static shapes, CUDA graphs on a GPU) of `slots` rows holding prompts of up to max_prompt
+        tokens and up to max_new new tokens, built once per shape. auto: graphed on a GPU, eager
+        on CPU, where a step over every slot costs compute in proportion (BENCHMARKS "Serving:
+        the slot engine (static) vs the eager batch") (max_segment_len:
         a cap on HAMburger's segments, 0 for the model's K)."""
         from hamburger.decode.batched import resolve_mode
         from hamburger.decode.slots import SlotBatch
 
         model = self.stepper.parameters_of
-        mode = resolve_mode(decode, model)
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        mode = resolve_mode(decode, model) if decode != "auto" or on_gpu else "eager"
         if mode == "eager":
             if max_segment_len:
                 raise ValueError("--max-segment-len needs --decode static or graphed")
