@@ -87,11 +87,7 @@ def generate_batch(
     decode = resolve_mode(decode, model)
     if decode != "eager":
         dec = _static_decoder(model, prompts, max_new_tokens, decode)
-        cutoff = 0.0
-        if batch_aware and len(prompts) > 1:
-            if getattr(dec, "cutoff", None) is None:  # measured once per decoder (batch size)
-                dec.cutoff = dec.measure_cutoff()
-            cutoff = dec.cutoff
+        cutoff = dec.measure_cutoff() if batch_aware and len(prompts) > 1 else 0.0  # once per decoder
         return dec.generate(
             prompts,
             eos_token_ids,

@@ -305,6 +305,7 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self.micro_calls = 0
         self.macro_steps = 0
         self.cuts = 0  # macro steps whose micro loop the batch-aware rule ended early
+        self.cutoff: float | None = None  # measure_cutoff's result, once measured
         self.micro_plan = []
         for j in range(1, k):  # micro step j feeds [slots, e(t_1)] (j = 1) or e(t_j); emits t_{j+1}
             q = f + 1 if j == 1 else 1
@@ -404,9 +405,13 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         the batch's a unfinished rows yields c tokens in t_micro; ending their segments instead
         brings the next macro step (t_macro, a tokens) sooner. So the micro step pays while
         c / a >= t_micro / t_macro; at batch 1 (c = a) it always does, unless a micro step costs
-        more than a whole macro step. Leaves the state undefined: generate resets it."""
+        more than a whole macro step. Measured once per decoder (then cached); the first call
+        leaves the state undefined: generate resets it."""
+        if self.cutoff is not None:
+            return self.cutoff
         if not self.micro_steps:
-            return 0.0
+            self.cutoff = 0.0
+            return self.cutoff
         self.done.fill_(True)  # no live row: timed steps leave every segment as it is
         self.live.zero_()
         n = max(1, min(n, self.max_new))
@@ -416,7 +421,8 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
             fn()
             self.col.fill_(self.width)
             costs.append(timed(fn, n, self.device))
-        return costs[1] / costs[0]
+        self.cutoff = costs[1] / costs[0]
+        return self.cutoff
 
     # ------------------------------------------------------------------ host loop
     @torch.no_grad()

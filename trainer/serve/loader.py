@@ -149,6 +149,15 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _slot_batches: dict = field(default_factory=dict, repr=False)
 
+    def serving_mode(self, decode: str) -> str:
+        """What `serve --decode` runs here: auto is the graphed slot batch on a GPU and the eager
+        batch on CPU, where a step over every slot costs compute in proportion."""
+        from hamburger.decode.batched import resolve_mode
+
+        if decode == "auto" and self.device.type != "cuda":
+            return "eager"
+        return resolve_mode(decode, self.stepper.parameters_of)
+
     def batch(
         self,
         decode: str = "eager",
@@ -161,16 +170,12 @@ class LoadedModel:
         """The running batch continuous batching decodes in: eager (ContinuousBatch: dynamic
         caches) or, for static / graphed, a SlotBatch (hamburger/decode/slots.py: fixed slots,
         static shapes, CUDA graphs on a GPU) of `slots` rows holding prompts of up to max_prompt
-        tokens and up to max_new new tokens, built once per shape. auto: graphed on a GPU, eager
-        on CPU, where a step over every slot costs compute in proportion (BENCHMARKS "Serving:
-        the slot engine (static) vs the eager batch") (max_segment_len:
-        a cap on HAMburger's segments, 0 for the model's K)."""
-        from hamburger.decode.batched import resolve_mode
+        tokens and up to max_new new tokens, built once per shape; auto: see serving_mode.
+        max_segment_len caps HAMburger's segments (0: the model's K)."""
         from hamburger.decode.slots import SlotBatch
 
         model = self.stepper.parameters_of
-        on_gpu = next(model.parameters()).device.type == "cuda"
-        mode = resolve_mode(decode, model) if decode != "auto" or on_gpu else "eager"
+        mode = self.serving_mode(decode)
         if mode == "eager":
             if max_segment_len:
                 raise ValueError("--max-segment-len needs --decode static or graphed")

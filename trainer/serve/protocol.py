@@ -132,8 +132,7 @@ def parse_params(
         raise APIError(
             400, f"{max_key}: {max_tokens} is over this server's cap of {cfg.max_tokens_cap}", max_key
         )
-    slots = cfg.decode in ("static", "graphed") or (cfg.decode == "auto" and loaded.device.type == "cuda")
-    if slots and len(prompt_ids) > cfg.max_prompt_tokens:
+    if loaded.serving_mode(cfg.decode) != "eager" and len(prompt_ids) > cfg.max_prompt_tokens:
         raise APIError(
             400,
             f"the prompt has {len(prompt_ids)} tokens; this server's slots hold prompts of at most "
