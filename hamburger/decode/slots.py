@@ -195,19 +195,16 @@ class SlotBatch:
 
     def _head_row(self, r: int, feats: torch.Tensor) -> None:
         """Token 1 of row r's first segment and its stop decision (StaticHAMburgerDecoder._head
-        and _decide for one row)."""
+        for one row)."""
         dec = self.dec
         dec.feats[r] = feats[0]
         tok, stop = dec.model.first_token(feats[:, -1])
         dec.seg_tok[r] = 0
         dec.seg_tok[r, 0] = tok[0]
         dec.seg_len[r] = 1
-        budget = torch.minimum(dec.max_new_t[r].clamp(max=dec.k), dec.cap[r])
-        cont = (1 - torch.sigmoid(stop.float())).double()[0]
-        forced = dec.eos_table[tok[0]] | (budget <= 1)
-        head_stop = ~forced & (cont < dec.conf[r])
-        dec.by_head[r] = head_stop
-        dec.live[r] = ~forced & ~head_stop
+        dec.live[r] = True
+        dec.by_head[r] = False
+        dec._decide(tok, stop, 1, rows=slice(r, r + 1))
 
     def _leave(self, r: int) -> None:
         self.slots[r] = None

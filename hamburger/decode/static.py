@@ -343,14 +343,15 @@ class StaticHAMburgerDecoder(StaticBaseDecoder):
         self.by_head.zero_()
         self._decide(tok, stop, 1)
 
-    def _decide(self, tok: torch.Tensor, stop: torch.Tensor, n: int) -> None:
-        """After a segment's n-th token: does each live row go on (as batched_decode decides)?"""
-        budget = torch.minimum((self.max_new_t - self.emitted).clamp(max=self.k), self.cap)
+    def _decide(self, tok: torch.Tensor, stop: torch.Tensor, n: int, rows: slice = slice(None)) -> None:
+        """After a segment's n-th token: does each live row go on (as batched_decode decides)?
+        rows: the rows tok and stop belong to (all; the slot batch decides for one joiner)."""
+        budget = torch.minimum((self.max_new_t[rows] - self.emitted[rows]).clamp(max=self.k), self.cap[rows])
         cont = (1 - torch.sigmoid(stop.float())).double()
         forced = self.eos_table[tok] | (budget <= n)
-        head_stops = ~forced & (cont < self.conf)
-        self.by_head.logical_or_(self.live & head_stops)
-        self.live.logical_and_(~forced & ~head_stops)
+        head_stops = ~forced & (cont < self.conf[rows])
+        self.by_head[rows].logical_or_(self.live[rows] & head_stops)
+        self.live[rows].logical_and_(~forced & ~head_stops)
 
     def _micro(self, j: int, cols: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
         m = self.model

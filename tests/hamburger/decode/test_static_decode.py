@@ -189,7 +189,9 @@ def test_batch_aware_generate_measures_its_cutoff_once_and_leaves_batch_1_alone(
     assert first > 0  # t_micro / t_macro, measured on this decoder's own steps
     generate_batch(model, PROMPTS, 10, 0.5, decode="static", batch_aware=True)
     assert dec.cutoff == first  # measured once per decoder
-    with pytest.raises(ValueError, match="batch_aware and max_segment_len need decode=static or decode=graphed"):
+    with pytest.raises(
+        ValueError, match="batch_aware and max_segment_len need decode=static or decode=graphed"
+    ):
         generate_batch(model, PROMPTS, 10, 0.5, decode="eager", batch_aware=True)
 
 
