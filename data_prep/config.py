@@ -195,17 +195,17 @@ class GenerateConfig:
     top_p: float = 1.0
     """Sampling only: keep the smallest set of tokens whose probability reaches top_p."""
     seed: int = 0
-    """Sampling only: each shard samples from a generator seeded by (seed, shard), so a resumed
-    shard writes the same responses."""
+    """Sampling only: each response samples from its own generator seeded by (seed, shard, row),
+    so a resumed shard writes the same responses, whatever the batch size or decode."""
     batch_size: int = 16
-    """Prompts decoded together (sorted by length, so padding stays small)."""
+    """Rows of the continuous batch: a response that ends makes room for the next prompt."""
     at_limit: AtLimit = AtLimit.keep
     """A response cut at max_new_tokens (no EOS): keep it as it is, or skip the row; counted either way."""
     decode: str = "eager"
-    """Greedy only: eager (the reference loop), static (fixed shapes), graphed (static + CUDA
-    graphs on a GPU: about 20x eager at batch 1 there), or auto (graphed on a GPU, static
-    elsewhere). Sampling always runs eager. Part of the prep key unless eager (in bf16 the
-    kernels differ, so near-ties may decode differently)."""
+    """eager (the continuous batch on dynamic caches), static (the slot engine: fixed shapes),
+    graphed (static + CUDA graphs on a GPU: about 20x eager at batch 1 there), or auto (graphed
+    on a GPU, eager elsewhere). Part of the prep key unless eager (in bf16 the kernels differ,
+    so near-ties may decode differently)."""
 
     def validate(self) -> None:
         _finite("generate.temperature", self.temperature)
@@ -223,11 +223,6 @@ class GenerateConfig:
         modes = ("auto", "eager", "static", "graphed")
         if self.decode not in modes:
             raise ValueError(f"generate.decode must be one of {list(modes)}, got {self.decode!r}")
-        if self.temperature > 0 and self.decode in ("static", "graphed"):
-            raise ValueError(
-                f"generate.decode={self.decode} decodes greedily; sampling (temperature > 0) needs "
-                "generate.decode=eager or auto"
-            )
 
 
 @dataclass

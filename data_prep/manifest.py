@@ -18,7 +18,7 @@ from .config import PrepConfig
 from .shards import MANIFEST, SCHEMA_VERSION, finished_shard
 from .sources import SourceIndex
 
-GENERATOR = "base_generate_batch-v1"  # bump when the decoder's output for the same settings changes
+GENERATOR = "continuous-v2"  # bump when the decoder's output for the same settings changes
 
 
 def shard_name(split: str, start: int, cfg: PrepConfig) -> str:

@@ -49,6 +49,12 @@ class Sequence(DecodeResult):
     """Benchmarks: decode exactly max_new_tokens (EOS still ends a segment, not the sequence)."""
     deadline: float = float("inf")
     """time.monotonic() after which the scheduler cancels it ('deadline')."""
+    temperature: float = 0.0
+    """0: greedy. > 0 (base models): sample from softmax(logits / temperature) (decode/sampling.py)."""
+    top_p: float = 1.0
+    """Sampling only: the nucleus kept (the smallest set of tokens whose probability reaches it)."""
+    generator: torch.Generator | None = None
+    """Sampling only: this sequence's own CPU generator (sampling.seeded_generator)."""
 
     def cancel(self, reason: str = "cancelled") -> None:
         if self.cancel_reason is None:
@@ -70,6 +76,25 @@ class Sequence(DecodeResult):
         self.finish_reason, self.error = reason, error
         if self.on_finish is not None:
             self.on_finish(self)
+
+
+PAD_SHARE = 1.25
+"""A prefill batch's padded tokens may be at most this multiple of its real ones."""
+
+
+def prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """`seqs` cut, in order, into groups whose left-padded prefill computes at most PAD_SHARE
+    times their real prompt tokens (a prefill's cost is its padded tokens: one short prompt
+    beside a long one would cost the long one's length)."""
+    groups: list[list[Sequence]] = []
+    for s in seqs:
+        trial = (groups[-1] if groups else []) + [s]
+        width = max(len(x.prompt_ids) for x in trial)
+        if groups and width * len(trial) <= PAD_SHARE * sum(len(x.prompt_ids) for x in trial):
+            groups[-1] = trial
+        else:
+            groups.append([s])
+    return groups
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -96,9 +121,12 @@ class ContinuousBatch:
 
     @torch.no_grad()
     def join(self, seqs: list[Sequence]) -> None:
-        """Prefill `seqs` as one batch and merge them into the running batch."""
-        if not seqs:
-            return
+        """Prefill `seqs` and merge them into the running batch: consecutive prompts of similar
+        length as one left-padded batch (prefill_groups), so padding costs little compute."""
+        for group in prefill_groups(seqs):
+            self._join(group)
+
+    def _join(self, seqs: list[Sequence]) -> None:
         ids, mask, positions = left_pad([s.prompt_ids for s in seqs], self.pad_id, self.device)
         cache = self.stepper.new_cache()
         state = self.stepper.prefill(ids, mask, positions, cache)
@@ -136,7 +164,7 @@ class ContinuousBatch:
             return []
         budgets = [min(self.stepper.max_segment_len, s.max_new_tokens - len(s.tokens)) for s in self.rows]
         confs = [s.confidence for s in self.rows]
-        segs, by_head = self.stepper.segments(self.state, budgets, confs, self.eos)
+        segs, by_head = self.stepper.segments(self.state, budgets, confs, self.eos, self.rows)
         keep, finished = [], []
         for row, s in enumerate(self.rows):
             seg = segs[row]

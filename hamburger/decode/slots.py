@@ -7,8 +7,8 @@ are masked rows), replayed as CUDA graphs when `graphs` is on. The host reads on
 transfer per macro step (each row's new tokens) plus the micro loop's stop decisions.
 
 Slots and columns. All rows write the same KV column at each step (`col`), which starts at
-`max_prompt`. A request joins a free slot at a macro-step boundary: its prompt is prefilled alone
-into columns [0, n) of its row (n <= max_prompt, so always columns the shared pointer has
+`max_prompt`. A request joins a free slot at a macro-step boundary: its prompt is prefilled (with
+the other joiners of similar length, right-padded) into columns [0, n) of its row (n <= max_prompt, so always columns the shared pointer has
 passed); keys carry their positions (RoPE), so where a column sits does not matter, only the
 row's valid mask. When `col` reaches the end of the cache, the columns past the prompt area
 are shifted left by what no live row still needs (every live row's generated columns end at
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from hamburger.decode.continuous import Sequence
+from hamburger.decode.continuous import Sequence, prefill_groups
+from hamburger.decode.sampling import draw, next_tokens
 from hamburger.decode.static import (
     StaticBaseDecoder,
     StaticHAMburgerDecoder,
@@ -53,6 +54,7 @@ class SlotBatch:
         cls = StaticHAMburgerDecoder if self.ham else StaticBaseDecoder
         self.dec = dec = cls(model, slots, max_prompt, 2 * max_new, graphs)
         if not self.ham:  # captured first: a capture runs the step from a rewound state
+            self.logits = torch.zeros(slots, model.config.vocab_size, dtype=dec.dtype, device=dec.device)
             self.base_step = Step(self._base_slot_step, graphs, dec.device, dec._rewind)
         self.max_prompt, self.max_new, self.eos = max_prompt, max_new, set(eos)
         self.micro_cutoff = dec.measure_cutoff() if batch_aware and self.ham and slots > 1 else 0.0
@@ -85,18 +87,28 @@ class SlotBatch:
 
     @torch.no_grad()
     def join(self, seqs: list[Sequence]) -> None:
+        """Each request into a free slot; requests of similar prompt length are prefilled
+        together, in one call (prefill_groups)."""
         for s in seqs:
             if len(s.prompt_ids) > self.max_prompt or s.max_new_tokens > self.max_new:
                 raise ValueError(
                     f"this slot batch holds prompts of <= {self.max_prompt} tokens and <= {self.max_new} new "
                     f"tokens, got {len(s.prompt_ids)} and {s.max_new_tokens}"
                 )
-            free = self.slots.index(None)  # ValueError when full: the scheduler admits only what fits
-            self._prefill(free, s)
-            self.slots[free] = s
-            self.start_col[free] = self.col
-            self.emitted[free] = 0
-            s.macro_steps = 1
+            if self.ham and s.temperature > 0:
+                raise ValueError("HAMburger decodes greedily: temperature > 0 is for base models")
+        if len(seqs) > self.slots.count(None):  # the scheduler admits only what fits
+            raise ValueError(f"{len(seqs)} requests for {self.slots.count(None)} free slots")
+        for group in prefill_groups(seqs):
+            rows = []
+            for s in group:
+                free = self.slots.index(None)
+                self.slots[free] = s
+                self.start_col[free] = self.col
+                self.emitted[free] = 0
+                s.macro_steps = 1
+                rows.append(free)
+            self._prefill(rows, group)
 
     def drop_cancelled(self) -> list[Sequence]:
         gone = [s for s in self.rows if s.cancel_reason is not None]
@@ -127,6 +139,7 @@ class SlotBatch:
         else:
             by_head = torch.zeros_like(dec.done)
             self.base_step()
+            self._sample_pending()
         before = torch.tensor(self.emitted, device=dec.device)
         idx = (before[:, None] + torch.arange(self.k, device=dec.device)[None]).clamp(
             max=dec.out_tok.shape[1] - 1
@@ -161,37 +174,64 @@ class SlotBatch:
         dec.record(dec.tok, dec.ones)
         dec.last_pos.add_(1)
         hs = dec.base_forward(dec.inner.embed_tokens(dec.tok), dec.last_pos[:, None])
-        dec.tok.copy_(dec.base_lm.lm_head(hs[-1][:, -1]).argmax(-1)[:, None])
+        self.logits.copy_(dec.base_lm.lm_head(hs[-1][:, -1]))
+        dec.tok.copy_(self.logits.argmax(-1)[:, None])
 
-    def _prefill(self, r: int, s: Sequence) -> None:
-        """The prompt alone, into columns [0, n) of row r; the row's state reset for it."""
-        dec, n = self.dec, len(s.prompt_ids)
-        dev = dec.device
+    def _sample_pending(self) -> None:
+        """Sampled rows replace their pending (argmax) token by a draw from the same logits,
+        from their own generator: the draws ContinuousBatch makes, in the same order."""
+        for r, s in enumerate(self.slots):
+            if s is not None and s.temperature > 0:
+                self.dec.tok[r] = draw(self.logits[r], s.temperature, s.top_p, s.generator)
+
+    def _prefill(self, rows: list[int], seqs: list[Sequence]) -> None:
+        """The prompts together (right-padded, each causal over its own tokens), each into
+        columns [0, n) of its row; the rows' state reset for them."""
+        dec, n = self.dec, [len(s.prompt_ids) for s in seqs]
+        dev, w, g = dec.device, max(n), len(seqs)
         cfg = dec.base_lm.config
-        tmp = StaticKV(cfg, cfg.num_hidden_layers, 1, n, dec.dtype, dev)
-        tmp.cols = torch.arange(n, device=dev)
-        q = torch.arange(n, device=dev)
-        mask = additive_mask((q[None, :] <= q[:, None])[None], dec.dtype)
-        x = dec.inner.embed_tokens(torch.tensor([s.prompt_ids], device=dev))
+        tmp = StaticKV(cfg, cfg.num_hidden_layers, g, w, dec.dtype, dev)
+        q = tmp.cols = torch.arange(w, device=dev)
+        ids = torch.zeros(g, w, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, : n[j]] = torch.tensor(s.prompt_ids)
+        real = q[None, :] < torch.tensor(n, device=dev)[:, None]  # [g, w]
+        allowed = (q[None, :] <= q[:, None])[None] & real[:, None, :]
+        allowed = allowed | torch.eye(w, dtype=torch.bool, device=dev)[None]  # pads: never NaN
+        x = dec.inner.embed_tokens(ids.to(dev))
         inner = dec.inner
-        hs = run_stack(inner.layers, inner.rotary_emb, inner.norm, x, q[None], mask, tmp)
+        hs = run_stack(
+            inner.layers,
+            inner.rotary_emb,
+            inner.norm,
+            x,
+            q[None].expand(g, w),
+            additive_mask(allowed, dec.dtype),
+            tmp,
+        )
+        idx = torch.tensor(rows, device=dev)
         for layer in range(cfg.num_hidden_layers):
-            dec.kv.k[layer][r, :, :n] = tmp.k[layer][0]
-            dec.kv.v[layer][r, :, :n] = tmp.v[layer][0]
-        dec.valid[r] = False
-        dec.valid[r, :n] = True
-        dec.last_pos[r] = n - 1
+            dec.kv.k[layer][idx, :, :w] = tmp.k[layer]
+            dec.kv.v[layer][idx, :, :w] = tmp.v[layer]
+        dec.valid[idx] = False
+        dec.valid[idx, :w] = real
+        last = torch.tensor(n, device=dev) - 1
+        dec.last_pos[idx] = last
         for t in (dec.emitted, dec.kv_entries, dec.out_tok):
-            t[r] = 0
-        dec.forwards[r] = 1
-        dec.done[r] = False
-        dec.max_new_t[r] = s.max_new_tokens
-        dec.ignore_eos[r] = s.ignore_eos
+            t[idx] = 0
+        dec.forwards[idx] = 1
+        dec.done[idx] = False
+        dec.max_new_t[idx] = torch.tensor([s.max_new_tokens for s in seqs], device=dev)
+        dec.ignore_eos[idx] = torch.tensor([s.ignore_eos for s in seqs], device=dev)
+        at_last = torch.arange(g, device=dev), last
         if self.ham:
-            dec.conf[r] = s.confidence
-            self._head_row(r, torch.stack([h[:, -1] for h in dec.model.features(hs)], dim=1))
+            dec.conf[idx] = torch.tensor([s.confidence for s in seqs], dtype=dec.conf.dtype, device=dev)
+            feats = torch.stack([h[at_last] for h in dec.model.features(hs)], dim=1)
+            for j, r in enumerate(rows):
+                self._head_row(r, feats[j : j + 1])
         else:
-            dec.tok[r] = dec.base_lm.lm_head(hs[-1][:, -1]).argmax(-1)
+            logits = dec.base_lm.lm_head(hs[-1][at_last])
+            dec.tok[idx, 0] = torch.tensor(next_tokens(logits, seqs), device=dev)
 
     def _head_row(self, r: int, feats: torch.Tensor) -> None:
         """Token 1 of row r's first segment and its stop decision (StaticHAMburgerDecoder._head

@@ -6,28 +6,26 @@ drive these, so their decisions are the same by construction.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from transformers import DynamicCache
 
+from hamburger.decode.growing_cache import GrowingCache
+from hamburger.decode.sampling import next_tokens
 from hamburger.model.compat import cache_kwargs
 
 
 class BaseStepper:
-    """A plain causal LM: the 'segment' is the next token; state = last-position logits. `pick`
-    maps those logits [n, V] to next tokens [n] (default argmax: greedy; data_prep samples)."""
+    """A plain causal LM: the 'segment' is the next token; state = last-position logits."""
 
     kind = "base"
 
-    def __init__(self, lm: torch.nn.Module, pick: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, lm: torch.nn.Module):
         self.lm = self.parameters_of = lm.eval()
-        self.pick = pick
         self.config = lm.config
         self.max_segment_len = 1
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    def new_cache(self) -> GrowingCache:
+        return GrowingCache(self.config)
 
     @property
     def device(self) -> torch.device:
@@ -40,8 +38,9 @@ class BaseStepper:
         )
         return out.logits[:, -1]
 
-    def segments(self, state, budgets, confidences, eos):
-        toks = (state.argmax(-1) if self.pick is None else self.pick(state)).tolist()
+    def segments(self, state, budgets, confidences, eos, rows=None):
+        """rows: the batch's Sequences, whose sampling settings pick their tokens (None: greedy)."""
+        toks = state.argmax(-1).tolist() if rows is None else next_tokens(state, rows)
         return [[t] for t in toks], [False] * len(toks)
 
     def advance(self, segs, mask, positions, cache) -> torch.Tensor:
@@ -62,8 +61,8 @@ class HAMburgerStepper:
         self.max_segment_len = model.config.max_segment_len
         self._base = model.base.model
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    def new_cache(self) -> GrowingCache:
+        return GrowingCache(self.config)
 
     @property
     def device(self) -> torch.device:
@@ -85,11 +84,14 @@ class HAMburgerStepper:
         x = self.model.smash(seg_t, lens)[:, None]
         return self._forward(cache, inputs_embeds=x, attention_mask=mask, position_ids=positions)
 
-    def segments(self, feats, budgets: list[int], confidences: list[float], eos: set[int]):
+    def segments(self, feats, budgets: list[int], confidences: list[float], eos: set[int], rows=None):
         """One macro step's micro loop for every row at once, each row with its own confidence.
 
         Same decisions as decode._segment (one sequence): stop at EOS, at the budget, or once
-        P(continue) < confidence. Returns (segments, stopped_by_head)."""
+        P(continue) < confidence. Returns (segments, stopped_by_head). Greedy only: a sampled
+        row among `rows` (the batch's Sequences) is refused."""
+        if rows is not None and any(s.temperature > 0 for s in rows):
+            raise ValueError("HAMburger decodes greedily: temperature > 0 is for base models")
         model, n = self.model, feats.shape[0]
         tok, stop = model.first_token(feats[:, -1])
         segs = [[t] for t in tok.tolist()]

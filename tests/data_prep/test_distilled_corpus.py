@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data_prep.config import FilterConfig, GenerateConfig, PrepConfig, SourceConfig
 from data_prep.distilled import export
 from data_prep.distilled_asset import ASSET, read_asset
+from data_prep.manifest import GENERATOR
 from data_prep.run import prepare
 from data_prep.shards import read_split
 from data_prep.sources import Conversation
@@ -150,7 +151,7 @@ def test_export_writes_the_generated_tokens(tmp_path):
     header = export(folder, tmp_path / "a.jsonl.gz")
     _, records = read_asset(tmp_path / "a.jsonl.gz")
     assert header["records"] == len(records) == 12 and header["generate"]["max_new_tokens"] == 6
-    assert header["generator"] == "base_generate_batch-v1" and "unusable_as_source" in header
+    assert header["generator"] == GENERATOR and "unusable_as_source" in header
     by_origin = {f"{r['file']}:{r['row']}": r for r in records}
     for split in ("train", "eval"):
         for row in read_split(folder, split).to_pylist():

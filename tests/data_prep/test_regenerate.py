@@ -22,7 +22,6 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from data_prep.config import GenerateConfig, PrepConfig, SourceConfig
 from data_prep.fingerprint import DigestCache
-from data_prep.regenerate import sampler
 from data_prep.run import cache_key, key_hash, prepare
 from data_prep.shards import load_manifest, read_split
 from data_prep.sources import Conversation, index_source, load_source
@@ -30,6 +29,7 @@ from data_prep.tokenize import ChatTokenizer
 from hamburger.assets import smollm2_tokenizer_dir
 from hamburger.configio import ConfigError, load_config
 from hamburger.decode.batched import base_generate_batch
+from hamburger.decode.sampling import draw, seeded_generator
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW = 6
@@ -132,13 +132,16 @@ def test_greedy_regeneration_equals_the_batched_decoder(eos_dir, regenerated):
 
 
 def test_static_regeneration_writes_the_eager_responses(eos_dir, prompts_only, regenerated, tmp_path):
-    """generate.decode=static (graphed on a GPU: auto) writes the very rows the eager loop
-    writes; eager keeps the key runs had before the setting existed; static shapes cannot sample."""
-    folder = prepare(make_cfg(eos_dir, tmp_path, prompt_source(prompts_only), decode="static"))
+    """generate.decode=static (the slot engine; graphed on a GPU) writes the very rows the eager
+    batch writes, greedy and sampled; eager keeps the key runs had before the setting existed."""
+    src = prompt_source(prompts_only)
+    folder = prepare(make_cfg(eos_dir, tmp_path / "g", src, decode="static"))
     assert folder != regenerated and token_ids(folder) == token_ids(regenerated)
     assert "decode" not in load_manifest(regenerated)["key"]["generate"]
-    with pytest.raises(ValueError, match="sampling .* needs generate.decode=eager or auto"):
-        GenerateConfig(temperature=0.7, decode="static").validate()
+    sampling = {"temperature": 1.0, "top_p": 0.95}
+    static = prepare(make_cfg(eos_dir, tmp_path / "s", src, decode="static", **sampling))
+    eager = prepare(make_cfg(eos_dir, tmp_path / "e", src, **sampling))
+    assert token_ids(static) == token_ids(eager) != token_ids(regenerated)
     with pytest.raises(ValueError, match="generate.decode must be one of"):
         GenerateConfig(decode="fast").validate()
 
@@ -256,22 +259,26 @@ def test_stdlib_prompts_are_code_with_their_source_as_response():
 
 
 def test_sampler_keeps_the_nucleus_and_follows_its_generator():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    pick = sampler(1.0, 0.7, torch.Generator().manual_seed(0))
-    draws = [int(pick(logits)) for _ in range(600)]
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    gen = seeded_generator(0)
+    draws = [draw(logits, 1.0, 0.7, gen) for _ in range(600)]
     assert set(draws) == {0, 1}  # 0.5 + 0.3 reach 0.7: the other two are cut
     assert abs(draws.count(0) / 600 - 0.5 / 0.8) < 0.07
-    again = sampler(1.0, 0.7, torch.Generator().manual_seed(0))
-    assert [int(again(logits)) for _ in range(600)] == draws
-    cold = sampler(1e-4, 1.0, torch.Generator().manual_seed(0))
-    assert all(int(cold(logits)) == 0 for _ in range(50))
+    again = seeded_generator(0)
+    assert [draw(logits, 1.0, 0.7, again) for _ in range(600)] == draws
+    cold = seeded_generator(0)
+    assert all(draw(logits, 1e-4, 1.0, cold) == 0 for _ in range(50))
 
 
-def test_sampled_regeneration_is_seeded_per_shard_and_resumes_exactly(
+def test_sampled_regeneration_is_seeded_per_row_and_resumes_exactly(
     eos_dir, prompts_only, regenerated, tmp_path
 ):
+    """Each response draws from its own generator (seed, shard, row): a resumed shard samples
+    the same tokens, and so does another batch size (rows join and leave in another order)."""
     src = prompt_source(prompts_only)
     sampled = prepare(make_cfg(eos_dir, tmp_path / "a", src, temperature=1.0, top_p=0.95))
+    one_by_one = prepare(make_cfg(eos_dir, tmp_path / "d", src, temperature=1.0, top_p=0.95, batch_size=1))
+    assert token_ids(one_by_one) == token_ids(sampled)
 
     class Killed(Exception):
         pass

@@ -154,9 +154,7 @@ class LoadedModel:
         batch on CPU, where a step over every slot costs compute in proportion."""
         from hamburger.decode.batched import resolve_mode
 
-        if decode == "auto" and self.device.type != "cuda":
-            return "eager"
-        return resolve_mode(decode, self.stepper.parameters_of)
+        return resolve_mode(decode, self.stepper.parameters_of, cpu="eager")
 
     def batch(
         self,

@@ -12,7 +12,8 @@ import torch
 from conftest import sharp_model
 
 from hamburger.decode import base_generate_batch, generate
-from hamburger.decode.continuous import ContinuousBatch, HAMburgerStepper, Sequence
+from hamburger.decode.continuous import BaseStepper, ContinuousBatch, HAMburgerStepper, Sequence, decode_all
+from hamburger.decode.sampling import seeded_generator
 from hamburger.decode.slots import SlotBatch
 
 EOS = 2
@@ -75,6 +76,51 @@ def test_base_slots_equal_the_base_decoder():
     for s in seqs:
         alone = base_generate_batch(model.base, [s.prompt_ids], s.max_new_tokens, {EOS})[0]
         assert s.tokens == alone.tokens and s.seg_lens == [1] * len(s.tokens)
+
+
+def sampled(n: int, seed: int) -> list[Sequence]:
+    """Base requests, every other one sampled (temperature 1, nucleus 0.9) from its own seed."""
+    return [
+        Sequence(
+            prompt_ids=s.prompt_ids,
+            max_new_tokens=s.max_new_tokens,
+            temperature=1.0 if i % 2 == 0 else 0.0,
+            top_p=0.9,
+            generator=seeded_generator(seed, i) if i % 2 == 0 else None,
+        )
+        for i, s in enumerate(requests(n, seed=4))
+    ]
+
+
+def test_seeded_sampling_gives_each_request_its_tokens_in_any_batch():
+    """A sampled request draws from its own generator: the slot engine, the eager continuous
+    batch (other joins and leaves) and the request decoded alone give the same tokens."""
+    base = sharp_model().base
+    slots = sampled(16, seed=7)
+    run(SlotBatch(base, slots=4, max_prompt=9, max_new=10, eos={EOS}), slots, 4, random.Random(5))
+    eager = sampled(16, seed=7)
+    run(ContinuousBatch(BaseStepper(base), {EOS}), eager, 3, random.Random(6))
+    alone = sampled(16, seed=7)
+    for s in alone:
+        decode_all(ContinuousBatch(BaseStepper(base), {EOS}), [s], max_batch=1)
+    assert [s.tokens for s in slots] == [s.tokens for s in eager] == [s.tokens for s in alone]
+    greedy = [base_generate_batch(base, [s.prompt_ids], s.max_new_tokens, {EOS})[0].tokens for s in slots]
+    assert all(s.tokens == g for s, g in zip(slots[1::2], greedy[1::2], strict=True))  # greedy rows
+    assert [s.tokens for s in slots[::2]] != greedy[::2]  # the sampled rows did sample
+    reseeded = sampled(16, seed=8)
+    decode_all(ContinuousBatch(BaseStepper(base), {EOS}), reseeded, max_batch=4)
+    assert [s.tokens for s in reseeded[::2]] != [s.tokens for s in slots[::2]]
+
+
+def test_hamburger_refuses_sampling():
+    model = sharp_model()
+    seq = Sequence(prompt_ids=[5, 6], max_new_tokens=4, temperature=0.7, generator=seeded_generator(0))
+    with pytest.raises(ValueError, match="greedily"):
+        SlotBatch(model, slots=2, max_prompt=9, max_new=10, eos={EOS}).join([seq])
+    batch = ContinuousBatch(HAMburgerStepper(model), {EOS})
+    batch.join([seq])
+    with pytest.raises(ValueError, match="greedily"):
+        batch.step()
 
 
 def test_cancelled_rows_leave_and_oversized_requests_are_refused():
