@@ -6,15 +6,16 @@ at one batch size, three ways in one run, interleaved and repeated (the machine 
 - `fixed` (before): sorted prompts in fixed batches of `batch_size` through base_generate_batch's
   loop on transformers' DynamicCache; a batch runs at the pace of its longest response while
   finished rows retire;
-- `continuous` (now, eager): data_prep's Regenerator, one continuous batch per shard on
-  GrowingCache (appends in place): a row that ends makes room for the next prompt at once;
+- `continuous` (now, eager): data_prep's Regenerator called shard by shard as prep calls it, one
+  continuous batch on GrowingCache (appends in place): a row that ends makes room for the next
+  prompt at once, the next shard's included;
 - `static` (optional): the Regenerator on the slot engine (`generate.decode=static`, graphed on
   a GPU).
 Greedy tokens must be the same every way (checked); tokens/s is response tokens over wall time.
 Sampled decoding (temperature 0.7, top-p 0.95) is timed through the Regenerator too.
 
-    python bench/bench_regenerate.py [--prompts 64] [--batch-size 16] [--max-new-tokens 256]
-        [--repeats 2] [--modes fixed,continuous,static]
+    python bench/bench_regenerate.py [--prompts 64] [--shard-rows 64] [--batch-size 16]
+        [--max-new-tokens 256] [--repeats 2] [--modes fixed,continuous,static]
 """
 
 from __future__ import annotations
@@ -61,23 +62,40 @@ class DynamicCacheStepper(BaseStepper):
 
 
 @torch.no_grad()
-def fixed(model, prompts, cfg: GenerateConfig, eos: int, pad: int) -> list[list[int]]:
-    """The loop self-distillation ran before: sorted prompts, fixed batches of batch_size through
-    base_generate_batch's retiring loop (rows retire, none join), on DynamicCache."""
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    out: list[list[int]] = [[] for _ in prompts]
+def fixed(model, prompts, cfg: GenerateConfig, eos: int, pad: int, shard_rows: int = 64) -> list[list[int]]:
+    """The loop self-distillation ran before: shard by shard, sorted prompts in fixed batches of
+    batch_size through base_generate_batch's retiring loop (rows retire, none join), on
+    DynamicCache."""
+    out: list[list[int]] = []
     stepper = DynamicCacheStepper(model)
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
-        batch = [prompts[i] for i in idx]
-        results = _retiring_loop(stepper, batch, cfg.max_new_tokens, [1.0] * len(idx), {eos}, pad)
-        for i, r in zip(idx, results, strict=True):
-            out[i] = r.tokens
+    for first in range(0, len(prompts), shard_rows):
+        shard = prompts[first : first + shard_rows]
+        order = sorted(range(len(shard)), key=lambda i: (len(shard[i]), i))
+        got: list[list[int]] = [[] for _ in shard]
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            batch = [shard[i] for i in idx]
+            results = _retiring_loop(stepper, batch, cfg.max_new_tokens, [1.0] * len(idx), {eos}, pad)
+            for i, r in zip(idx, results, strict=True):
+                got[i] = r.tokens
+        out += got
     return out
 
 
-def through_regenerator(model, prompts, cfg: GenerateConfig, eos: int, pad: int) -> list[list[int]]:
-    return [g.tokens for g in Regenerator(model, cfg, eos, pad).responses(prompts, "bench-00000")]
+SHARD_ROWS = 64  # as configs/prep_distill.yaml
+
+
+def through_regenerator(
+    model, prompts, cfg: GenerateConfig, eos: int, pad: int, shard_rows: int = SHARD_ROWS
+) -> list[list[int]]:
+    """As data_prep's shard loop calls it: shard by shard, each with the next shard's prompts."""
+    regen = Regenerator(model, cfg, eos, pad)
+    shards = [prompts[i : i + shard_rows] for i in range(0, len(prompts), shard_rows)]
+    out = []
+    for j, shard in enumerate(shards):
+        upcoming = (f"bench-{j + 1:05d}", shards[j + 1]) if j + 1 < len(shards) else None
+        out += [g.tokens for g in regen.responses(shard, f"bench-{j:05d}", upcoming)]
+    return out
 
 
 def main() -> None:
@@ -86,6 +104,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--shard-rows", type=int, default=SHARD_ROWS, help="prompts per shard")
     ap.add_argument("--modes", default="fixed,continuous,static")
     ap.add_argument("--no-sampled", action="store_true", help="skip the sampled row")
     ap.add_argument("--note", default="")
@@ -120,7 +139,7 @@ def main() -> None:
         for mode in modes if rep % 2 == 0 else modes[::-1]:  # interleaved, order reversed each repeat
             fn, cfg = runs[mode]
             t0 = time.perf_counter()
-            tokens[mode] = fn(model, prompts, cfg, eos, pad)
+            tokens[mode] = fn(model, prompts, cfg, eos, pad, shard_rows=args.shard_rows)
             seconds[mode].append(time.perf_counter() - t0)
             n = sum(map(len, tokens[mode]))
             print(
@@ -146,9 +165,15 @@ def main() -> None:
     body = (
         f"SmolLM2-135M-Instruct ({dtype}, {device}) writes responses to {len(prompts)} prompts of the "
         f"shipped corpus ({mix}), batch size {args.batch_size}, at most {args.max_new_tokens} new "
-        f"tokens; response lengths min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}. "
-        f"Runs interleaved, order reversed each repeat; tokens/s from the median time.\n\n"
-        "| decoding | response tokens | cut at the limit | seconds (median; each) | tokens/s | vs first row |\n"
+        f"tokens, {args.shard_rows} prompts per shard (the continuous batch starts the next shard's "
+        f"prompts while a shard ends, as prep does); response lengths min {lengths[0]}, median "
+        f"{lengths[len(lengths) // 2]}, max {lengths[-1]}. "
+        + (
+            "Runs interleaved, order reversed each repeat; tokens/s from the median time.\n\n"
+            if args.repeats > 1
+            else "One run each, in the order of the table.\n\n"
+        )
+        + "| decoding | response tokens | cut at the limit | seconds (median; each) | tokens/s | vs first row |\n"
         "|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + "\n\n"

@@ -3,9 +3,9 @@
 Fine-tuning on the base's own outputs teaches the grafted modules to reproduce the base,
 instead of pulling the base toward another distribution. The prompts of one shard run through
 one continuous batch of `batch_size` rows (shortest prompts first): a row that ends (EOS or
-max_new_tokens) leaves at once and the next prompt joins in its place, so the batch stays full
-until the shard's last prompts (a fixed batch would run at the pace of its longest response
-with rows idling). On CPU that batch is the eager one (hamburger/decode/continuous.py); with
+max_new_tokens) leaves at once and the next prompt joins in its place, and once a shard's
+prompts have all joined the next shard's start, so the batch stays full until a rank's last
+prompts (a fixed batch would run at the pace of its longest response with rows idling). On CPU that batch is the eager one (hamburger/decode/continuous.py); with
 `decode: static | graphed` (auto: graphed on a GPU) it is the slot engine
 (hamburger/decode/slots.py), CUDA graphs on a GPU. A shard is the unit of resume: greedy
 responses are a pure function of the prompts and the settings, and a sampled response draws
@@ -51,16 +51,51 @@ class Regenerator:
         self.tokens = 0
         self._device = next(model.parameters()).device
         self._slots = None  # the slot engine, when decode is static or graphed
+        self._live = None  # the batch, while it holds rows of the next shard
+        self._carried: dict[str, list] = {}  # the next shard's sequences, started ahead
+        self._joined: set[int] = set()  # ids of the carried sequences that joined the batch
 
-    def responses(self, prompts: list[list[int]], shard: str) -> list[Generated]:
-        """One response per prompt (in the given order); see the module docstring."""
-        # lazy: the model package (and transformers) load only when a prep regenerates
-        from hamburger.decode.continuous import Sequence, decode_all
+    def responses(
+        self, prompts: list[list[int]], shard: str, upcoming: tuple[str, list[list[int]]] | None = None
+    ) -> list[Generated]:
+        """One response per prompt (in the given order); see the module docstring.
+
+        upcoming: the next shard's (name, prompts). Once every prompt of this shard has joined,
+        its free rows start on those, so the batch does not drain at each shard's end; the next
+        call, which must be for that shard, finishes them (a shard's responses do not depend on
+        when they started, so a resumed run writes the same)."""
+        if not prompts:
+            return []
+        t0 = time.perf_counter()
+        mine = self._carried.pop(shard, None)
+        if self._carried or (mine is not None and [s.prompt_ids for s in mine] != prompts):
+            raise RuntimeError(f"regenerate: shard {shard} is not the shard started ahead")
+        mine = mine or self._sequences(prompts, shard)
+        batch = self._live or self._batch(max(map(len, prompts)))
+        later: list = []
+        if upcoming is not None and upcoming[1] and self._fits(batch, upcoming[1]):
+            later = self._carried[upcoming[0]] = self._sequences(upcoming[1], upcoming[0])
+        queue = [s for s in self._by_length(mine) + self._by_length(later) if id(s) not in self._joined]
+        while any(s.finish_reason is None for s in mine):
+            free = self.cfg.batch_size - len(batch)
+            if free > 0 and queue:
+                batch.join(queue[:free])
+                self._joined.update(id(s) for s in queue[:free])
+                queue = queue[free:]
+            batch.step()
+        self._live = batch if len(batch) else None
+        self._joined = {id(s) for s in later if id(s) in self._joined}
+        out = [Generated(s.tokens, cut=s.tokens[-1] != self.eos_id) for s in mine]
+        self.tokens += sum(len(g.tokens) for g in out)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def _sequences(self, prompts: list[list[int]], shard: str) -> list:
+        from hamburger.decode.continuous import Sequence
         from hamburger.decode.sampling import seeded_generator
 
-        t0 = time.perf_counter()
         cfg = self.cfg
-        seqs = [
+        return [
             Sequence(
                 tokens=[],
                 seg_lens=[],
@@ -72,13 +107,15 @@ class Regenerator:
             )
             for i, p in enumerate(prompts)
         ]
-        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-        batch = self._batch(max(len(p) for p in prompts))
-        decode_all(batch, [seqs[i] for i in order], max_batch=cfg.batch_size)
-        out = [Generated(s.tokens, cut=s.tokens[-1] != self.eos_id) for s in seqs]
-        self.tokens += sum(len(g.tokens) for g in out)
-        self.seconds += time.perf_counter() - t0
-        return out
+
+    @staticmethod
+    def _by_length(seqs: list) -> list:
+        """Shortest prompts first (joiners of similar length prefill together)."""
+        return sorted(seqs, key=lambda s: len(s.prompt_ids))
+
+    def _fits(self, batch, prompts: list[list[int]]) -> bool:
+        """Whether `batch` can take these prompts (a slot engine holds prompts up to its width)."""
+        return not hasattr(batch, "max_prompt") or max(map(len, prompts)) <= batch.max_prompt
 
     def _batch(self, longest_prompt: int):
         """The continuous batch for prompts of up to `longest_prompt` tokens: eager, or slots

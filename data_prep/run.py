@@ -204,18 +204,33 @@ def key_hash(key: dict) -> str:
 
 
 # ---------------------------------------------------------------- one shard
+def prompts_to_answer(
+    rows: list[PlanRow], chat: ChatTokenizer, max_len: int
+) -> tuple[list[list[int]], list[int]]:
+    """The rows' prompts, and the indices of those short enough to answer (the others are
+    skipped as prompt_too_long)."""
+    prompts = [chat.prompt(row.conv) for row in rows]
+    return prompts, [i for i, p in enumerate(prompts) if len(p) < max_len]
+
+
 def encode_rows(
-    rows: list[PlanRow], chat: ChatTokenizer, max_len: int, regen: Regenerator | None, shard: str, stats: dict
+    rows: list[PlanRow],
+    chat: ChatTokenizer,
+    max_len: int,
+    regen: Regenerator | None,
+    shard: str,
+    stats: dict,
+    upcoming: tuple[str, list[list[int]]] | None = None,
 ) -> list[tuple[list[int], int] | str]:
     """Per row: (token ids, prompt length), or the reason it is skipped. With a Regenerator the
     response is the base model's own output for the prompt (its exact tokens, never re-tokenised
-    text), and stats["generation"] counts prompts, generated tokens and cuts per source."""
+    text), and stats["generation"] counts prompts, generated tokens and cuts per source.
+    upcoming: the next shard's (name, prompts to answer), which the Regenerator may start."""
     if regen is None:
         return [chat.encode(row.conv) for row in rows]
-    prompts = [chat.prompt(row.conv) for row in rows]
-    fits = [i for i, p in enumerate(prompts) if len(p) < max_len]  # the others: prompt_too_long below
+    prompts, fits = prompts_to_answer(rows, chat, max_len)
     seconds = regen.seconds
-    made = regen.responses([prompts[i] for i in fits], shard)
+    made = regen.responses([prompts[i] for i in fits], shard, upcoming)
     stats["generation"] = {"seconds": regen.seconds - seconds, "per_source": {}}
     out: list[tuple[list[int], int] | str] = [(p, len(p)) for p in prompts]
     per_source = stats["generation"]["per_source"]
@@ -242,6 +257,7 @@ def label_shard(
     cfg: PrepConfig,
     regen: Regenerator | None = None,
     shard: str = "",
+    upcoming: tuple[str, list[list[int]]] | None = None,
 ):
     """(Regenerate responses,) tokenise, fit to max_len, score, segment. Returns (columns, stats)."""
     k = cfg.label.max_segment_len
@@ -257,7 +273,7 @@ def label_shard(
     }
     kept: list[tuple[int, PlanRow, list[int], int]] = []
     for i, (row, encoded) in enumerate(
-        zip(rows, encode_rows(rows, chat, cfg.max_len, regen, shard, stats), strict=True)
+        zip(rows, encode_rows(rows, chat, cfg.max_len, regen, shard, stats, upcoming), strict=True)
     ):
         if isinstance(encoded, str):
             stats["skipped"][encoded] += 1
@@ -357,12 +373,19 @@ def prepare(cfg: PrepConfig, on_shard_done=None) -> Path:
         scorer = Scorer(model, device, pad_id=pad)
         regen = Regenerator(model, cfg.generate, chat.eos, pad) if cfg.responses == "regenerate" else None
         t0 = time.perf_counter()
-        for split, start, stop in tqdm(
-            todo, desc=f"labelling (rank {rank})", disable=rank != 0, unit="shard"
+        for i, (split, start, stop) in enumerate(
+            tqdm(todo, desc=f"labelling (rank {rank})", disable=rank != 0, unit="shard")
         ):
             rows = plan[split].rows(sources, start, stop)
             name = shard_name(split, start, cfg)
-            cols, stats = label_shard(rows, start, chat, scorer, cfg, regen, name)
+            upcoming = None
+            if regen is not None and i + 1 < len(todo):  # its prompts may start while this shard ends
+                nsplit, nstart, nstop = todo[i + 1]
+                nprompts, nfits = prompts_to_answer(
+                    plan[nsplit].rows(sources, nstart, nstop), chat, cfg.max_len
+                )
+                upcoming = (shard_name(nsplit, nstart, cfg), [nprompts[j] for j in nfits])
+            cols, stats = label_shard(rows, start, chat, scorer, cfg, regen, name, upcoming)
             stats["scored_tokens"] = scorer.stats.real_tokens
             write_shard(folder, name, cols, stats)
             if on_shard_done is not None:

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from data_prep.config import GenerateConfig, PrepConfig, SourceConfig
 from data_prep.fingerprint import DigestCache
+from data_prep.regenerate import Regenerator
 from data_prep.run import cache_key, key_hash, prepare
 from data_prep.shards import load_manifest, read_split
 from data_prep.sources import Conversation, index_source, load_source
@@ -144,6 +145,31 @@ def test_static_regeneration_writes_the_eager_responses(eos_dir, prompts_only, r
     assert token_ids(static) == token_ids(eager) != token_ids(regenerated)
     with pytest.raises(ValueError, match="generate.decode must be one of"):
         GenerateConfig(decode="fast").validate()
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_the_next_shard_starts_while_a_shard_ends_and_writes_the_same(eos_dir, decode):
+    """With the next shard's prompts passed along, its rows join as this shard's leave, and its
+    responses are those it gets decoded on its own (greedy and sampled)."""
+    model = LlamaForCausalLM.from_pretrained(eos_dir).eval()
+    eos = AutoTokenizer.from_pretrained(eos_dir).eos_token_id
+    a = [[5 + i] * (3 + i % 4) for i in range(6)]
+    b = [[40 + i] * (2 + i % 3) for i in range(5)]
+    for temperature in (0.0, 1.0):
+        cfg = GenerateConfig(max_new_tokens=MAX_NEW, batch_size=4, temperature=temperature, decode=decode)
+        ahead = Regenerator(model, cfg, eos, eos)
+        first = ahead.responses(a, "train-00000", ("train-00001", b))
+        assert ahead._joined  # rows of the next shard started
+        second = ahead.responses(b, "train-00001")
+        assert ahead._live is None and not ahead._carried
+        alone = [
+            Regenerator(model, cfg, eos, eos).responses(p, n)
+            for p, n in ((a, "train-00000"), (b, "train-00001"))
+        ]
+        assert [first, second] == alone
+    ahead.responses(a, "train-00000", ("train-00001", b))
+    with pytest.raises(RuntimeError, match="not the shard started ahead"):
+        ahead.responses(b, "train-00002")
 
 
 def test_cut_responses_can_be_skipped_and_are_counted(eos_dir, tmp_path, monkeypatch):
