@@ -18,6 +18,7 @@ from transformers import DynamicCache
 import hamburger.decode.eager as decode_mod
 import hamburger.decode.steppers as batched_mod  # the batched decoders build their caches there
 from hamburger.decode import base_generate_batch, generate, generate_batch
+from hamburger.decode.growing_cache import GrowingCache
 from hamburger.model.compat import cache_param_name
 
 PROMPTS = [[5, 17, 33, 8, 61, 12], [9, 4], [70, 71, 72, 73, 74, 75, 76, 77]]
@@ -62,11 +63,27 @@ class RecordingCache(DynamicCache):
         return out
 
 
+class RecordingGrowingCache(GrowingCache):
+    """The batched decoders' base cache (GrowingCache), recording as RecordingCache does."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.log: list[int] = []
+        RecordingCache.lengths.append(self.log)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == 0:
+            self.log.append(self.get_seq_length())
+        return out
+
+
 @pytest.fixture
 def recording(monkeypatch):
     RecordingCache.lengths = []
     monkeypatch.setattr(decode_mod, "DynamicCache", RecordingCache)
     monkeypatch.setattr(batched_mod, "DynamicCache", RecordingCache)
+    monkeypatch.setattr(batched_mod, "GrowingCache", RecordingGrowingCache)
     return RecordingCache.lengths
 
 
