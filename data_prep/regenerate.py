@@ -5,9 +5,10 @@ instead of pulling the base toward another distribution. The prompts of one shar
 one continuous batch of `batch_size` rows (shortest prompts first): a row that ends (EOS or
 max_new_tokens) leaves at once and the next prompt joins in its place, and once a shard's
 prompts have all joined the next shard's start, so the batch stays full until a rank's last
-prompts (a fixed batch would run at the pace of its longest response with rows idling). On CPU that batch is the eager one (hamburger/decode/continuous.py); with
-`decode: static | graphed` (auto: graphed on a GPU) it is the slot engine
-(hamburger/decode/slots.py), CUDA graphs on a GPU. A shard is the unit of resume: greedy
+prompts (a fixed batch would run at the pace of its longest response with rows idling). On
+CPU that batch is the eager one (hamburger/decode/continuous.py); with `decode: static |
+graphed` (auto: graphed on a GPU) it is the slot engine (hamburger/decode/slots.py), CUDA graphs
+on a GPU. A shard is the unit of resume: greedy
 responses are a pure function of the prompts and the settings, and a sampled response draws
 from its own generator seeded by (seed, shard, row), so a shard redone after a kill writes
 exactly what the first try would have written, whatever the batch size.
@@ -71,7 +72,7 @@ class Regenerator:
         if self._carried or (mine is not None and [s.prompt_ids for s in mine] != prompts):
             raise RuntimeError(f"regenerate: shard {shard} is not the shard started ahead")
         mine = mine or self._sequences(prompts, shard)
-        batch = self._live or self._batch(max(map(len, prompts)))
+        batch = self._live if self._live is not None else self._batch(max(map(len, prompts)))
         later: list = []
         if upcoming is not None and upcoming[1] and self._fits(batch, upcoming[1]):
             later = self._carried[upcoming[0]] = self._sequences(upcoming[1], upcoming[0])
