@@ -46,36 +46,27 @@ def test_installed_decoders_take_a_cache_argument():
         assert cache_param_name(type(module)) in ("cache", "past_key_values")
 
 
-class RecordingCache(DynamicCache):
-    """A DynamicCache that records its length after every update of layer 0."""
+class Records:
+    """A cache that records its length after every update of layer 0 (in RecordingCache.lengths)."""
 
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.log: list[int] = []
+        RecordingCache.lengths.append(self.log)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == 0:
+            self.log.append(self.get_seq_length())
+        return out
+
+
+class RecordingCache(Records, DynamicCache):
     lengths: list[list[int]] = []
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.log: list[int] = []
-        RecordingCache.lengths.append(self.log)
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if layer_idx == 0:
-            self.log.append(self.get_seq_length())
-        return out
-
-
-class RecordingGrowingCache(GrowingCache):
-    """The batched decoders' base cache (GrowingCache), recording as RecordingCache does."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.log: list[int] = []
-        RecordingCache.lengths.append(self.log)
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if layer_idx == 0:
-            self.log.append(self.get_seq_length())
-        return out
+class RecordingGrowingCache(Records, GrowingCache):
+    """The batched decoders' base cache (GrowingCache)."""
 
 
 @pytest.fixture
