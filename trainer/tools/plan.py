@@ -27,6 +27,13 @@ GPU_MEM_GIB = {"h100": 79.6, "h200": 139.8, "a100": 79.2}  # what torch reports 
 RUNTIME_CPU = 0.38 * GIB
 """A CPU rank's resident memory after importing torch, transformers, deepspeed and mlflow
 (measured here); on a GPU the libraries live in host memory, not the device's."""
+STEP_TEMPORARIES_CPU = 0.43
+"""On a CPU rank a step's peak exceeds its counted tensors (activations, hidden states, micro
+decoder, loss chunk) by this share: autograd's temporaries and what glibc's allocator keeps.
+Measured (docs/BENCHMARKS.md "plan"): the static part (runtime, parameters, gradients, optimiser)
+matched within 10% after deepspeed.initialize, the step's part came out 1.35-1.51x its count on
+two configs (full base at 1024 tokens, frozen base at 2048). GPU ranks have no such term until
+the GPU check measures one."""
 FIT_SHARE = 0.9
 """A config fits when its estimate is at most this share of the GPU (allocator fragmentation,
 CUDA context and NCCL buffers take the rest)."""
@@ -95,7 +102,8 @@ def zero_stage(cfg, shapes: Shapes, world: int, gpu_bytes: int | None) -> tuple[
 def memory(cfg, s: Shapes, stage: int, world: int, tokens: int, cpu: bool = False) -> dict[str, float]:
     """Bytes per rank by component, for a micro-batch of `tokens` macro positions. AdamW under
     ZeRO keeps fp32 master weights and two fp32 moments per trainable parameter (12 bytes; 8 for
-    fp32 weights without ZeRO); a CPU rank also holds its libraries (RUNTIME_CPU)."""
+    fp32 weights without ZeRO); a CPU rank also holds its libraries (RUNTIME_CPU) and a step's
+    temporaries beyond its counted tensors (STEP_TEMPORARIES_CPU)."""
     h = cfg.model.hamburger
     bt = cfg.base_training
     trainable = s.new + (s.lora if bt == "lora" else 0) + (s.base if bt == "full" else 0)
@@ -127,6 +135,9 @@ def memory(cfg, s: Shapes, stage: int, world: int, tokens: int, cpu: bool = Fals
     response = tokens * k
     chunk = min(response, h.loss_chunk_tokens or response)
     out["loss"] = chunk * s.vocab * 4 * 3 + response * d * 4 * 2  # fp32 logits, softmax, grad; o_j
+    if cpu:
+        step = ("activations", "hidden_states", "micro_decoder", "loss")
+        out["step_temporaries"] = STEP_TEMPORARIES_CPU * sum(out[k] for k in step)
     return out
 
 
