@@ -8,10 +8,10 @@ prompts have all joined the next shard's start, so the batch stays full until a 
 prompts (a fixed batch would run at the pace of its longest response with rows idling). On
 CPU that batch is the eager one (hamburger/decode/continuous.py); with `decode: static |
 graphed` (auto: graphed on a GPU) it is the slot engine (hamburger/decode/slots.py), CUDA graphs
-on a GPU. A shard is the unit of resume: greedy
-responses are a pure function of the prompts and the settings, and a sampled response draws
-from its own generator seeded by (seed, shard, row), so a shard redone after a kill writes
-exactly what the first try would have written, whatever the batch size.
+on a GPU. A shard is the unit of resume: greedy responses are a pure function of the prompts and
+the settings, and a sampled response draws from its own generator seeded by (seed, shard, row),
+so a shard redone after a kill writes exactly what the first try would have written, whatever
+the batch size.
 """
 
 from __future__ import annotations

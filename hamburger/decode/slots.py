@@ -7,9 +7,9 @@ are masked rows), replayed as CUDA graphs when `graphs` is on. The host reads on
 transfer per macro step (each row's new tokens) plus the micro loop's stop decisions.
 
 Slots and columns. All rows write the same KV column at each step (`col`), which starts at
-`max_prompt`. A request joins a free slot at a macro-step boundary: its prompt is prefilled (with
-the other joiners of similar length, right-padded) into columns [0, n) of its row (n <= max_prompt, so always columns the shared pointer has
-passed); keys carry their positions (RoPE), so where a column sits does not matter, only the
+`max_prompt`. A request joins a free slot at a macro-step boundary: its prompt is prefilled
+(with the other joiners of similar length, right-padded) into columns [0, n) of its row
+(n <= max_prompt, so always columns the shared pointer has passed); keys carry their positions (RoPE), so where a column sits does not matter, only the
 row's valid mask. When `col` reaches the end of the cache, the columns past the prompt area
 are shifted left by what no live row still needs (every live row's generated columns end at
 `col`, so one uniform shift keeps them all); a row lives at most max_new macro steps, and the
@@ -24,13 +24,13 @@ from __future__ import annotations
 import torch
 
 from hamburger.decode.continuous import Sequence, prefill_groups
+from hamburger.decode.masks import additive_mask, prompt_mask
 from hamburger.decode.sampling import draw, next_tokens
 from hamburger.decode.static import (
     StaticBaseDecoder,
     StaticHAMburgerDecoder,
     StaticKV,
     Step,
-    additive_mask,
     run_stack,
 )
 from hamburger.model.hamburger import HAMburgerModel
@@ -196,8 +196,6 @@ class SlotBatch:
         for j, s in enumerate(seqs):
             ids[j, : n[j]] = torch.tensor(s.prompt_ids)
         real = q[None, :] < torch.tensor(n, device=dev)[:, None]  # [g, w]
-        allowed = (q[None, :] <= q[:, None])[None] & real[:, None, :]
-        allowed = allowed | torch.eye(w, dtype=torch.bool, device=dev)[None]  # pads: never NaN
         x = dec.inner.embed_tokens(ids.to(dev))
         inner = dec.inner
         hs = run_stack(
@@ -206,7 +204,7 @@ class SlotBatch:
             inner.norm,
             x,
             q[None].expand(g, w),
-            additive_mask(allowed, dec.dtype),
+            additive_mask(prompt_mask(real), dec.dtype),
             tmp,
         )
         idx = torch.tensor(rows, device=dev)

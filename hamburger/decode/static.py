@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from hamburger.decode.eager import DecodeResult
+from hamburger.decode.masks import additive_mask, prompt_mask
 from hamburger.decode.timing import timed
 from hamburger.model.compat import cache_kwargs
 from hamburger.model.config import DEFAULT_CONFIDENCE
@@ -49,13 +50,6 @@ class StaticKV:
         self.k[layer_idx].index_copy_(2, self.cols, key_states)
         self.v[layer_idx].index_copy_(2, self.cols, value_states)
         return self.k[layer_idx], self.v[layer_idx]
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, q, L] bool -> [B, 1, q, L] additive mask (0 where allowed)."""
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, low)[:, None]
 
 
 def run_stack(
@@ -179,11 +173,9 @@ class _Common:
     def prefill(self, x: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
         """The prompt, eagerly (one call, its own shapes): causal within each row's real tokens."""
         w = self.width
-        q = torch.arange(w, device=self.device)
-        allowed = (q[None, :] <= q[:, None])[None] & self.valid[:, None, :w]
-        allowed = allowed | torch.eye(w, dtype=torch.bool, device=self.device)[None]  # pads: never NaN
+        allowed = prompt_mask(self.valid[:, :w])
         allowed = torch.cat([allowed, allowed.new_zeros(self.batch, w, self.length - w)], dim=2)
-        self.kv.cols = q
+        self.kv.cols = torch.arange(w, device=self.device)
         mask = additive_mask(allowed, self.dtype)
         hs = run_stack(self.inner.layers, self.inner.rotary_emb, self.inner.norm, x, positions, mask, self.kv)
         self.kv.cols = self.col
