@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
-import random
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hamburger.decode.forced import draw, geometric, tilted  # noqa: E402, F401 - re-exported to the sections
 from hamburger.model import HAMburgerConfig, HAMburgerModel  # noqa: E402
 
 SHAPES = {
@@ -67,9 +66,6 @@ SHAPES = {
 }
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0}
 """Dense bf16 peak by card name (first match), for MFU."""
-DEMO_COMPRESSION = 1.58
-"""Tokens per segment of the demo's labelled data (docs/BENCHMARKS.md, demo prep); the segment
-length distribution used when no --manifest is given is a geometric one with this mean."""
 
 
 def llama_config(shape: str, attn: str = "sdpa"):
@@ -102,24 +98,7 @@ def segment_distribution(manifest: str, k: int) -> list[float]:
         hist = json.loads(Path(manifest).read_text())["segment_histogram"]
         counts = [float(hist.get(str(n), 0)) for n in range(1, k + 1)]
         return [c / sum(counts) for c in counts]
-    q = 1 - 1 / DEMO_COMPRESSION  # geometric on 1..inf with this mean, then cut at k
-    probs = [(1 - q) * q ** (n - 1) for n in range(1, k + 1)]
-    return [p / sum(probs) for p in probs]
-
-
-def tilted(probs: list[float], mean: float) -> list[float]:
-    """The distribution p_n * exp(lam * n) with the given mean (same shape, shifted by lam)."""
-    lo, hi = -30.0, 30.0
-    for _ in range(100):
-        lam = (lo + hi) / 2
-        w = [p * math.exp(lam * (n + 1)) for n, p in enumerate(probs)]
-        m = sum((n + 1) * x for n, x in enumerate(w)) / sum(w)
-        lo, hi = (lam, hi) if m < mean else (lo, lam)
-    return [x / sum(w) for x in w]
-
-
-def draw(rng: random.Random, probs: list[float], n: int) -> list[int]:
-    return rng.choices(range(1, len(probs) + 1), weights=probs, k=n)
+    return geometric(k)
 
 
 def peak_tflops(device: torch.device) -> float | None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from hamburger.decode.eager import DecodeResult
+from hamburger.decode.micro_rule import MicroRule
 from hamburger.decode.steppers import BaseStepper, HAMburgerStepper, left_pad  # noqa: F401 - re-exported
 from hamburger.model.config import DEFAULT_CONFIDENCE
 
@@ -55,6 +56,9 @@ class Sequence(DecodeResult):
     """Sampling only: the nucleus kept (the smallest set of tokens whose probability reaches it)."""
     generator: torch.Generator | None = None
     """Sampling only: this sequence's own CPU generator (sampling.seeded_generator)."""
+    forced_lens: list[int] | None = None
+    """Benchmarks only (hamburger/decode/forced.py): segment t has forced_lens[t % len] tokens
+    (fewer only at EOS or the budget), the stop head not asked."""
 
     def cancel(self, reason: str = "cancelled") -> None:
         if self.cancel_reason is None:
@@ -110,8 +114,20 @@ class ContinuousBatch:
     """The running batch: rows (sequences), one base KV cache, its mask, each row's last position
     and the stepper's state for the next micro loop. Used from one thread only."""
 
-    def __init__(self, stepper, eos: set[int], pad_id: int = 0, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        stepper,
+        eos: set[int],
+        pad_id: int = 0,
+        device: str | torch.device = "cpu",
+        batch_aware: bool = False,
+        max_segment_len: int = 0,
+    ):
+        """batch_aware: HAMburger's micro loop knows its batch (hamburger/decode/micro_rule.py);
+        max_segment_len caps every segment below the model's K (0: K)."""
         self.stepper, self.eos, self.pad_id, self.device = stepper, set(eos), pad_id, torch.device(device)
+        self.k = min(stepper.max_segment_len, max_segment_len or stepper.max_segment_len)
+        self.rule = MicroRule(self.device) if batch_aware and stepper.max_segment_len > 1 else None
         self.rows: list[Sequence] = []
         self.cache = None
         self.mask = self.last_pos = self.state = None
@@ -162,9 +178,13 @@ class ContinuousBatch:
         """One macro step for every row: emit a segment each, retire the finished, feed the rest."""
         if not self.rows:
             return []
-        budgets = [min(self.stepper.max_segment_len, s.max_new_tokens - len(s.tokens)) for s in self.rows]
+        budgets = [min(self.k, s.max_new_tokens - len(s.tokens)) for s in self.rows]
         confs = [s.confidence for s in self.rows]
-        segs, by_head = self.stepper.segments(self.state, budgets, confs, self.eos, self.rows)
+        for row, s in enumerate(self.rows):
+            if s.forced_lens:  # the forced length is the budget, and the stop head never stops
+                budgets[row] = min(budgets[row], s.forced_lens[len(s.seg_lens) % len(s.forced_lens)])
+                confs[row] = 0.0
+        segs, by_head = self.stepper.segments(self.state, budgets, confs, self.eos, self.rows, self.rule)
         keep, finished = [], []
         for row, s in enumerate(self.rows):
             seg = segs[row]
@@ -183,7 +203,7 @@ class ContinuousBatch:
             lens = torch.tensor([len(seg) for seg in segs], device=self.device)
             self.last_pos = self.last_pos + lens  # a smashed segment sits at its last token's position
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-            self.state = self.stepper.advance(segs, self.mask, self.last_pos[:, None], self.cache)
+            self.state = self.stepper.advance(segs, self.mask, self.last_pos[:, None], self.cache, self.rule)
             for s in self.rows:
                 s.macro_steps += 1
         return finished

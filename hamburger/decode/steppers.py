@@ -38,12 +38,13 @@ class BaseStepper:
         )
         return out.logits[:, -1]
 
-    def segments(self, state, budgets, confidences, eos, rows=None):
-        """rows: the batch's Sequences, whose sampling settings pick their tokens (None: greedy)."""
+    def segments(self, state, budgets, confidences, eos, rows=None, rule=None):
+        """rows: the batch's Sequences, whose sampling settings pick their tokens (None: greedy).
+        rule: HAMburger's batch-aware micro loop; a base has none."""
         toks = state.argmax(-1).tolist() if rows is None else next_tokens(state, rows)
         return [[t] for t in toks], [False] * len(toks)
 
-    def advance(self, segs, mask, positions, cache) -> torch.Tensor:
+    def advance(self, segs, mask, positions, cache, rule=None) -> torch.Tensor:
         ids = torch.tensor([s[-1] for s in segs], device=mask.device)[:, None]
         kw = cache_kwargs(self.lm, cache)
         out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kw)
@@ -77,22 +78,32 @@ class HAMburgerStepper:
     def prefill(self, ids, mask, positions, cache) -> torch.Tensor:
         return self._forward(cache, input_ids=ids, attention_mask=mask, position_ids=positions)
 
-    def advance(self, segs, mask, positions, cache) -> torch.Tensor:
+    def advance(self, segs, mask, positions, cache, rule=None) -> torch.Tensor:
+        """Smash each row's segment into one input and run the base on it (timed for `rule`)."""
         k, device = self.max_segment_len, mask.device
+        timer = rule.timer() if rule is not None else None
         lens = torch.tensor([len(s) for s in segs], device=device)
         seg_t = torch.tensor([s + [0] * (k - len(s)) for s in segs], device=device)
         x = self.model.smash(seg_t, lens)[:, None]
-        return self._forward(cache, inputs_embeds=x, attention_mask=mask, position_ids=positions)
+        feats = self._forward(cache, inputs_embeds=x, attention_mask=mask, position_ids=positions)
+        if timer is not None:
+            rule.record("base", len(segs), timer.seconds())
+        return feats
 
-    def segments(self, feats, budgets: list[int], confidences: list[float], eos: set[int], rows=None):
+    def segments(
+        self, feats, budgets: list[int], confidences: list[float], eos: set[int], rows=None, rule=None
+    ):
         """One macro step's micro loop for every row at once, each row with its own confidence.
 
         Same decisions as decode._segment (one sequence): stop at EOS, at the budget, or once
         P(continue) < confidence. Returns (segments, stopped_by_head). Greedy only: a sampled
-        row among `rows` (the batch's Sequences) is refused."""
+        row among `rows` (the batch's Sequences) is refused. rule (a MicroRule): the micro loop
+        knows its batch, ending the segments of the few rows still going when another micro
+        step would cost more than it yields (hamburger/decode/micro_rule.py)."""
         if rows is not None and any(s.temperature > 0 for s in rows):
             raise ValueError("HAMburger decodes greedily: temperature > 0 is for base models")
         model, n = self.model, feats.shape[0]
+        timer = rule.timer() if rule is not None else None
         tok, stop = model.first_token(feats[:, -1])
         segs = [[t] for t in tok.tolist()]
         by_head = [False] * n
@@ -110,9 +121,15 @@ class HAMburgerStepper:
             return going
 
         live = still_going(list(range(n)), stop)
+        if timer is not None:
+            rule.record("head", n, timer.seconds())
         cache, prev = None, []
         slots = model.micro.features_in(feats)
         while live:
+            if rule is not None and not rule.goes_on(len(live), n):
+                rule.cuts += 1  # their segments end here; by_head stays False for them
+                break
+            timer = rule.timer() if rule is not None else None
             rows = torch.tensor(live, device=feats.device)
             last = model.embed_tokens(torch.tensor([segs[r][-1] for r in live], device=feats.device))[:, None]
             if cache is None:
@@ -126,6 +143,8 @@ class HAMburgerStepper:
                 segs[r].append(t)
             prev = live
             live = still_going(live, stop)
+            if timer is not None:
+                rule.record("micro", len(prev), timer.seconds())
         return segs, by_head
 
 

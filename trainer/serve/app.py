@@ -26,11 +26,13 @@ import asyncio
 import contextlib
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 from fastapi import Request  # module level: the endpoints' annotations are resolved by name
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from hamburger.decode.forced import forced_lengths
 from trainer.serve.config import ServeConfig
 from trainer.serve.job import Job
 from trainer.serve.loader import LoadedModel, load_for_serving
@@ -153,6 +155,9 @@ async def complete(
     """Run one request: queue it, then answer with one body or a stream of chunks."""
     params = parse_params(body, prompt_ids, loaded, cfg, known)
     job = Job(loaded, params, asyncio.get_running_loop())
+    if cfg.forced_tau:  # benchmarks: drawn lengths, seeded by the prompt (the same on every run)
+        seed = zlib.crc32(str(prompt_ids).encode())
+        job.seq.forced_lens = forced_lengths(cfg.forced_tau, loaded.stepper.max_segment_len, seed)
     try:
         scheduler.submit(job.seq)
     except QueueFull as e:
@@ -241,8 +246,14 @@ def serve(cfg: ServeConfig) -> None:
 
         torch.set_num_threads(cfg.threads)
     loaded = load_for_serving(cfg.model, cfg.dtype, cfg.device, cfg.model_name)
+    check_forcing(cfg, loaded)
     batch = loaded.batch(
-        cfg.decode, cfg.max_batch, cfg.max_prompt_tokens, cfg.max_tokens_cap, cfg.batch_aware
+        cfg.decode,
+        cfg.max_batch,
+        cfg.max_prompt_tokens,
+        cfg.max_tokens_cap,
+        cfg.batch_aware,
+        cfg.max_segment_len,
     )
     scheduler = Scheduler(batch, cfg.max_batch, cfg.max_queue).start()
     app = create_app(loaded, cfg, scheduler)
@@ -256,6 +267,19 @@ def serve(cfg: ServeConfig) -> None:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
         scheduler.close()
+
+
+def check_forcing(cfg: ServeConfig, loaded: LoadedModel) -> None:
+    """--forced-tau (benchmarks) needs what it forces: HAMburger segments, in the eager batch."""
+    if not cfg.forced_tau:
+        return
+    k = loaded.stepper.max_segment_len
+    if loaded.kind != "hamburger" or loaded.serving_mode(cfg.decode) != "eager":
+        raise ValueError("--forced-tau needs a HAMburger model and --decode eager")
+    if not 1.0 <= cfg.forced_tau <= k:
+        raise ValueError(
+            f"--forced-tau must be in [1, {k}] (segments of 1..{k} tokens), got {cfg.forced_tau}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,13 +300,12 @@ def main(argv: list[str] | None = None) -> None:
         "decode",
         "max_prompt_tokens",
         "max_segment_len",
+        "forced_tau",
     ):
         value = getattr(defaults, name)
         ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     ap.add_argument("--confidence", type=float, default=None, help="default confidence (HAMburger)")
-    ap.add_argument(
-        "--batch-aware", action="store_true", help="HAMburger, static/graphed: batch-aware micro loop"
-    )
+    ap.add_argument("--batch-aware", action="store_true", help="HAMburger: the micro loop knows its batch")
     args = vars(ap.parse_args(argv))
     cfg = ServeConfig(**args)
     try:

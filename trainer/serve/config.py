@@ -33,9 +33,13 @@ class ServeConfig:
     """static/graphed: the longest prompt a slot holds (its KV caches are preallocated for
     max_prompt_tokens + 2 x max_tokens_cap columns per slot); longer prompts get a 400."""
     batch_aware: bool = False
-    """HAMburger, static/graphed: the micro loop ends segments that few rows still use."""
+    """HAMburger: the micro loop ends the segments of the few rows still going when another
+    micro step would cost more than it yields (the step costs it measures)."""
     max_segment_len: int = 0
-    """HAMburger, static/graphed: segments of at most this many tokens (0: the model's K)."""
+    """HAMburger: segments of at most this many tokens (0: the model's K)."""
+    forced_tau: float = 0.0
+    """Benchmarks only (HAMburger, eager): every request's segments get drawn lengths with this
+    mean (hamburger/decode/forced.py), its stop head not asked, so its text means nothing."""
 
     def validate(self) -> None:
         """Refuse at start what would make every request fail (a queue of 0 answers only 429s)."""

@@ -175,10 +175,9 @@ class LoadedModel:
         model = self.stepper.parameters_of
         mode = self.serving_mode(decode)
         if mode == "eager":
-            if max_segment_len:
-                raise ValueError("--max-segment-len needs --decode static or graphed")
             pad = self.tokenizer.pad_token_id
-            return ContinuousBatch(self.stepper, self.eos, pad if pad is not None else 0, self.device)
+            pad = pad if pad is not None else 0
+            return ContinuousBatch(self.stepper, self.eos, pad, self.device, batch_aware, max_segment_len)
         key = (mode, slots, max_prompt, max_new, batch_aware, max_segment_len)
         if key not in self._slot_batches:
             self._slot_batches.clear()  # one shape at a time: each holds its KV caches

@@ -678,3 +678,43 @@ def test_static_slots_refuse_a_prompt_longer_than_a_slot_holds(folders, server_f
     assert ok.status_code == 200, ok.text
     with pytest.raises(ValueError, match="serve --decode: must be auto, graphed, static or eager"):
         ServeConfig(model="x", decode="fast").validate()
+
+
+def test_forced_tau_gives_each_request_its_drawn_lengths_and_is_refused_where_it_cannot(
+    folders, server_factory
+):
+    import zlib
+
+    from hamburger.decode.continuous import Sequence, decode_all
+    from hamburger.decode.forced import forced_lengths
+    from trainer.serve.app import check_forcing
+
+    srv = server_factory(folders["ham"], decode="eager", forced_tau=2.0)
+    for prompt in PROMPTS[:3]:
+        got = srv.post("/v1/completions", {"prompt": prompt, "max_tokens": 24, "ignore_eos": True}).json()
+        ids = srv.engine.tokenizer(prompt)["input_ids"]
+        seq = Sequence(
+            prompt_ids=ids,
+            max_new_tokens=24,
+            ignore_eos=True,
+            forced_lens=forced_lengths(2.0, 4, zlib.crc32(str(ids).encode())),
+        )
+        decode_all(ContinuousBatch(srv.engine.stepper, srv.engine.eos), [seq])
+        assert got["hamburger"]["macro_steps"] == seq.macro_steps
+        assert len(seq.seg_lens) < 20  # the drawn lengths (mean 2), not the stop head's
+    assert got["choices"][0]["text"] == srv.engine.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+    base = load_for_serving(str(folders["base"]))
+    for cfg, loaded, fragment in (
+        (ServeConfig(model="x", forced_tau=2.0), base, "needs a HAMburger model"),
+        (ServeConfig(model="x", forced_tau=2.0, decode="static"), srv.engine, "--decode eager"),
+        (ServeConfig(model="x", forced_tau=6.0, decode="eager"), srv.engine, r"must be in \[1, 4\]"),
+    ):
+        with pytest.raises(ValueError, match=fragment):
+            check_forcing(cfg, loaded)
+
+
+def test_max_segment_len_and_batch_aware_reach_the_eager_batch(folders):
+    loaded = load_for_serving(str(folders["ham"]))
+    batch = loaded.batch("eager", batch_aware=True, max_segment_len=2)
+    assert batch.k == 2 and batch.rule is not None
+    assert loaded.batch("eager").rule is None
