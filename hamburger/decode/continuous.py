@@ -129,6 +129,9 @@ class ContinuousBatch:
         self.k = min(stepper.max_segment_len, max_segment_len or stepper.max_segment_len)
         self.rule = MicroRule(self.device) if batch_aware and stepper.max_segment_len > 1 else None
         self.rows: list[Sequence] = []
+        self.micro_calls = 0
+        """Micro-decoder calls the batch has made (for /metrics): each appends one token to every
+        row still in its segment, so a macro step makes (its longest segment - 1) of them."""
         self.cache = None
         self.mask = self.last_pos = self.state = None
 
@@ -185,6 +188,7 @@ class ContinuousBatch:
                 budgets[row] = min(budgets[row], s.forced_lens[len(s.seg_lens) % len(s.forced_lens)])
                 confs[row] = 0.0
         segs, by_head = self.stepper.segments(self.state, budgets, confs, self.eos, self.rows, self.rule)
+        self.micro_calls += max(len(seg) for seg in segs) - 1
         keep, finished = [], []
         for row, s in enumerate(self.rows):
             seg = segs[row]

@@ -85,6 +85,11 @@ class SlotBatch:
     def __len__(self) -> int:
         return sum(s is not None for s in self.slots)
 
+    @property
+    def micro_calls(self) -> int:
+        """Micro-decoder calls the batch has made (for /metrics)."""
+        return self.dec.micro_calls
+
     @torch.no_grad()
     def join(self, seqs: list[Sequence]) -> None:
         """Each request into a free slot; requests of similar prompt length are prefilled

@@ -87,7 +87,9 @@ class ServeMetrics:
             if first is not None and len(seq.tokens) > 1:
                 self.itl.observe((now - first) / (len(seq.tokens) - 1))
 
-    def render(self, running: int, waiting: int, max_batch: int, batch_macro_steps: int) -> str:
+    def render(
+        self, running: int, waiting: int, max_batch: int, batch_macro_steps: int, batch_micro_calls: int = 0
+    ) -> str:
         with self._lock:
             per_step = self.tokens / self.request_macro_steps if self.request_macro_steps else 0.0
             lines = [
@@ -118,6 +120,9 @@ class ServeMetrics:
                 "# HELP hamburger_batch_macro_steps_total Macro steps the running batch has taken.",
                 "# TYPE hamburger_batch_macro_steps_total counter",
                 f"hamburger_batch_macro_steps_total {batch_macro_steps}",
+                "# HELP hamburger_batch_micro_calls_total Micro-decoder calls the running batch has made.",
+                "# TYPE hamburger_batch_micro_calls_total counter",
+                f"hamburger_batch_micro_calls_total {batch_micro_calls}",
             ]
             for name, hist, what in (
                 ("hamburger_time_to_first_token_seconds", self.ttft, "From submit to the first segment."),

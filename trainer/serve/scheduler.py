@@ -67,7 +67,10 @@ class Scheduler:
 
     def prometheus(self) -> str:
         """GET /metrics (trainer/serve/metrics.py)."""
-        return self.metrics.render(len(self.batch), len(self._waiting), self.max_batch, self.macro_steps)
+        micro = getattr(self.batch, "micro_calls", 0)
+        return self.metrics.render(
+            len(self.batch), len(self._waiting), self.max_batch, self.macro_steps, micro
+        )
 
     def stats(self) -> dict:
         return {

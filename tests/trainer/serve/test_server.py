@@ -651,6 +651,7 @@ def test_prometheus_metrics_count_what_the_responses_say(folders, server_factory
     assert m["hamburger_time_to_first_token_seconds_count"] >= 3  # the late one may end before a token
     assert m["hamburger_inter_token_latency_seconds_count"] == 3
     assert m["hamburger_tokens_per_macro_step"] > 0
+    assert m["hamburger_batch_micro_calls_total"] >= tokens - steps  # one row at a time: L - 1 per segment
 
 
 def test_load_generates_through_the_static_decoder_with_the_reference_tokens(folders):
@@ -690,6 +691,7 @@ def test_forced_tau_gives_each_request_its_drawn_lengths_and_is_refused_where_it
     from trainer.serve.app import check_forcing
 
     srv = server_factory(folders["ham"], decode="eager", forced_tau=2.0)
+    extra = 0  # tokens past each segment's first: one micro call each, one request at a time
     for prompt in PROMPTS[:3]:
         got = srv.post("/v1/completions", {"prompt": prompt, "max_tokens": 24, "ignore_eos": True}).json()
         ids = srv.engine.tokenizer(prompt)["input_ids"]
@@ -702,6 +704,8 @@ def test_forced_tau_gives_each_request_its_drawn_lengths_and_is_refused_where_it
         decode_all(ContinuousBatch(srv.engine.stepper, srv.engine.eos), [seq])
         assert got["hamburger"]["macro_steps"] == seq.macro_steps
         assert len(seq.seg_lens) < 20  # the drawn lengths (mean 2), not the stop head's
+        extra += len(seq.tokens) - len(seq.seg_lens)
+    assert _metrics(srv)["hamburger_batch_micro_calls_total"] == extra
     assert got["choices"][0]["text"] == srv.engine.tokenizer.decode(seq.tokens, skip_special_tokens=True)
     base = load_for_serving(str(folders["base"]))
     for cfg, loaded, fragment in (
