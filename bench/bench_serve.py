@@ -114,7 +114,14 @@ def env() -> dict:
 
 class Server:
     def __init__(
-        self, kind: str, folder: Path, log: Path, max_batch: int = 16, cap: int = 400, decode: str = "auto"
+        self,
+        kind: str,
+        folder: Path,
+        log: Path,
+        max_batch: int = 16,
+        cap: int = 400,
+        decode: str = "auto",
+        extra: tuple[str, ...] = (),
     ):
         self.kind, self.port = kind, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -125,7 +132,7 @@ class Server:
         else:
             cmd = [sys.executable, "-m", "trainer.serve", str(folder), "--port", str(self.port)]
             cmd += ["--max-batch", str(max_batch), "--max-queue", "256", "--max-tokens-cap", str(cap)]
-            cmd += ["--model-name", "bench", "--decode", decode, "--max-prompt-tokens", "256"]
+            cmd += ["--model-name", "bench", "--decode", decode, "--max-prompt-tokens", "256", *extra]
             self.health = "/health"
         self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=self.log, stderr=subprocess.STDOUT)
