@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from hamburger.decode.eager import DecodeResult
+from hamburger.decode.micro_rule import MicroRule
 from hamburger.decode.steppers import BaseStepper, HAMburgerStepper, left_pad
 from hamburger.model.config import DEFAULT_CONFIDENCE
 from hamburger.model.hamburger import HAMburgerModel
@@ -77,11 +78,11 @@ def generate_batch(
     """One DecodeResult per prompt, equal to `generate` run on each prompt alone.
 
     decode: eager (here), or static / graphed (static shapes, CUDA graphs on a GPU; see
-    static_decode), which give the same tokens. batch_aware (static and graphed, batch > 1):
-    the micro loop ends the segments of the few rows still in theirs when one more micro step
-    for them costs more than it yields (StaticHAMburgerDecoder.generate); outputs then differ
-    from decoding each prompt alone (a cut row's next token comes from the base head, not the
-    micro decoder). max_segment_len (static and graphed) caps every segment below the model's K.
+    static_decode), which give the same tokens. batch_aware (batch > 1): the micro loop ends
+    the segments of the few rows still in theirs when one more micro step for them costs more
+    than it yields (StaticHAMburgerDecoder.generate; eager: hamburger/decode/micro_rule.py);
+    outputs then differ from decoding each prompt alone (a cut row's next token comes from the
+    base head, not the micro decoder). max_segment_len caps every segment below the model's K.
     """
     model.eval()
     decode = resolve_mode(decode, model)
@@ -96,16 +97,15 @@ def generate_batch(
             micro_cutoff=cutoff,
             max_segment_len=max_segment_len,
         )
-    if (batch_aware and len(prompts) > 1) or max_segment_len:
-        raise ValueError("batch_aware and max_segment_len need decode=static or decode=graphed (not eager)")
     confidences = [confidence] * len(prompts)
-    return _retiring_loop(
-        HAMburgerStepper(model), prompts, max_new_tokens, confidences, eos_token_ids, pad_id
-    )
+    stepper = HAMburgerStepper(model)
+    rule = MicroRule(stepper.device) if batch_aware and len(prompts) > 1 else None
+    k = min(stepper.max_segment_len, max_segment_len or stepper.max_segment_len)
+    return _retiring_loop(stepper, prompts, max_new_tokens, confidences, eos_token_ids, pad_id, rule, k)
 
 
 def _retiring_loop(
-    stepper, prompts, max_new_tokens, confidences, eos_token_ids, pad_id
+    stepper, prompts, max_new_tokens, confidences, eos_token_ids, pad_id, rule=None, k=None
 ) -> list[DecodeResult]:
     """The loop both decoders share. Prefill the left-padded prompts; then, every macro step,
     each row takes its next segment (the stepper decides); finished rows (EOS or the budget) are
@@ -120,8 +120,8 @@ def _retiring_loop(
     active = list(range(len(prompts)))  # original index of each batch row
     last_pos = torch.tensor([len(p) - 1 for p in prompts], device=device)
     while True:
-        budgets = [min(stepper.max_segment_len, max_new_tokens - len(results[i].tokens)) for i in active]
-        segs, by_head = stepper.segments(state, budgets, [confidences[i] for i in active], eos)
+        budgets = [min(k or stepper.max_segment_len, max_new_tokens - len(results[i].tokens)) for i in active]
+        segs, by_head = stepper.segments(state, budgets, [confidences[i] for i in active], eos, rule=rule)
         keep = []
         for row, i in enumerate(active):
             r = results[i]
@@ -144,7 +144,7 @@ def _retiring_loop(
             [len(s) for s in segs], device=device
         )  # a segment sits at its last token
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        state = stepper.advance(segs, mask, last_pos[:, None], cache)
+        state = stepper.advance(segs, mask, last_pos[:, None], cache, rule)
         for i in active:
             results[i].macro_steps += 1
 

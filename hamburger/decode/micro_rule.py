@@ -13,7 +13,7 @@ live / n >= t_micro / t_macro. The eager batch computes only the live rows, so b
 kept per row count, measured on the batch's own calls as it decodes (a running mean; a row
 count not yet measured goes on, so it gets measured). A row cut short just ends its segment:
 its next token comes from the base head, as after any segment, so a cut never lengthens a
-segment and never changes which token follows.
+segment (its tokens then depend on what runs beside it, which without the rule they never do).
 """
 
 from __future__ import annotations

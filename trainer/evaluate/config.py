@@ -74,11 +74,12 @@ class EvalConfig:
     """Decoder for both models: eager, static (static KV caches, no host sync but the stop
     decisions) or graphed (static + CUDA graphs on a GPU; static on CPU). Same tokens."""
     batch_aware: bool = False
-    """static/graphed, batch > 1: the micro loop ends the segments of the few rows still in
-    theirs when one more micro step costs more than it yields (cutoff t_micro / t_macro,
-    measured per batch size); off: every micro step runs while any row continues."""
+    """batch > 1: the micro loop ends the segments of the few rows still in theirs when one
+    more micro step costs more than it yields (static/graphed: cutoff t_micro / t_macro,
+    measured per batch size; eager: both costs per row count, measured as it decodes); off:
+    every micro step runs while any row continues."""
     max_segment_len_by_batch: dict[int, int] = field(default_factory=dict)
-    """static/graphed: at these batch sizes, segments of at most this many tokens (a K below
+    """At these batch sizes, segments of at most this many tokens (a K below
     the model's for large batches, e.g. {32: 2}); other batch sizes use the model's K."""
     dtype: DType = DType.auto
     """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16; both models use it."""
@@ -99,7 +100,3 @@ class EvalConfig:
         for bs, k in self.max_segment_len_by_batch.items():
             if k < 1:
                 raise ValueError(f"max_segment_len_by_batch: {bs}: {k} must be >= 1")
-        if (self.batch_aware or self.max_segment_len_by_batch) and self.decode == DecodeMode.eager:
-            raise ValueError(
-                "batch_aware and max_segment_len_by_batch need decode=static or decode=graphed (not eager)"
-            )
