@@ -23,7 +23,7 @@ each skipped (and reported as skipped) once --deadline-s has passed:
   the 1B and 135M shapes, then a 3B shape if the deadline allows;
 - serve: continuous batching as the server runs it (bench/gpu_check_serve.py), HAMburger and
   the base through the slot batch (graphed) and through the eager batch, at concurrency 1, 8,
-  32 and 64.
+  32 and 64; HAMburger also with forced row-varying lengths at tau 2, batch-aware off and on.
 """
 
 from __future__ import annotations
@@ -86,12 +86,14 @@ def markdown(report: dict) -> str:
             lines.append("")
         elif name.startswith("serve"):
             lines += [
-                "| server | decode | concurrency | confidence | tokens/s | tokens per macro step | vs base (same decode) |",
-                "|---|---|---|---|---|---|---|",
+                "| server | decode | concurrency | confidence / lengths | batch-aware | tokens/s "
+                "| tokens per macro step | vs base (same decode) |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for r in sec["rows"]:
+                aware = "on" if r.get("batch_aware") else ""
                 lines.append(
-                    f"| {r['server']} | {r['decode']} | {r['concurrency']} | {r['confidence'] or ''} | "
+                    f"| {r['server']} | {r['decode']} | {r['concurrency']} | {r['confidence'] or ''} | {aware} | "
                     f"{r['tokens_per_s']:.0f} | {r['tokens_per_macro_step']:.2f} | {r['vs_base_same_decode']:.2f}x |"
                 )
             lines.append("")

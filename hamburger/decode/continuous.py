@@ -58,7 +58,8 @@ class Sequence(DecodeResult):
     """Sampling only: this sequence's own CPU generator (sampling.seeded_generator)."""
     forced_lens: list[int] | None = None
     """Benchmarks only (hamburger/decode/forced.py): segment t has forced_lens[t % len] tokens
-    (fewer only at EOS or the budget), the stop head not asked."""
+    (fewer only at EOS, the budget or a batch-aware cut), the stop head not asked. HAMburger,
+    in both batches (ContinuousBatch and SlotBatch)."""
 
     def cancel(self, reason: str = "cancelled") -> None:
         if self.cancel_reason is None:

@@ -76,6 +76,11 @@ class SlotBatch:
             dec.live.zero_()
             dec.k_limit.fill_(min(dec.k, max_segment_len or dec.k))
             dec.cap.fill_(int(dec.k_limit))
+            # forced lengths (benchmarks): the step after a macro step (t = 1 inside advance,
+            # which step() resets to 0) reads column 1 of the table, written before each step
+            dec.forcing.fill_(False)
+            dec.forced_period.fill_(2)
+            dec.forced_buf.fill_(int(dec.k_limit))
 
     # ---------------------------------------------------------------- the ContinuousBatch interface
     @property
@@ -139,6 +144,9 @@ class SlotBatch:
         if self.ham:
             dec.micro_loop(int(dec.live.sum()), len(self), self.micro_cutoff)
             by_head = dec.by_head.clone()
+            if bool(dec.forcing):  # each row's next forced length, for the cap advance computes
+                nxt = [self._cap_of(s, len(s.seg_lens) + 1) if s else 1 for s in self.slots]
+                dec.forced_buf[:, 1] = torch.tensor(nxt, device=dec.device)
             dec.advance()
             dec.t.zero_()  # the decoder's per-step logs are not used here: keep their index in range
         else:
@@ -230,11 +238,19 @@ class SlotBatch:
         if self.ham:
             dec.conf[idx] = torch.tensor([s.confidence for s in seqs], dtype=dec.conf.dtype, device=dev)
             feats = torch.stack([h[at_last] for h in dec.model.features(hs)], dim=1)
-            for j, r in enumerate(rows):
+            for j, (r, s) in enumerate(zip(rows, seqs, strict=True)):
+                if s.forced_lens:  # benchmarks: the forced length caps, the stop head never stops
+                    dec.forcing.fill_(True)
+                    dec.conf[r] = 0.0
+                dec.cap[r] = self._cap_of(s, 0)
                 self._head_row(r, feats[j : j + 1])
         else:
             logits = dec.base_lm.lm_head(hs[-1][at_last])
             dec.tok[idx, 0] = torch.tensor(next_tokens(logits, seqs), device=dev)
+
+    def _cap_of(self, s: Sequence, t: int) -> int:
+        """The most tokens sequence s's segment t may have: its forced length, else the cap."""
+        return s.forced_lens[t % len(s.forced_lens)] if s.forced_lens else int(self.dec.k_limit)
 
     def _head_row(self, r: int, feats: torch.Tensor) -> None:
         """Token 1 of row r's first segment and its stop decision (StaticHAMburgerDecoder._head

@@ -31,12 +31,17 @@ def test_gpu_check_dry_run(tmp_path):
     assert set(sections) == {"checks", "decode tiny", "label tiny", "train tiny", "serve tiny"}
     serve = sections["serve tiny"]
     assert serve["errors"] == []
-    assert {(r["server"], r["decode"], r["concurrency"], r["confidence"]) for r in serve["rows"]} == {
-        (k, d, c, conf)
-        for d in ("static", "eager")
-        for c in (1, 3)
-        for k, conf in (("hamburger", 0.3), ("hamburger", 0.9), ("base", None))
-    }
+    forced = "forced tau 2.0"
+    cases = (("hamburger", 0.3, False), ("hamburger", 0.9, False), ("base", None, False))
+    cases += (("hamburger", forced, False), ("hamburger", forced, True))
+    assert {
+        (r["server"], r["decode"], r["concurrency"], r["confidence"], r["batch_aware"]) for r in serve["rows"]
+    } == {(k, d, c, conf, aware) for d in ("static", "eager") for c in (1, 3) for k, conf, aware in cases}
+    for r in serve["rows"]:
+        if r["confidence"] == forced:  # the drawn lengths (mean 2), not the stop head's; a cut shortens
+            assert 1.0 <= r["tokens_per_macro_step"] <= 2.6 and (
+                r["batch_aware"] or r["tokens_per_macro_step"] > 1.2
+            )
     assert all(r["tokens_per_s"] > 0 and r["requests"] == 2 * r["concurrency"] for r in serve["rows"])
     assert all(r["tokens_per_macro_step"] == 1 for r in serve["rows"] if r["server"] == "base")
     assert sections["checks"]["ok"] is True

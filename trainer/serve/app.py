@@ -270,12 +270,12 @@ def serve(cfg: ServeConfig) -> None:
 
 
 def check_forcing(cfg: ServeConfig, loaded: LoadedModel) -> None:
-    """--forced-tau (benchmarks) needs what it forces: HAMburger segments, in the eager batch."""
+    """--forced-tau (benchmarks) needs what it forces: HAMburger segments."""
     if not cfg.forced_tau:
         return
     k = loaded.stepper.max_segment_len
-    if loaded.kind != "hamburger" or loaded.serving_mode(cfg.decode) != "eager":
-        raise ValueError("--forced-tau needs a HAMburger model and --decode eager")
+    if loaded.kind != "hamburger":
+        raise ValueError("--forced-tau needs a HAMburger model")
     if not 1.0 <= cfg.forced_tau <= k:
         raise ValueError(
             f"--forced-tau must be in [1, {k}] (segments of 1..{k} tokens), got {cfg.forced_tau}"

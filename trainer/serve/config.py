@@ -38,7 +38,7 @@ class ServeConfig:
     max_segment_len: int = 0
     """HAMburger: segments of at most this many tokens (0: the model's K)."""
     forced_tau: float = 0.0
-    """Benchmarks only (HAMburger, eager): every request's segments get drawn lengths with this
+    """Benchmarks only (HAMburger): every request's segments get drawn lengths with this
     mean (hamburger/decode/forced.py), its stop head not asked, so its text means nothing."""
 
     def validate(self) -> None:

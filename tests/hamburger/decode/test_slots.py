@@ -165,3 +165,33 @@ def test_a_segment_cap_holds_in_the_slots():
     assert max(n for s in seqs for n in s.seg_lens) <= 2 and all(
         sum(s.seg_lens) == len(s.tokens) for s in seqs
     )
+
+
+def test_forced_lengths_in_the_slots_equal_the_eager_batch_with_plain_rows_beside_them():
+    """The benchmark switch: a forced row's segments have its drawn lengths (fewer only at EOS
+    or its budget) in both batches, and a row without them keeps its stop head's decisions."""
+    from hamburger.decode.forced import forced_lengths
+
+    def forced(n: int) -> list[Sequence]:
+        seqs = requests(n, seed=11)
+        for i, s in enumerate(seqs):
+            s.max_new_tokens += 8
+            if i % 3:
+                s.forced_lens = forced_lengths(2.0, 4, seed=i, n=7)
+        return seqs
+
+    model = sharp_model()
+    seqs, ref = forced(14), forced(14)
+    run(SlotBatch(model, 3, 9, 18, {EOS}), seqs, 3, random.Random(5))
+    run(ContinuousBatch(HAMburgerStepper(model), {EOS}), ref, 3, random.Random(5))
+    assert [fields(s) for s in seqs] == [fields(s) for s in ref]
+    for s in seqs:
+        if s.forced_lens:
+            want = [s.forced_lens[t % 7] for t in range(len(s.seg_lens))]
+            assert all(n <= w for n, w in zip(s.seg_lens, want, strict=True))
+            assert sum(n == w for n, w in zip(s.seg_lens, want, strict=True)) >= len(want) - 2 or any(
+                t in (EOS,) for t in s.tokens
+            )
+        else:
+            alone = generate(model, s.prompt_ids, s.max_new_tokens, s.confidence, {EOS})
+            assert (s.tokens, s.seg_lens) == (alone.tokens, alone.seg_lens)

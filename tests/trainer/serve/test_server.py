@@ -710,7 +710,6 @@ def test_forced_tau_gives_each_request_its_drawn_lengths_and_is_refused_where_it
     base = load_for_serving(str(folders["base"]))
     for cfg, loaded, fragment in (
         (ServeConfig(model="x", forced_tau=2.0), base, "needs a HAMburger model"),
-        (ServeConfig(model="x", forced_tau=2.0, decode="static"), srv.engine, "--decode eager"),
         (ServeConfig(model="x", forced_tau=6.0, decode="eager"), srv.engine, r"must be in \[1, 4\]"),
     ):
         with pytest.raises(ValueError, match=fragment):
