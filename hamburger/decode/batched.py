@@ -99,9 +99,14 @@ def generate_batch(
         )
     confidences = [confidence] * len(prompts)
     stepper = HAMburgerStepper(model)
-    rule = MicroRule(stepper.device) if batch_aware and len(prompts) > 1 else None
+    aware = batch_aware and len(prompts) > 1
+    rule = _RULES.setdefault((id(model), len(prompts)), MicroRule(stepper.device)) if aware else None
     k = min(stepper.max_segment_len, max_segment_len or stepper.max_segment_len)
     return _retiring_loop(stepper, prompts, max_new_tokens, confidences, eos_token_ids, pad_id, rule, k)
+
+
+_RULES: dict[tuple[int, int], MicroRule] = {}
+"""The eager batch-aware rule per (model, batch size): its measured costs carry over calls."""
 
 
 def _retiring_loop(

@@ -11,7 +11,7 @@ and columns that became padding for every row are trimmed.
 Two steppers share the batching: `HAMburgerStepper` (a segment of 1..K tokens per macro step,
 per-row confidence) and `BaseStepper` (a plain HF causal LM, one greedy token per forward), so
 the HAMburger server and the base server batch the same way. Greedy output of a sequence does not
-depend on what else runs (tests/test_server.py checks it against `generate`).
+depend on what else runs (unless the batch-aware micro loop is on) (tests/test_server.py checks it against `generate`).
 
 `decode_all` runs a list of sequences to completion on one thread (the MLflow pyfunc uses it);
 trainer/serve/app.py drives the same `ContinuousBatch` from a scheduler thread.
@@ -60,6 +60,10 @@ class Sequence(DecodeResult):
     """Benchmarks only (hamburger/decode/forced.py): segment t has forced_lens[t % len] tokens
     (fewer only at EOS, the budget or a batch-aware cut), the stop head not asked. HAMburger,
     in both batches (ContinuousBatch and SlotBatch)."""
+
+    def forced_len(self, t: int) -> int | None:
+        """Segment t's forced length (benchmarks), None when the stop head decides."""
+        return self.forced_lens[t % len(self.forced_lens)] if self.forced_lens else None
 
     def cancel(self, reason: str = "cancelled") -> None:
         if self.cancel_reason is None:
@@ -186,7 +190,7 @@ class ContinuousBatch:
         confs = [s.confidence for s in self.rows]
         for row, s in enumerate(self.rows):
             if s.forced_lens:  # the forced length is the budget, and the stop head never stops
-                budgets[row] = min(budgets[row], s.forced_lens[len(s.seg_lens) % len(s.forced_lens)])
+                budgets[row] = min(budgets[row], s.forced_len(len(s.seg_lens)))
                 confs[row] = 0.0
         segs, by_head = self.stepper.segments(self.state, budgets, confs, self.eos, self.rows, self.rule)
         self.micro_calls += max(len(seg) for seg in segs) - 1

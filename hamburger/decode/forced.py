@@ -3,8 +3,8 @@
 A random-weight or barely trained model's stop head says little about how a trained one would
 segment, so the decoding benchmarks force segment lengths instead: each row draws its own
 length for every macro step from one distribution with a chosen mean tau (rows differ, as a
-trained model's do). The distribution is the labelled data's shape (geometric with the demo's
-mean when there is none), tilted to mean tau. Benchmarks and tests only: a forced row never asks
+trained model's do): a geometric one with the demo's labelled mean, tilted to mean tau (the GPU
+check's decode section tilts the labelled histogram of its --manifest instead). Benchmarks and tests only: a forced row never asks
 its stop head, so its text means nothing.
 """
 
@@ -15,7 +15,7 @@ import random
 
 DEMO_COMPRESSION = 1.58
 """Tokens per segment of the demo's labelled data (docs/BENCHMARKS.md, demo prep): the mean of
-the geometric distribution used when no labelled histogram is given."""
+the geometric distribution forced lengths are tilted from."""
 
 
 def geometric(k: int, mean: float = DEMO_COMPRESSION) -> list[float]:
@@ -30,7 +30,8 @@ def tilted(probs: list[float], mean: float) -> list[float]:
     lo, hi = -30.0, 30.0
     for _ in range(100):
         lam = (lo + hi) / 2
-        w = [p * math.exp(lam * (n + 1)) for n, p in enumerate(probs)]
+        top = max(lam * (n + 1) for n in range(len(probs)))  # exponents shifted: no overflow at large K
+        w = [p * math.exp(lam * (n + 1) - top) for n, p in enumerate(probs)]
         m = sum((n + 1) * x for n, x in enumerate(w)) / sum(w)
         lo, hi = (lam, hi) if m < mean else (lo, lam)
     return [x / sum(w) for x in w]
@@ -44,5 +45,5 @@ def draw(rng: random.Random, probs: list[float], n: int) -> list[int]:
 def forced_lengths(tau: float, k: int, seed: int, n: int = 512) -> list[int]:
     """One row's forced lengths (macro step t uses entry t % n): mean tau over 1..k, seeded."""
     if not 1.0 <= tau <= k:
-        raise ValueError(f"forced tau must be in [1, {k}] (segments of 1..{k} tokens), got {tau}")
+        raise ValueError(f"forced-tau must be in [1, {k}] (segments of 1..{k} tokens), got {tau}")
     return draw(random.Random(seed), tilted(geometric(k), tau), n)

@@ -36,8 +36,6 @@ class MicroRule:
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.costs: dict[str, dict[int, float]] = {"base": {}, "head": {}, "micro": {}}
-        self.cuts = 0
-        """Micro loops this rule ended early."""
 
     def goes_on(self, live: int, n: int) -> bool:
         """Whether `live` of the batch's `n` rows get one more micro step (see the module doc)."""

@@ -64,6 +64,7 @@ class SlotBatch:
         self.col = max_prompt
         self.emitted = [0] * slots
         self.compactions = 0
+        self.forcing = False  # a request with forced lengths has joined (host copy: no sync)
         dec.eos_table.zero_()
         if self.eos:
             dec.eos_table[torch.tensor(sorted(self.eos), device=dec.device)] = True
@@ -92,8 +93,8 @@ class SlotBatch:
 
     @property
     def micro_calls(self) -> int:
-        """Micro-decoder calls the batch has made (for /metrics)."""
-        return self.dec.micro_calls
+        """Micro-decoder calls the batch has made (for /metrics); a base makes none."""
+        return self.dec.micro_calls if self.ham else 0
 
     @torch.no_grad()
     def join(self, seqs: list[Sequence]) -> None:
@@ -144,7 +145,7 @@ class SlotBatch:
         if self.ham:
             dec.micro_loop(int(dec.live.sum()), len(self), self.micro_cutoff)
             by_head = dec.by_head.clone()
-            if bool(dec.forcing):  # each row's next forced length, for the cap advance computes
+            if self.forcing:  # each row's next forced length, for the cap advance computes
                 nxt = [self._cap_of(s, len(s.seg_lens) + 1) if s else 1 for s in self.slots]
                 dec.forced_buf[:, 1] = torch.tensor(nxt, device=dec.device)
             dec.advance()
@@ -240,6 +241,7 @@ class SlotBatch:
             feats = torch.stack([h[at_last] for h in dec.model.features(hs)], dim=1)
             for j, (r, s) in enumerate(zip(rows, seqs, strict=True)):
                 if s.forced_lens:  # benchmarks: the forced length caps, the stop head never stops
+                    self.forcing = True
                     dec.forcing.fill_(True)
                     dec.conf[r] = 0.0
                 dec.cap[r] = self._cap_of(s, 0)
@@ -250,7 +252,8 @@ class SlotBatch:
 
     def _cap_of(self, s: Sequence, t: int) -> int:
         """The most tokens sequence s's segment t may have: its forced length, else the cap."""
-        return s.forced_lens[t % len(s.forced_lens)] if s.forced_lens else int(self.dec.k_limit)
+        cap = int(self.dec.k_limit)
+        return min(cap, s.forced_len(t)) if s.forced_lens else cap
 
     def _head_row(self, r: int, feats: torch.Tensor) -> None:
         """Token 1 of row r's first segment and its stop decision (StaticHAMburgerDecoder._head

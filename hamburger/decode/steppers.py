@@ -127,8 +127,7 @@ class HAMburgerStepper:
         slots = model.micro.features_in(feats)
         while live:
             if rule is not None and not rule.goes_on(len(live), n):
-                rule.cuts += 1  # their segments end here; by_head stays False for them
-                break
+                break  # their segments end here; by_head stays False for them
             timer = rule.timer() if rule is not None else None
             rows = torch.tensor(live, device=feats.device)
             last = model.embed_tokens(torch.tensor([segs[r][-1] for r in live], device=feats.device))[:, None]

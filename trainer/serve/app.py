@@ -157,7 +157,7 @@ async def complete(
     job = Job(loaded, params, asyncio.get_running_loop())
     if cfg.forced_tau:  # benchmarks: drawn lengths, seeded by the prompt (the same on every run)
         seed = zlib.crc32(str(prompt_ids).encode())
-        job.seq.forced_lens = forced_lengths(cfg.forced_tau, loaded.stepper.max_segment_len, seed)
+        job.seq.forced_lens = forced_lengths(cfg.forced_tau, segment_cap(cfg, loaded), seed)
     try:
         scheduler.submit(job.seq)
     except QueueFull as e:
@@ -273,13 +273,18 @@ def check_forcing(cfg: ServeConfig, loaded: LoadedModel) -> None:
     """--forced-tau (benchmarks) needs what it forces: HAMburger segments."""
     if not cfg.forced_tau:
         return
-    k = loaded.stepper.max_segment_len
     if loaded.kind != "hamburger":
         raise ValueError("--forced-tau needs a HAMburger model")
-    if not 1.0 <= cfg.forced_tau <= k:
-        raise ValueError(
-            f"--forced-tau must be in [1, {k}] (segments of 1..{k} tokens), got {cfg.forced_tau}"
-        )
+    try:
+        forced_lengths(cfg.forced_tau, segment_cap(cfg, loaded), seed=0, n=1)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+
+
+def segment_cap(cfg: ServeConfig, loaded: LoadedModel) -> int:
+    """The longest segment this server decodes: the model's K, or --max-segment-len below it."""
+    k = loaded.stepper.max_segment_len
+    return min(k, cfg.max_segment_len or k)
 
 
 def main(argv: list[str] | None = None) -> None:

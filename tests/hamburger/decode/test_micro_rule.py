@@ -63,9 +63,11 @@ def test_cut_segments_end_early_and_are_never_longer():
 
 def test_forced_lengths_replace_the_stop_head_and_a_batch_of_one_keeps_its_tokens():
     forced = [[3, 1, 2], [2], [1, 4], [4, 4, 1]]
-    seqs = run(MicroRule(), forced, max_new=10)  # timed costs; rows differ, so it may cut
+    rule = MicroRule()
+    seqs = run(rule, forced, max_new=10)  # timed costs; rows differ, so it may cut
     for s, f in zip(seqs, forced, strict=True):
         assert sum(s.seg_lens) == 10 and all(n <= f[t % len(f)] for t, n in enumerate(s.seg_lens))
+    assert set(rule.costs["base"]) <= {1, 2, 3, 4} and rule.costs["micro"] and rule.costs["head"][4] > 0
     free = run(None, forced, max_new=10)
     for s, f in zip(free, forced, strict=True):  # without the rule: exactly the forced lengths
         want = [f[t % len(f)] for t in range(len(s.seg_lens))]
@@ -91,5 +93,5 @@ def test_forced_lengths_have_the_mean_asked_for():
     lengths = forced_lengths(2.0, 4, seed=1, n=4000)
     assert set(lengths) == {1, 2, 3, 4} and sum(lengths) / len(lengths) == pytest.approx(2.0, abs=0.06)
     assert lengths == forced_lengths(2.0, 4, seed=1, n=4000)  # seeded
-    with pytest.raises(ValueError, match=r"forced tau must be in \[1, 4\]"):
+    with pytest.raises(ValueError, match=r"forced-tau must be in \[1, 4\]"):
         forced_lengths(5.0, 4, seed=1)

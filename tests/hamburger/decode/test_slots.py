@@ -168,8 +168,8 @@ def test_a_segment_cap_holds_in_the_slots():
 
 
 def test_forced_lengths_in_the_slots_equal_the_eager_batch_with_plain_rows_beside_them():
-    """The benchmark switch: a forced row's segments have its drawn lengths (fewer only at EOS
-    or its budget) in both batches, and a row without them keeps its stop head's decisions."""
+    """The benchmark switch: a forced row's segment t has its drawn length, min the cap (fewer
+    only at EOS or its budget) in both batches; a row without them keeps its stop head's."""
     from hamburger.decode.forced import forced_lengths
 
     def forced(n: int) -> list[Sequence]:
@@ -181,17 +181,24 @@ def test_forced_lengths_in_the_slots_equal_the_eager_batch_with_plain_rows_besid
         return seqs
 
     model = sharp_model()
-    seqs, ref = forced(14), forced(14)
-    run(SlotBatch(model, 3, 9, 18, {EOS}), seqs, 3, random.Random(5))
-    run(ContinuousBatch(HAMburgerStepper(model), {EOS}), ref, 3, random.Random(5))
-    assert [fields(s) for s in seqs] == [fields(s) for s in ref]
-    for s in seqs:
-        if s.forced_lens:
-            want = [s.forced_lens[t % 7] for t in range(len(s.seg_lens))]
-            assert all(n <= w for n, w in zip(s.seg_lens, want, strict=True))
-            assert sum(n == w for n, w in zip(s.seg_lens, want, strict=True)) >= len(want) - 2 or any(
-                t in (EOS,) for t in s.tokens
-            )
-        else:
-            alone = generate(model, s.prompt_ids, s.max_new_tokens, s.confidence, {EOS})
-            assert (s.tokens, s.seg_lens) == (alone.tokens, alone.seg_lens)
+    for cap in (None, 2):
+        seqs, ref = forced(14), forced(14)
+        run(SlotBatch(model, 3, 9, 18, {EOS}, max_segment_len=cap), seqs, 3, random.Random(5))
+        run(
+            ContinuousBatch(HAMburgerStepper(model), {EOS}, max_segment_len=cap or 0),
+            ref,
+            3,
+            random.Random(5),
+        )
+        assert [fields(s) for s in seqs] == [fields(s) for s in ref]
+        for s in seqs:
+            if s.forced_lens:
+                at = 0
+                for t, n in enumerate(s.seg_lens):
+                    seg, at = s.tokens[at : at + n], at + n
+                    want = min(s.forced_len(t), cap or 4)
+                    last = t == len(s.seg_lens) - 1
+                    assert n == want or (n < want and (seg[-1] == EOS or last)), (t, n, want)
+            elif not s.ignore_eos and cap is None:
+                alone = generate(model, s.prompt_ids, s.max_new_tokens, s.confidence, {EOS})
+                assert (s.tokens, s.seg_lens) == (alone.tokens, alone.seg_lens)
